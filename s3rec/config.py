@@ -1,0 +1,313 @@
+"""Typed configuration: dataclasses, YAML files and `key=value` overrides.
+
+Every other module receives a `Config` (or one of its parts), never a raw dict or an argparse
+namespace. Defaults reproduce the published S3Rec numbers (see shared notes/s3rec-reference.md);
+every departure from the original is a named option here.
+
+Priority: defaults < YAML file (`--config`) < command-line `key=value` overrides.
+An unknown key or a value of the wrong type raises `ConfigError` naming the dotted key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+VARIANTS = ("s3rec", "s3rec-lowrank", "finetune-only")
+HEAD_NAMES = ("aap", "mip", "map", "sp")
+OBJECTIVES = ("aap", "mip", "map", "sp")
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the key (dotted path) and what was expected."""
+
+
+@dataclass
+class HeadConfig:
+    """One pretraining head (AAP, MIP, MAP or SP): a d x d map, full or low-rank."""
+    kind: str = "full"          # (str) full: Linear(d, d) with bias; lowrank: W = U V^T, U, V in R^{d x r}
+    rank: int = 0               # (int) rank r of a lowrank head; 0 = use model.head_rank
+    init: str = "xavier"        # (str) lowrank factor init: xavier | orthogonal | svd (of model.svd_init_from)
+    weight_decay: float = 0.0   # (float) L2 weight decay on this head's factor parameters (U, V)
+
+
+@dataclass
+class HeadsConfig:
+    aap: HeadConfig = field(default_factory=HeadConfig)  # associated attribute prediction
+    mip: HeadConfig = field(default_factory=HeadConfig)  # masked item prediction
+    map: HeadConfig = field(default_factory=HeadConfig)  # masked attribute prediction
+    sp: HeadConfig = field(default_factory=HeadConfig)   # segment prediction
+
+
+@dataclass
+class ModelConfig:
+    hidden_size: int = 64            # (int) d, embedding and hidden width
+    num_layers: int = 2              # (int) post-LN transformer layers
+    num_heads: int = 2               # (int) attention heads (hidden_size / num_heads each)
+    inner_size: int = 256            # (int) FFN width
+    max_seq_length: int = 50         # (int) window length; positions are absolute in it
+    hidden_dropout: float = 0.5      # (float) dropout on embeddings, attention output and FFN output
+    attention_dropout: float = 0.5   # (float) dropout on attention probabilities
+    initializer_range: float = 0.02  # (float) std of the N(0, std) init of Linear/Embedding weights
+    layer_norm_eps: float = 1e-12    # (float) LayerNorm epsilon
+    head_rank: int = 16              # (int) default rank of lowrank heads (variant s3rec-lowrank)
+    svd_init_from: str = ""          # (str) checkpoint whose full heads seed `init: svd` factors
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    fast_dropout: bool = True        # (bool) draw dropout masks from packed random bits (same
+                                     #   distribution, ~5x cheaper than bernoulli_ on CPU)
+
+
+@dataclass
+class ObjectiveWeights:
+    """Weights of the four pretraining losses; a weight of 0 skips that objective entirely."""
+    aap: float = 0.2
+    mip: float = 1.0
+    map: float = 1.0
+    sp: float = 0.5
+
+
+@dataclass
+class PretrainConfig:
+    epochs: int = 150                # (int) pretraining epochs
+    batch_size: int = 100            # (int) global batch (micro x accumulation x world size)
+    lr: float = 1e-3                 # (float) Adam learning rate
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 0.0        # (float) weight decay of non-head parameters (original: 0)
+    mask_prob: float = 0.2           # (float) MIP/MAP masking probability (the last item is always masked)
+    weights: ObjectiveWeights = field(default_factory=ObjectiveWeights)
+    reduction: str = "sum"           # (str) sum (original) | mean over the positions that count
+    pair_form: str = "original"      # (str) original: -log sigmoid(sigmoid(a) - sigmoid(b));
+                                     #   logits: BCE on logits (a positive, b negative)
+    save_epochs: list = field(default_factory=lambda: [10, 30, 50, 100, 150])
+                                     # (list[int]) epochs whose weights are kept as epoch-N checkpoints
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 200                # (int) maximum fine-tuning epochs
+    batch_size: int = 256            # (int) global batch
+    lr: float = 1e-3
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 0.0
+    patience: int = 10               # (int) early stopping: epochs without strict improvement
+    protocol: str = "sampled"        # (str) sampled: answer + 99 negatives | full: every item
+    eval_batch_size: int = 512       # (int) users per evaluation batch
+
+
+@dataclass
+class DataConfig:
+    num_workers: int = 0             # (int) DataLoader workers (each opens shards lazily)
+    bucket_by_length: bool = True    # (bool) length-bucketed batches (pretraining), trimmed padding
+    bucket_size: int = 50            # (int) batches per shuffled length bucket
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0              # (int) ZeRO stage 0, 1, 2 or 3
+    precision: str = "fp32"          # (str) fp32 | bf16 | fp16
+    grad_accum: int = 1              # (int) gradient accumulation steps
+    config_file: str = ""            # (str) a DeepSpeed JSON merged under the derived settings
+    torch_adam: bool = True          # (bool) torch's Adam (no C++ build) instead of DeepSpeed's fused one
+    gradient_clipping: float = 0.0   # (float) 0 = off (the original does not clip)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0             # (int) also save mid-epoch every N optimizer steps (0 = epoch end only)
+    keep_last: int = 2               # (int) rolling checkpoints kept besides the named ones
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True         # (bool) write TensorBoard events (rank 0 only)
+    every_steps: int = 50            # (int) scalar logging interval in optimizer steps
+
+
+@dataclass
+class Config:
+    variant: str = "s3rec"           # (str) s3rec | s3rec-lowrank | finetune-only
+    seed: int = 42                   # (int) seeds everything; shuffling uses seed + epoch
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def head(self, name: str) -> HeadConfig:
+        """The effective config of head `name`, with the variant applied (s3rec-lowrank makes
+        AAP and MAP low-rank unless they were set explicitly) and rank 0 resolved."""
+        h = dataclasses.replace(getattr(self.model.heads, name))
+        if self.variant == "s3rec-lowrank" and name in ("aap", "map") and h.kind == "full":
+            h.kind = "lowrank"
+        if h.kind == "lowrank" and h.rank == 0:
+            h.rank = self.model.head_rank
+        return h
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- building and checking
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against annotation `tp`; ints are accepted for floats. Raises ConfigError."""
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return value
+    if tp in (int, float, str, bool):
+        if isinstance(value, bool) and tp is not bool:
+            raise ConfigError(f"config key '{key}': expected {tp.__name__}, got bool {value!r}")
+        if not isinstance(value, tp):
+            raise ConfigError(f"config key '{key}': expected {tp.__name__}, got "
+                              f"{type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"config key '{key}': unsupported type {_type_name(tp)}")
+
+
+def _apply(obj: Any, data: dict, prefix: str = "") -> None:
+    """Recursively set fields of dataclass `obj` from nested dict `data`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, "
+                          f"got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for k, v in data.items():
+        key = prefix + str(k)
+        if k not in names:
+            raise ConfigError(f"unknown config key '{key}' (known here: {', '.join(sorted(names))})")
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            _apply(getattr(obj, k), v, key + ".")
+        else:
+            setattr(obj, k, _coerce(key, v, tp))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b.c=value` -> ('a.b.c', yaml-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}': empty key")
+    return key, yaml.safe_load(raw) if raw != "" else ""
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: dict = {}
+    cur = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks. Raises ConfigError naming the key."""
+    if cfg.variant not in VARIANTS:
+        raise ConfigError(f"config key 'variant': expected one of {VARIANTS}, got {cfg.variant!r}")
+    m = cfg.model
+    if m.hidden_size % m.num_heads:
+        raise ConfigError(f"config key 'model.num_heads': {m.num_heads} does not divide "
+                          f"model.hidden_size {m.hidden_size}")
+    if m.head_rank < 1 or m.head_rank > m.hidden_size:
+        raise ConfigError(f"config key 'model.head_rank': rank {m.head_rank} must be in "
+                          f"1..hidden_size ({m.hidden_size})")
+    for name in HEAD_NAMES:
+        h = getattr(m.heads, name)
+        key = f"model.heads.{name}"
+        if h.kind not in ("full", "lowrank"):
+            raise ConfigError(f"config key '{key}.kind': expected full|lowrank, got {h.kind!r}")
+        if h.init not in ("xavier", "orthogonal", "svd"):
+            raise ConfigError(f"config key '{key}.init': expected xavier|orthogonal|svd, "
+                              f"got {h.init!r}")
+        if h.rank < 0 or h.rank > m.hidden_size:
+            raise ConfigError(f"config key '{key}.rank': rank {h.rank} is larger than the hidden "
+                              f"size {m.hidden_size}" if h.rank > 0 else
+                              f"config key '{key}.rank': must be >= 0, got {h.rank}")
+        if cfg.head(name).kind == "lowrank" and h.init == "svd" and not m.svd_init_from:
+            raise ConfigError(f"config key '{key}.init': svd needs model.svd_init_from")
+    p = cfg.pretrain
+    if p.reduction not in ("sum", "mean"):
+        raise ConfigError(f"config key 'pretrain.reduction': expected sum|mean, got {p.reduction!r}")
+    if p.pair_form not in ("original", "logits"):
+        raise ConfigError(f"config key 'pretrain.pair_form': expected original|logits, "
+                          f"got {p.pair_form!r}")
+    if not 0.0 <= p.mask_prob <= 1.0:
+        raise ConfigError(f"config key 'pretrain.mask_prob': expected 0..1, got {p.mask_prob}")
+    for o in OBJECTIVES:
+        if getattr(p.weights, o) < 0:
+            raise ConfigError(f"config key 'pretrain.weights.{o}': must be >= 0")
+    if cfg.finetune.protocol not in ("sampled", "full"):
+        raise ConfigError(f"config key 'finetune.protocol': expected sampled|full, "
+                          f"got {cfg.finetune.protocol!r}")
+    d = cfg.deepspeed
+    if d.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"config key 'deepspeed.zero_stage': expected 0..3, got {d.zero_stage}")
+    if d.precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"config key 'deepspeed.precision': expected fp32|bf16|fp16, "
+                          f"got {d.precision!r}")
+    for key, val in (("pretrain.epochs", p.epochs), ("finetune.epochs", cfg.finetune.epochs),
+                     ("pretrain.batch_size", p.batch_size),
+                     ("finetune.batch_size", cfg.finetune.batch_size),
+                     ("deepspeed.grad_accum", d.grad_accum)):
+        if val < 1 and not key.endswith("epochs"):
+            raise ConfigError(f"config key '{key}': must be >= 1, got {val}")
+        if val < 0:
+            raise ConfigError(f"config key '{key}': must be >= 0, got {val}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Defaults, then the YAML file at `path`, then `key=value` overrides; validated."""
+    cfg = Config()
+    if path:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path}: not valid YAML: {e}") from None
+        try:
+            _apply(cfg, data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    for text in overrides:
+        key, value = parse_override(text)
+        _apply(cfg, _nest(key, value))
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a Config stored in a checkpoint or run.json."""
+    cfg = Config()
+    _apply(cfg, data)
+    validate(cfg)
+    return cfg
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def to_json(cfg: Config) -> str:
+    return json.dumps(cfg.to_dict(), indent=2)

@@ -1,0 +1,35 @@
+"""S3Rec training suite: pip install -e .[dev]"""
+from setuptools import find_packages, setup
+
+setup(
+    name="s3rec",
+    version="0.1.0",
+    description="S3Rec (CIKM 2020) and low-rank variants: HDF5 data, DeepSpeed training, "
+                "SLURM/submitit grids, TensorBoard analysis",
+    python_requires=">=3.10",
+    packages=find_packages(include=["s3rec", "s3rec.*", "data_prep", "data_prep.*",
+                                    "launch", "launch.*", "analysis", "analysis.*"]),
+    package_data={"launch": ["*.yaml"], "": ["*.json", "*.yaml"]},
+    install_requires=[
+        # The CPU wheel on disk; a bare `torch` pulls a CUDA build of several GB.
+        "torch==2.13.0",
+        "deepspeed>=0.19,<0.20",
+        "h5py>=3.10",
+        "mpi4py>=4.0",
+        "submitit>=1.5",
+        "tensorboard>=2.16",
+        "pyyaml>=6.0",
+        "numpy>=1.26",
+        "matplotlib>=3.8",
+        "psutil>=5.9",
+    ],
+    extras_require={"dev": ["pytest>=8", "mpich"]},
+    entry_points={"console_scripts": [
+        "s3rec-prep=data_prep.cli:main",
+        "s3rec-pretrain=s3rec.pretrain:main",
+        "s3rec-finetune=s3rec.finetune:main",
+        "s3rec-import-original=s3rec.import_original:main",
+        "s3rec-grid=launch.grid_cli:main",
+        "s3rec-report=analysis.report:main",
+    ]},
+)

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs every test: unit, multi-process (gloo, mpirun, torchrun, deepspeed) and cluster (real SLURM).
+set -eo pipefail
+cd "$(dirname "$0")/.."
+export GLOO_SOCKET_IFNAME=lo
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/s3rec-torch-extensions}
+started_cluster=0
+if [ -x slurm/local-cluster.sh ]; then
+  if ! slurm/local-cluster.sh status >/dev/null 2>&1; then
+    slurm/local-cluster.sh start
+    started_cluster=1
+  fi
+fi
+cleanup() { if [ "$started_cluster" = 1 ]; then slurm/local-cluster.sh stop || true; fi; }
+trap cleanup EXIT
+python3 -m pytest -q -rs "$@"
