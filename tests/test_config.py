@@ -1,0 +1,59 @@
+"""The typed config: defaults reproduce the reference; bad keys and types are named."""
+import pytest
+
+from s3rec.config import Config, ConfigError, config_from_dict, load_config
+
+
+def test_defaults_are_the_reference_settings():
+    c = Config()
+    assert (c.model.hidden_size, c.model.num_layers, c.model.num_heads) == (64, 2, 2)
+    assert (c.model.max_seq_length, c.model.hidden_dropout, c.model.attention_dropout) == (50, 0.5, 0.5)
+    w = c.pretrain.weights
+    assert (w.aap, w.mip, w.map, w.sp) == (0.2, 1.0, 1.0, 0.5)
+    assert (c.pretrain.batch_size, c.pretrain.lr, c.pretrain.mask_prob) == (100, 1e-3, 0.2)
+    assert (c.pretrain.reduction, c.pretrain.pair_form) == ("sum", "original")
+    assert (c.finetune.batch_size, c.finetune.epochs, c.finetune.patience) == (256, 200, 10)
+
+
+def test_yaml_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("pretrain:\n  epochs: 3\n  weights: {sp: 0}\nseed: 7\n")
+    c = load_config(f, ["pretrain.epochs=5", "model.heads.aap.rank=8"])
+    assert c.pretrain.epochs == 5 and c.seed == 7 and c.pretrain.weights.sp == 0.0
+    assert c.model.heads.aap.rank == 8
+
+
+def test_lowrank_variant_makes_aap_and_map_lowrank():
+    c = load_config(None, ["variant=s3rec-lowrank", "model.head_rank=4"])
+    assert c.head("aap").kind == "lowrank" and c.head("aap").rank == 4
+    assert c.head("map").kind == "lowrank"
+    assert c.head("mip").kind == "full" and c.head("sp").kind == "full"
+    c = load_config(None, ["model.heads.sp.kind=lowrank", "model.heads.sp.rank=2"])
+    assert c.head("sp").kind == "lowrank" and c.head("sp").rank == 2
+
+
+@pytest.mark.parametrize("override, named", [
+    ("pretrain.epoch=2", "pretrain.epoch"),
+    ("pretrain.epochs=abc", "pretrain.epochs"),
+    ("pretrain.lr=true", "pretrain.lr"),
+    ("model.heads.map.rank=65", "model.heads.map.rank"),
+    ("model.head_rank=100", "model.head_rank"),
+    ("variant=bert4rec", "variant"),
+    ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
+    ("nonsense.key=1", "nonsense"),
+])
+def test_bad_override_names_the_key(override, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_bad_yaml_key_names_file_and_key(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("model:\n  hidden: 32\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*model\.hidden"):
+        load_config(f)
+
+
+def test_round_trip_through_dict():
+    c = load_config(None, ["variant=s3rec-lowrank", "seed=3"])
+    assert config_from_dict(c.to_dict()) == c
