@@ -1,0 +1,113 @@
+"""Fine-tuning training view: one sample per user, negatives resampled every epoch, vectorised.
+
+As the original (`SASRecDataset`, data_type="train"): input = seq[:-3], targets = seq[1:-2] (every
+position predicts the next item), both the last max_len, left-padded; one negative per position,
+uniform over the items not in the user's FULL sequence. Departures: negatives come from
+1..num_items (the original's 1..item_size-1 includes mask_id); users with an empty input
+(len(seq) <= 3; none in the release data, whose minimum length is 5) are left out, since all
+their positions are padding and add nothing to the loss.
+
+Batches are global batches of users, the same on every rank; rank r takes its slice (see
+pretrain_samples.rank_slice). Every random draw depends on (seed, epoch, batch index) only.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from s3rec.data.pretrain_samples import (TAG_FINETUNE, check_csr, check_rank, draw_excluding,
+                                         epoch_order, left_padded, make_rng, rank_slice)
+
+_ORDER, _NEG = 0, 1
+
+
+@dataclass
+class FinetuneBatch:
+    """Left-padded with 0, trimmed to the longest input L of the global batch; positions absolute."""
+    users: torch.Tensor        # int64 [B] user index (row of the sequence CSR)
+    items: torch.Tensor        # int64 [B, L] input seq[:-3] (last max_len)
+    positions: torch.Tensor    # int64 [B, L] absolute positions max_len - L .. max_len - 1
+    target_pos: torch.Tensor   # int64 [B, L] the next item at each position (0 = padding)
+    target_neg: torch.Tensor   # int64 [B, L] one negative per non-padding position (0 = padding)
+
+    def to(self, device) -> "FinetuneBatch":
+        return FinetuneBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=True)
+                                for f in dataclasses.fields(self)})
+
+
+class UserItemSet:
+    """Membership of (user, item) in users' full sequences: one sorted int64 key array."""
+
+    def __init__(self, items: np.ndarray, offsets: np.ndarray, num_items: int):
+        lens = np.diff(offsets)
+        self.width = num_items + 1
+        user = np.repeat(np.arange(len(lens), dtype=np.int64), lens)
+        self.keys = np.unique(user * self.width + items)                   # sorted, distinct
+        self.distinct = np.bincount(self.keys // self.width, minlength=len(lens))
+
+    def contains(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        q = users * self.width + items
+        i = np.minimum(np.searchsorted(self.keys, q), len(self.keys) - 1)
+        return self.keys[i] == q
+
+
+class FinetuneSampler:
+    """items int32 [N], offsets int64 [U+1]: every user's full chronological sequence."""
+
+    def __init__(self, items: np.ndarray, offsets: np.ndarray, num_items: int, max_len: int = 50):
+        items, offsets = np.asarray(items), np.asarray(offsets, dtype=np.int64)
+        check_csr(items, offsets, num_items, "fine-tuning sequences")
+        self.num_items, self.max_len = num_items, max_len
+        self.items = items.astype(np.int64)
+        self.seen = UserItemSet(self.items, offsets, num_items)
+        full = np.flatnonzero(self.seen.distinct >= num_items)
+        if len(full):
+            raise ValueError(f"user {full[0]} has interacted with all {num_items} items: "
+                             "no negative can be drawn")
+        lens = np.diff(offsets)
+        self.users = np.flatnonzero(lens > 3)                               # [S] users with input
+        self.length = np.minimum(lens[self.users] - 3, max_len)             # [S] input length
+        self.start = offsets[self.users + 1] - 3 - self.length              # [S] flat index of input[0]
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.users)
+
+    def num_batches(self, batch_size: int) -> int:
+        return -(-self.num_samples // batch_size)
+
+    def batches(self, seed: int, epoch: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                start_batch: int = 0, bucket_by_length: bool = False,
+                bucket_size: int = 50) -> Iterator[FinetuneBatch]:
+        """This rank's share of each global batch of users, from global batch `start_batch`.
+        Default: plain shuffled batches, as the original's RandomSampler."""
+        check_rank(batch_size, rank, world_size)
+        order, batch_ids = epoch_order(self.length, make_rng(seed, TAG_FINETUNE, epoch, _ORDER),
+                                       batch_size, bucket_by_length, bucket_size)
+        for k in range(start_batch, len(batch_ids)):
+            b = batch_ids[k]
+            ids = order[b * batch_size:(b + 1) * batch_size]
+            yield self.make_batch(ids, seed, epoch, k, rank_slice(len(ids), rank, world_size))
+
+    def make_batch(self, ids: np.ndarray, seed: int, epoch: int, index: int,
+                   rows: slice = slice(None)) -> FinetuneBatch:
+        n, start = self.length[ids], self.start[ids]                        # [B]
+        L = int(n.max())
+        inp = left_padded(self.items, start, n, L)                          # [B, L]
+        tgt = left_padded(self.items, start + 1, n, L)                      # [B, L] shifted by one
+        r, c = np.nonzero(inp)
+        users = self.users[ids]
+        # Drawn for the whole global batch, then sliced: the same draws whatever the world size.
+        rng = make_rng(seed, TAG_FINETUNE, epoch, index, _NEG)
+        neg = draw_excluding(rng, self.num_items, len(r),
+                             lambda cand, w: self.seen.contains(users[r[w]], cand))
+        tneg = np.zeros_like(inp)
+        tneg[r, c] = neg
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a[rows]))
+        pos = np.broadcast_to(np.arange(self.max_len - L, self.max_len, dtype=np.int64), inp.shape)
+        return FinetuneBatch(users=t(users), items=t(inp), positions=t(pos), target_pos=t(tgt),
+                             target_neg=t(tneg))
