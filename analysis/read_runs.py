@@ -1,0 +1,338 @@
+"""Read a tree of run folders into tidy tables.
+
+A stage folder is any folder holding a run.json (docs/architecture.md, "A run folder"). In a grid
+it sits at `<RUNS>/<grid>/<dataset>/<variant>/r<rank>/s<seed>/<stage>` (full-rank variants use
+`rfull`); the axes parsed from that path are cross-checked with run.json, and a disagreement is an
+error naming the file. Folders outside that layout still count: their axes come from run.json.
+
+Two tables:
+- `runs`: one row per run and stage, with status done | unfinished | failed (unfinished = run.json
+  still says running, or a fine-tune without results.json: a killed run is never dropped), final
+  test metrics, best epoch, parameters, epochs reached, last losses, wall time.
+- `scalars`: long form (run, stage, tag, step, value, wall_time), every scalar of every event file,
+  read with TensorBoard's own EventAccumulator with no sampling limit.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from s3rec.config import HEAD_NAMES, OBJECTIVES, Config, ConfigError, config_from_dict
+
+# The order metrics appear in tables; others follow alphabetically.
+METRIC_ORDER = ("HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20", "MRR")
+STATUSES = ("done", "unfinished", "failed")
+_RANK_RE = re.compile(r"^r(full|\d+)$")
+_SEED_RE = re.compile(r"^s(-?\d+)$")
+# A parameter-count module belongs to a pretraining head if one of the objective names is a
+# token of its name (aap_norm, heads.map, sp_head ...).
+_HEAD_RE = re.compile(r"(?:^|[._])(aap|mip|map|sp)(?:[._]|$)")
+
+
+class RunFolderError(ValueError):
+    """A run folder that does not follow the contract; the message names the file."""
+
+
+@dataclass
+class Run:
+    """One stage of one grid cell, as read from disk."""
+    path: Path                      # the stage folder
+    cell: str                       # grid/dataset/variant/rRANK/sSEED (or the relative folder)
+    grid: str
+    dataset: str
+    variant: str
+    rank: str                       # "full" or the head rank as text
+    seed: int
+    stage: str                      # pretrain | finetune
+    status: str                     # done | unfinished | failed
+    run_json: dict
+    results: dict | None            # results.json (finetune, when done)
+    scalars: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
+                                    # tag -> [(step, value, wall_time)] sorted by step
+    notes: list[str] = field(default_factory=list)
+    removed: tuple[str, ...] = ()   # objectives with weight 0 in this cell's pretraining
+    weights: dict[str, float] = field(default_factory=dict)
+    pretrain_params: dict[str, int] = field(default_factory=dict)  # the cell's pretraining model
+
+    @property
+    def arm(self) -> str:
+        """What a figure line stands for: variant, rank, and any removed objective."""
+        name = self.variant if self.rank == "full" else f"{self.variant} r={self.rank}"
+        if self.removed:
+            name += " w/o " + "+".join(o.upper() for o in self.removed)
+        return name
+
+    def test_metrics(self) -> dict[str, float]:
+        """Final test metrics: results.json, else the TensorBoard test/<metric> tags."""
+        if self.results and isinstance(self.results.get("test"), dict):
+            return {k: float(v) for k, v in self.results["test"].items()}
+        return {t[5:]: v[-1][1] for t, v in self.scalars.items() if t.startswith("test/")}
+
+    def best_epoch(self) -> int | None:
+        if self.results and self.results.get("best_epoch") is not None:
+            return int(self.results["best_epoch"])
+        steps = [v[-1][0] for t, v in self.scalars.items() if t.startswith("test/")]
+        return steps[0] if steps else None
+
+    def curve(self, tag: str) -> tuple[list[int], list[float]]:
+        pts = self.scalars.get(tag, [])
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+
+# ---------------------------------------------------------------- reading one folder
+
+def _load_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RunFolderError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(data, dict):
+        raise RunFolderError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_scalars(folder: Path) -> dict[str, list[tuple[int, float, float]]]:
+    """Every scalar of the event files directly in `folder` (all files; resumed runs write
+    several, and EventAccumulator drops the steps a restart purged)."""
+    if not any(p.name.startswith("events.out.tfevents") for p in folder.iterdir()):
+        return {}
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags()["scalars"]:
+        pts = sorted((int(e.step), float(e.value), float(e.wall_time)) for e in acc.Scalars(tag))
+        out[tag] = pts
+    return out
+
+
+def _config_axes(cfg: Config) -> str:
+    """The rank axis a config implies: 'full', or the rank shared by its low-rank heads."""
+    ranks = sorted({cfg.head(h).rank for h in HEAD_NAMES if cfg.head(h).kind == "lowrank"})
+    if not ranks:
+        return "full"
+    return "/".join(str(r) for r in ranks)
+
+
+def _path_axes(rel: tuple[str, ...], root_name: str) -> dict | None:
+    """Axes from `.../<dataset>/<variant>/r<rank>/s<seed>/<stage>`, or None off that layout."""
+    if len(rel) < 5:
+        return None
+    dataset, variant, r, s, stage = rel[-5:]
+    mr, ms = _RANK_RE.match(r), _SEED_RE.match(s)
+    if not (mr and ms):
+        return None
+    grid = rel[-6] if len(rel) >= 6 else root_name
+    return {"grid": grid, "dataset": dataset, "variant": variant, "rank": mr.group(1),
+            "seed": int(ms.group(1)), "stage": stage}
+
+
+def _check(run_json_path: Path, axis: str, from_path, from_json) -> None:
+    if from_path != from_json:
+        raise RunFolderError(f"{run_json_path}: the folder says {axis}={from_path!r} but run.json "
+                             f"says {axis}={from_json!r}")
+
+
+def read_run(folder: Path, root: Path) -> Run:
+    """Read one stage folder (run.json, results.json, events)."""
+    rj_path = folder / "run.json"
+    rj = _load_json(rj_path)
+    for key in ("stage", "status", "config"):
+        if key not in rj:
+            raise RunFolderError(f"{rj_path}: missing key '{key}'")
+    try:
+        cfg = config_from_dict(rj["config"])
+    except ConfigError as e:
+        raise RunFolderError(f"{rj_path}: key 'config': {e}") from None
+    ds = rj.get("dataset") or {}
+    json_axes = {"dataset": ds.get("name") or "", "variant": cfg.variant,
+                 "rank": _config_axes(cfg), "seed": int(rj.get("seed", cfg.seed)),
+                 "stage": rj["stage"]}
+    rel = folder.resolve().relative_to(root.resolve()).parts
+    axes = _path_axes(rel, root.resolve().name)
+    if axes is None:  # not a grid folder: run.json is the only source
+        axes = dict(json_axes, grid=root.resolve().name)
+        cell = "/".join(rel[:-1]) or "."
+    else:
+        for a in ("variant", "rank", "seed", "stage"):
+            _check(rj_path, a, axes[a], json_axes[a])
+        # The launcher may name the dataset folder after the dataset path rather than its name.
+        names = {json_axes["dataset"].lower(), Path(str(rj.get("data", ""))).name.lower()}
+        if axes["dataset"].lower() not in names:
+            raise RunFolderError(f"{rj_path}: the folder says dataset={axes['dataset']!r} but "
+                                 f"run.json names {sorted(n for n in names if n)}")
+        cell = "/".join([axes["grid"], *rel[-5:-1]])
+
+    status = rj["status"]
+    if status not in ("running", "done", "failed"):
+        raise RunFolderError(f"{rj_path}: key 'status': expected running|done|failed, "
+                             f"got {status!r}")
+    notes = []
+    results = None
+    res_path = folder / "results.json"
+    if res_path.exists():
+        results = _load_json(res_path)
+        for key in ("test", "valid", "best_epoch"):
+            if key not in results:
+                raise RunFolderError(f"{res_path}: missing key '{key}'")
+    if status == "failed":
+        state = "failed"
+    elif status == "running":
+        state = "unfinished"
+        notes.append("run.json still says running (killed, or still training)")
+    elif rj["stage"] == "finetune" and results is None:
+        state = "unfinished"
+        notes.append("run.json says done but results.json is missing")
+    else:
+        state = "done"
+
+    run = Run(path=folder, cell=cell, grid=axes["grid"], dataset=axes["dataset"],
+              variant=axes["variant"], rank=axes["rank"], seed=axes["seed"], stage=axes["stage"],
+              status=state, run_json=rj, results=results, scalars=read_scalars(folder),
+              notes=notes)
+    run.weights = {o: float(getattr(cfg.pretrain.weights, o)) for o in OBJECTIVES}
+    run.removed = tuple(o for o in OBJECTIVES if run.weights[o] == 0)
+    if not run.scalars:
+        run.notes.append("no TensorBoard scalars")
+    _cross_check_test(run, res_path)
+    return run
+
+
+def _cross_check_test(run: Run, res_path: Path) -> None:
+    """results.json and the test/<metric> tags must agree; a difference is noted, not hidden."""
+    if not run.results:
+        return
+    for tag, pts in run.scalars.items():
+        if tag.startswith("test/") and tag[5:] in run.results["test"]:
+            if abs(pts[-1][1] - float(run.results["test"][tag[5:]])) > 1e-6:
+                run.notes.append(f"{tag}={pts[-1][1]:.6g} in events but "
+                                 f"{run.results['test'][tag[5:]]} in {res_path.name}")
+
+
+# ---------------------------------------------------------------- the whole tree
+
+def find_stage_folders(root: Path) -> list[Path]:
+    """Every folder under `root` (itself included) that holds a run.json, sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"runs folder {root} does not exist")
+    return sorted(p.parent for p in root.rglob("run.json"))
+
+
+def read_runs(root: str | Path) -> list[Run]:
+    """All stage folders under `root`; the cell's pretraining facts are copied to each stage."""
+    root = Path(root)
+    runs = [read_run(f, root) for f in find_stage_folders(root)]
+    pretrain = {r.cell: r for r in runs if r.stage == "pretrain"}
+    for r in runs:
+        # A fine-tune inherits its cell's ablation and model size from the pretraining it
+        # started from (its own config's weights are not used by fine-tuning).
+        src = pretrain.get(r.cell, r)
+        r.weights, r.removed = dict(src.weights), src.removed
+        r.pretrain_params = dict(src.run_json.get("params") or {})
+    return runs
+
+
+# ---------------------------------------------------------------- tables
+
+def _iso(text) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def wall_seconds(run: Run) -> tuple[float | None, str]:
+    """(seconds, source): run.json started..finished, else the span of the event wall times."""
+    start, end = _iso(run.run_json.get("started")), _iso(run.run_json.get("finished"))
+    if start and end:
+        return (end - start).total_seconds(), "run.json"
+    walls = [p[2] for pts in run.scalars.values() for p in pts]
+    if walls:
+        first = start.timestamp() if start else min(walls)
+        return max(walls) - first, "events"
+    return None, ""
+
+
+def head_params(params: dict) -> int | None:
+    if not params:
+        return None
+    return sum(int(v) for k, v in params.items() if k != "total" and _HEAD_RE.search(k))
+
+
+def sort_metrics(names) -> list[str]:
+    names = set(names)
+    return [m for m in METRIC_ORDER if m in names] + sorted(names - set(METRIC_ORDER))
+
+
+def runs_table(runs: list[Run]) -> tuple[list[dict], list[str]]:
+    """(rows, columns) of the one-row-per-run-and-stage table."""
+    metrics = sort_metrics({m for r in runs for m in r.test_metrics()})
+    valid_metrics = sort_metrics({m for r in runs if r.results for m in r.results["valid"]})
+    losses = sorted({t[5:] for r in runs for t in r.scalars if t.startswith("loss/")})
+    modules = sorted({m for r in runs for m in (r.run_json.get("params") or {}) if m != "total"})
+    cols = (["grid", "dataset", "variant", "rank", "seed", "stage", "status", "arm", "removed",
+             *[f"w_{o}" for o in OBJECTIVES], "protocol", "world_size", "epochs_reached",
+             "best_epoch", *[f"test_{m}" for m in metrics], *[f"valid_{m}" for m in valid_metrics],
+             "params_total", *[f"params_{m}" for m in modules], "pretrain_params_total",
+             "pretrain_head_params", *[f"last_loss_{n}" for n in losses], "wall_s", "wall_source",
+             "error", "notes", "path"])
+    rows = []
+    for r in runs:
+        rj = r.run_json
+        params = rj.get("params") or {}
+        row = {"grid": r.grid, "dataset": r.dataset, "variant": r.variant, "rank": r.rank,
+               "seed": r.seed, "stage": r.stage, "status": r.status, "arm": r.arm,
+               "removed": "+".join(r.removed),
+               "protocol": rj.get("protocol", ""), "world_size": rj.get("world_size", ""),
+               "epochs_reached": _epochs_reached(r), "best_epoch": _blank(r.best_epoch()),
+               "params_total": params.get("total", ""),
+               "pretrain_params_total": r.pretrain_params.get("total", ""),
+               "pretrain_head_params": _blank(head_params(r.pretrain_params)),
+               "error": rj.get("error") or "", "notes": "; ".join(r.notes), "path": str(r.path)}
+        row.update({f"w_{o}": r.weights[o] for o in OBJECTIVES})
+        row.update({f"test_{m}": v for m, v in r.test_metrics().items()})
+        if r.results:
+            row.update({f"valid_{m}": float(v) for m, v in r.results["valid"].items()})
+        row.update({f"params_{m}": v for m, v in params.items() if m != "total"})
+        for t, pts in r.scalars.items():
+            if t.startswith("loss/"):
+                row[f"last_loss_{t[5:]}"] = pts[-1][1]
+        wall, src = wall_seconds(r)
+        row["wall_s"], row["wall_source"] = _blank(wall), src
+        rows.append(row)
+    return rows, cols
+
+
+def _blank(v):
+    return "" if v is None else v
+
+
+def _epochs_reached(r: Run):
+    if r.run_json.get("epoch") is not None:
+        return int(r.run_json["epoch"])
+    steps = [p[0] for t, pts in r.scalars.items() if t.startswith(("epoch/", "valid/"))
+             for p in pts]
+    return max(steps) if steps else ""
+
+
+SCALAR_COLUMNS = ["grid", "dataset", "variant", "rank", "seed", "stage", "tag", "step", "value",
+                  "wall_time"]
+
+
+def scalars_table(runs: list[Run]) -> list[dict]:
+    """Long form: one row per (run, stage, tag, step)."""
+    rows = []
+    for r in runs:
+        for tag in sorted(r.scalars):
+            for step, value, wall in r.scalars[tag]:
+                rows.append({"grid": r.grid, "dataset": r.dataset, "variant": r.variant,
+                             "rank": r.rank, "seed": r.seed, "stage": r.stage, "tag": tag,
+                             "step": step, "value": value, "wall_time": wall})
+    return rows

@@ -1,0 +1,114 @@
+"""analysis.read_runs on the FABRICATED grid (tests/test_analysis_fixtures.py)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from analysis.read_runs import RunFolderError, read_runs, runs_table, scalars_table
+from tests.test_analysis_fixtures import FAILED, KILLED, fabricated_grid  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def table(fabricated_grid):  # noqa: F811
+    root, truth = fabricated_grid
+    runs = read_runs(root)
+    rows, cols = runs_table(runs)
+    return runs, rows, cols, truth
+
+
+def _key(row):
+    return (row["grid"], row["dataset"], row["variant"], row["rank"], row["seed"], row["stage"])
+
+
+def test_every_stage_folder_is_a_row_and_none_is_dropped(table):
+    runs, rows, cols, truth = table
+    assert sorted(map(_key, rows)) == sorted(truth)
+    assert len(set(cols)) == len(cols)
+
+
+def test_statuses_mark_the_killed_and_the_failed_run(table):
+    _, rows, _, _ = table
+    status = {_key(r): r for r in rows}
+    killed = status[KILLED + ("finetune",)]
+    assert killed["status"] == "unfinished" and "running" in killed["notes"]
+    assert killed["epochs_reached"] == 2 and "test_HR@10" not in killed
+    failed = status[FAILED + ("pretrain",)]
+    assert failed["status"] == "failed" and "fabricated failure" in failed["error"]
+    others = [r for k, r in status.items() if k not in (KILLED + ("finetune",),
+                                                        FAILED + ("pretrain",))]
+    assert all(r["status"] == "done" for r in others)
+
+
+def test_table_numbers_equal_what_the_runs_logged(table):
+    _, rows, _, truth = table
+    for row in rows:
+        t = truth[_key(row)]
+        assert row["params_total"] == t["params"]["total"]
+        assert row["epochs_reached"] == t["epoch"]
+        if row["stage"] == "finetune" and t["test"]:
+            for m, v in t["test"].items():
+                assert row[f"test_{m}"] == pytest.approx(v, rel=1e-12)  # from results.json
+            assert row["best_epoch"] == t["best_epoch"] == 6
+            assert row["wall_s"] == pytest.approx(t["seconds"])
+        if row["stage"] == "pretrain":
+            for tag, pts in t["logged"].items():
+                # Event files store float32: equal to 1e-6 relative.
+                assert row[f"last_loss_{tag[5:]}"] == pytest.approx(pts[-1][1], rel=1e-6)
+            assert row["pretrain_params_total"] == t["params"]["total"]
+
+
+def test_ablations_are_detected_from_the_pretraining_weights(table):
+    _, rows, _, _ = table
+    for row in rows:
+        want = {"demo": "", "ablate-sp": "sp", "ablate-aap": "aap"}[row["grid"]]
+        assert row["removed"] == want, row
+        if want:
+            assert row[f"w_{want}"] == 0.0 and row["arm"].endswith("w/o " + want.upper())
+
+
+def test_scalars_table_holds_every_logged_point(table):
+    runs, _, _, truth = table
+    long = scalars_table(runs)
+    key = ("demo", "Synth", "s3rec-lowrank", "4", 1, "pretrain")
+    got = [(r["step"], r["value"]) for r in long
+           if (r["grid"], r["dataset"], r["variant"], r["rank"], r["seed"], r["stage"]) == key
+           and r["tag"] == "loss/aap"]
+    want = truth[key]["logged"]["loss/aap"]
+    assert [s for s, _ in got] == [s for s, _ in want]
+    assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)
+    tags = {r["tag"] for r in long}
+    assert {"loss/aap", "loss/total", "epoch/loss_mip", "valid/MRR", "test/HR@10",
+            "loss/finetune", "perf/epoch_s", "train/lr"} <= tags
+
+
+def test_no_sampling_limit_on_long_curves(tmp_path):
+    """EventAccumulator keeps only a sample by default; every point must come back."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from analysis.read_runs import read_scalars
+    with SummaryWriter(str(tmp_path)) as tb:
+        for step in range(12_000):
+            tb.add_scalar("loss/mip", step * 0.5, step)
+    pts = read_scalars(tmp_path)["loss/mip"]
+    assert len(pts) == 12_000 and pts[-1][:2] == (11_999, 5999.5)
+
+
+def test_path_and_run_json_disagreeing_is_an_error_naming_the_file(tmp_path, fabricated_grid):  # noqa: F811
+    import shutil
+    root, _ = fabricated_grid
+    src = root / "demo" / "Synth" / "s3rec" / "rfull" / "s1" / "pretrain"
+    dst = tmp_path / "g" / "Synth" / "s3rec" / "rfull" / "s7" / "pretrain"
+    shutil.copytree(src, dst)
+    with pytest.raises(RunFolderError, match=r"s7/pretrain/run.json.*seed=7.*seed=1"):
+        read_runs(tmp_path)
+    rj = json.loads((dst / "run.json").read_text())
+    rj["seed"] = 7
+    rj["config"]["seed"] = 7
+    rj["status"] = "exploded"
+    (dst / "run.json").write_text(json.dumps(rj))
+    with pytest.raises(RunFolderError, match="run.json.*'status'.*exploded"):
+        read_runs(tmp_path)
+    (dst / "run.json").write_text("{not json")
+    with pytest.raises(RunFolderError, match="run.json: not valid JSON"):
+        read_runs(tmp_path)
