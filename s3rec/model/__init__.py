@@ -1,0 +1,55 @@
+"""The S3Rec model: encoder, heads (full, low-rank), the module, weight import/export.
+
+Knows no ranks, loggers or launchers; the only files it touches are model weights
+(checkpoint_io).
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from s3rec.config import HEAD_NAMES, Config
+from s3rec.model.checkpoint_io import (CheckpointError, adapt_state, export_original,
+                                       import_original, load_model_file, read_state_dict,
+                                       save_model_file)
+from s3rec.model.heads import FullHead, LowRankHead, make_head
+from s3rec.model.optim import param_groups
+from s3rec.model.s3rec import S3RecModel
+
+
+def build_model(cfg: Config, item_size: int, attribute_size: int,
+                init_state: Mapping[str, torch.Tensor] | None = None) -> S3RecModel:
+    """The model for `cfg` (variant applied to the heads), freshly initialised from torch's
+    generator, then loaded from `init_state` if given (authors' or project layout; see
+    checkpoint_io.adapt_state).
+
+    Low-rank heads with `init: svd` factorise a full matrix taken from `init_state` when it holds
+    one for that head, otherwise from the file `cfg.model.svd_init_from`."""
+    heads = {name: cfg.head(name) for name in HEAD_NAMES}
+    full: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    svd_file: dict | None = None
+    for name, h in heads.items():
+        if h.kind != "lowrank" or h.init != "svd":
+            continue
+        src = init_state
+        if src is None or f"{name}_norm.weight" not in src:
+            if not cfg.model.svd_init_from:
+                raise CheckpointError(f"head '{name}': init svd needs model.svd_init_from or an "
+                                      f"init state with {name}_norm.weight")
+            if svd_file is None:
+                svd_file = read_state_dict(cfg.model.svd_init_from)
+            src = svd_file
+            if f"{name}_norm.weight" not in src:
+                raise CheckpointError(f"model.svd_init_from {cfg.model.svd_init_from}: no full "
+                                      f"matrix '{name}_norm.weight' to factorise")
+        full[name] = (src[f"{name}_norm.weight"], src.get(f"{name}_norm.bias"))
+    model = S3RecModel(cfg.model, heads, item_size, attribute_size, full_heads=full)
+    if init_state is not None:
+        model.load_state_dict(adapt_state(init_state, model))
+    return model
+
+
+__all__ = ["S3RecModel", "build_model", "FullHead", "LowRankHead", "make_head", "param_groups",
+           "import_original", "export_original", "adapt_state", "save_model_file",
+           "load_model_file", "read_state_dict", "CheckpointError"]

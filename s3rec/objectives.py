@@ -1,0 +1,232 @@
+"""The pretraining losses (AAP, MIP, MAP, SP) and the fine-tuning loss: functions of tensors.
+
+Defaults reproduce the authors' code exactly (see shared notes/s3rec-reference.md, "Pretraining
+losses"); the named options `reduction` (sum | mean) and `pair_form` (original | logits) depart
+from it on purpose. Work is done only where it counts: rows are gathered before the heads,
+attribute targets stay sparse, and the encoder runs once on the stacked sequences.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from s3rec.data.batch import PretrainBatch
+
+OBJECTIVES = ("aap", "mip", "map", "sp")
+_BCE_EPS = 1e-12       # BCELoss backward divides by max(p (1 - p), 1e-12)
+
+
+def _reduce(total: torch.Tensor, count: int, reduction: str) -> torch.Tensor:
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        return total / max(count, 1)
+    raise ValueError(f"reduction must be sum|mean, got {reduction!r}")
+
+
+# ------------------------------------------------------------------ AAP / MAP
+
+class _SparseSigmoidBCE(torch.autograd.Function):
+    """sum over [N, A] of BCELoss(sigmoid(x), Y), Y multi-hot given sparsely by (rows, cols).
+
+    Exactly PyTorch's BCELoss on sigmoid outputs: each log term is computed from p = sigmoid(x)
+    (log1p(-p), log p) and clamped at -100, and the gradient is BCELoss's
+    (p - y) / max(p (1 - p), 1e-12) times sigmoid's p (1 - p), which vanishes where p saturates
+    to exactly 0 or 1 (a logits form would keep a gradient of 1 there). The dense sum is the y = 0
+    term over every element plus a correction at each target, so no dense Y is built."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        p = torch.sigmoid(x)                                        # [N, A]
+        log_not = torch.log1p(-p).clamp_(min=-100.0)                # y = 0 log term
+        p_t = p[rows, cols]                                         # [T]
+        total = -log_not.sum() - (p_t.log().clamp_(min=-100.0) - log_not[rows, cols]).sum()
+        ctx.save_for_backward(p, rows, cols)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        p, rows, cols = ctx.saved_tensors
+        pq = p * (1.0 - p)
+        w = pq / pq.clamp(min=_BCE_EPS)                 # 1 unless sigmoid saturates
+        g = p * w                                       # (p - 0) * w
+        g[rows, cols] -= w[rows, cols]                  # (p - 1) * w at the targets
+        return g.mul_(grad), None, None
+
+
+def sigmoid_bce_sum(logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """BCELoss(sigmoid(logits), Y, reduction='sum'), Y [N, A] 1 at (rows, cols) (no duplicates)."""
+    return _SparseSigmoidBCE.apply(logits, rows, cols)
+
+
+def attribute_loss(rows_out: torch.Tensor, attr_table: torch.Tensor, head: torch.nn.Module,
+                   target_rows: torch.Tensor, target_cols: torch.Tensor,
+                   reduction: str = "sum") -> torch.Tensor:
+    """AAP / MAP: BCE of sigmoid(A (W h + b)) against the multi-hot attributes, over all A.
+
+    rows_out [N, d]: encoder outputs at the positions that count; attr_table [A, d]: the whole
+    attribute embedding table (row 0 included: a target column that is always 0);
+    target_rows/cols [T]: the 1-entries (row in 0..N-1, attribute id), unique pairs.
+    reduction: sum (original) | mean (over the N positions)."""
+    logits = head(rows_out) @ attr_table.T                         # [N, A]
+    return _reduce(sigmoid_bce_sum(logits, target_rows, target_cols), rows_out.shape[0],
+                   reduction)
+
+
+aap_loss = attribute_loss   # at positions neither masked nor padding, head aap_norm
+map_loss = attribute_loss   # at masked positions, head map_norm
+
+
+# ------------------------------------------------------------------ MIP / SP
+
+def pair_loss(pos_logits: torch.Tensor, neg_logits: torch.Tensor, pair_form: str) -> torch.Tensor:
+    """Per-pair loss [N] of a positive and a negative score (raw dot products).
+
+    original: -log sigmoid(sigmoid(pos) - sigmoid(neg)) (BCELoss's -100 clamp kept; it never binds
+    since the difference lies in [-1, 1]); logits: BCE-with-logits, pos against 1, neg against 0."""
+    if pair_form == "original":
+        diff = torch.sigmoid(pos_logits) - torch.sigmoid(neg_logits)
+        return -F.logsigmoid(diff).clamp(min=-100.0)
+    if pair_form == "logits":
+        return F.softplus(-pos_logits) + F.softplus(neg_logits)
+    raise ValueError(f"pair_form must be original|logits, got {pair_form!r}")
+
+
+def mip_loss(rows_out: torch.Tensor, pos_emb: torch.Tensor, neg_emb: torch.Tensor,
+             head: torch.nn.Module, reduction: str = "sum",
+             pair_form: str = "original") -> torch.Tensor:
+    """MIP over masked positions: rows_out, pos_emb, neg_emb [M, d] (outputs, original item's and
+    negative item's embeddings); f(h, e) = (W h + b) . e; reduction mean divides by M."""
+    z = head(rows_out)                                              # [M, d]
+    loss = pair_loss((z * pos_emb).sum(-1), (z * neg_emb).sum(-1), pair_form)
+    return _reduce(loss.sum(), rows_out.shape[0], reduction)
+
+
+def sp_loss(context: torch.Tensor, pos_seg: torch.Tensor, neg_seg: torch.Tensor,
+            head: torch.nn.Module, reduction: str = "sum",
+            pair_form: str = "original") -> torch.Tensor:
+    """SP: context, pos_seg, neg_seg [B, d] last-position outputs of the segment-masked sequence
+    and of the positive / negative segment sequences; s(c, g) = (W c + b) . g."""
+    z = head(context)                                               # [B, d]
+    loss = pair_loss((z * pos_seg).sum(-1), (z * neg_seg).sum(-1), pair_form)
+    return _reduce(loss.sum(), context.shape[0], reduction)
+
+
+# ------------------------------------------------------------------ one pretraining step
+
+def _weight(weights, name: str) -> float:
+    return float(weights[name] if isinstance(weights, Mapping) else getattr(weights, name))
+
+
+def _targets_at(select: torch.Tensor, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """select [P] bool over flat positions; pairs [T, 2] (flat position, attribute) ->
+    (row among the selected positions, attribute) for the pairs at selected positions."""
+    row_of = torch.full((select.numel(),), -1, dtype=torch.int64, device=select.device)
+    row_of[select] = torch.arange(int(select.sum()), device=select.device)
+    rows = row_of[pairs[:, 0]]
+    keep = rows >= 0
+    return rows[keep], pairs[keep, 1]
+
+
+def _unique_pairs(pairs: torch.Tensor, num_cols: int) -> torch.Tensor:
+    """Drop repeated (position, attribute) pairs: the multi-hot target is a set (the release's
+    attribute lists can repeat an id)."""
+    if pairs.ndim != 2 or pairs.shape[1] != 2:
+        raise ValueError(f"attr_index must be [T, 2] (flat position, attribute), got "
+                         f"{list(pairs.shape)}")
+    if pairs.numel() and int(pairs[:, 1].max()) >= num_cols:
+        raise ValueError(f"attr_index holds attribute {int(pairs[:, 1].max())} but the model has "
+                         f"attribute_size {num_cols}")
+    key = torch.unique(pairs[:, 0] * num_cols + pairs[:, 1])
+    return torch.stack([key // num_cols, key % num_cols], dim=1)
+
+
+def pretrain_losses(model, batch: PretrainBatch, weights, reduction: str = "sum",
+                    pair_form: str = "original", mask_id: int | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """The four losses of one batch and their weighted total.
+
+    One encoder pass (bidirectional) over the masked input and, when SP counts, the three SP
+    sequences stacked into [4B, L]. An objective whose weight is 0 is not computed (its entry is
+    a zero tensor). Returns {"aap", "mip", "map", "sp", "total"}; with reduction "sum" (the
+    original) each is summed over the batch. `mask_id`, if given, checks that `masked` agrees
+    with the input."""
+    w = {name: _weight(weights, name) for name in OBJECTIVES}
+    B, L = batch.masked_items.shape
+    need_main = w["aap"] > 0 or w["mip"] > 0 or w["map"] > 0
+    need_sp = w["sp"] > 0
+    if mask_id is not None and not torch.equal(batch.masked, batch.masked_items == mask_id):
+        raise ValueError("PretrainBatch: `masked` disagrees with masked_items == mask_id")
+    seqs = ([batch.masked_items] if need_main else []) + \
+           ([batch.sp_masked, batch.sp_pos, batch.sp_neg] if need_sp else [])
+    zero = model.item_embeddings.weight.new_zeros(())
+    out = {name: zero for name in OBJECTIVES}
+    if not seqs:
+        out["total"] = zero
+        return out
+    items = torch.cat(seqs, 0)                                          # [kB, L]
+    positions = batch.positions.repeat(len(seqs), 1)                   # [kB, L]
+    hidden = model.encode(items, positions, causal=False)               # [kB, L, d]
+    d = hidden.shape[-1]
+
+    if need_main:
+        flat = hidden[:B].reshape(B * L, d)                             # [B*L, d]
+        masked = batch.masked.reshape(-1)                               # [B*L]
+        attr_table = model.attribute_embeddings.weight                  # [A, d]
+        pairs = None
+        if w["aap"] > 0 or w["map"] > 0:
+            pairs = _unique_pairs(batch.attr_index, attr_table.shape[0])
+        if w["aap"] > 0:
+            sel = (batch.original_items.reshape(-1) != 0) & ~masked
+            rows, cols = _targets_at(sel, pairs)
+            out["aap"] = attribute_loss(flat[sel], attr_table, model.aap_norm, rows, cols,
+                                        reduction)
+        if w["map"] > 0:
+            rows, cols = _targets_at(masked, pairs)
+            out["map"] = attribute_loss(flat[masked], attr_table, model.map_norm, rows, cols,
+                                        reduction)
+        if w["mip"] > 0:
+            emb = model.item_embeddings
+            out["mip"] = mip_loss(flat[masked], emb(batch.original_items.reshape(-1)[masked]),
+                                  emb(batch.mip_neg.reshape(-1)[masked]), model.mip_norm,
+                                  reduction, pair_form)
+    if need_sp:
+        last = hidden[-3 * B:, -1]                                      # [3B, d]
+        out["sp"] = sp_loss(last[:B], last[B:2 * B], last[2 * B:], model.sp_norm, reduction,
+                            pair_form)
+    out["total"] = sum(w[name] * out[name] for name in OBJECTIVES if w[name] > 0)
+    return out
+
+
+# ------------------------------------------------------------------ fine-tuning
+
+def finetune_loss(seq_out: torch.Tensor, pos_emb: torch.Tensor, neg_emb: torch.Tensor,
+                  form: str = "original") -> torch.Tensor:
+    """Mean over the N non-padding positions of -log sigmoid(h.e+) - log(1 - sigmoid(h.e-)).
+
+    seq_out, pos_emb, neg_emb [N, d]. form "original" is the authors' expression literally
+    (1e-24 added inside both logs, which caps each term near 55.3 and zeroes the gradient of
+    saturated scores); "logits" is the exact softplus form."""
+    pos = (seq_out * pos_emb).sum(-1)                                   # [N]
+    neg = (seq_out * neg_emb).sum(-1)
+    n = max(seq_out.shape[0], 1)
+    if form == "original":
+        loss = -torch.log(torch.sigmoid(pos) + 1e-24) - torch.log(1 - torch.sigmoid(neg) + 1e-24)
+    elif form == "logits":
+        loss = F.softplus(-pos) + F.softplus(neg)
+    else:
+        raise ValueError(f"finetune loss form must be original|logits, got {form!r}")
+    return loss.sum() / n
+
+
+def finetune_batch_loss(model, input_ids: torch.Tensor, positions: torch.Tensor,
+                        pos_ids: torch.Tensor, neg_ids: torch.Tensor,
+                        form: str = "original") -> torch.Tensor:
+    """The fine-tuning loss of one batch: input_ids, positions, pos_ids (targets, 0 = padding),
+    neg_ids [B, L]; causal encoding, loss at positions whose target is not padding."""
+    hidden = model.encode(input_ids, positions, causal=True)           # [B, L, d]
+    target = pos_ids > 0                                                # [B, L]
+    emb = model.item_embeddings
+    return finetune_loss(hidden[target], emb(pos_ids[target]), emb(neg_ids[target]), form)
