@@ -1,0 +1,291 @@
+"""A grid of S3Rec runs: datasets x variants x ranks x seeds, each cell a pretrain then a fine-tune.
+
+A grid is a YAML file (see configs/grids/demo.yaml) or built in code; everything is checked here,
+before anything is submitted, and every error names the key. Cells map to fixed run folders
+
+    OUT/<dataset>/<variant>/r<rank>/s<seed>/{pretrain,finetune}     (rank `full` for full-rank variants)
+
+so a grid can be launched again: finished cells are recognised by their folders alone.
+This module knows the training commands only by their command line (interface.md).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from s3rec.config import VARIANTS, ConfigError, load_config
+
+LOWRANK_VARIANTS = ("s3rec-lowrank",)      # variants whose heads take the `ranks` axis
+NO_PRETRAIN_VARIANTS = ("finetune-only",)  # variants that skip pretraining
+
+
+class GridError(ValueError):
+    """A bad grid; the message names the file and the key."""
+
+
+@dataclass
+class ExecutorConfig:
+    kind: str = "local"               # (str) local: processes on this machine | slurm: sbatch arrays
+    partition: str = ""               # (str) SLURM partition ("" = the cluster's default)
+    account: str = ""                 # (str) SLURM account ("" = none)
+    qos: str = ""                     # (str) SLURM QOS ("" = none)
+    array_parallelism: int = 2        # (int) cells running at once (SLURM array %N; local too)
+    timeout_min: int = 60             # (int) wall time of one cell's job, minutes
+    cpus_per_task: int = 1            # (int) CPUs of one cell's job
+    mem_gb: float = 0                 # (float) memory of one cell's job (0 = cluster default)
+    gpus_per_node: int = 0            # (int) GPUs of one cell's job (0 = none: CPU training)
+    signal_delay_s: int = 60          # (int) USR2 this long before the time limit: checkpoint + requeue
+    max_num_timeout: int = 20         # (int) requeues allowed per job after time-outs/preemption
+    additional: dict = field(default_factory=dict)  # (dict) extra sbatch options, e.g. {constraint: a100}
+
+
+@dataclass
+class Grid:
+    name: str
+    data: list                        # (list[str]) dataset folders (s3rec-prep output)
+    variants: list                    # (list[str]) s3rec | s3rec-lowrank | finetune-only
+    seeds: list                       # (list[int]) one cell per seed
+    out: str                          # (str) root of the run folders, e.g. runs/demo
+    ranks: list = field(default_factory=list)   # (list[int]) head ranks for low-rank variants
+    overrides: dict = field(default_factory=dict)  # (dict) dotted config key -> value, all cells
+    config: str = ""                  # (str) a base training YAML passed as --config ("" = none)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    source: str = "<code>"            # where the grid came from, for error messages (not a key)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.executor, dict):
+            self.executor = _executor_from_dict(self.executor, self.source)
+        validate(self)
+
+    # ------------------------------------------------------------------ cells
+    def cells(self) -> list["Cell"]:
+        """Every cell, in a fixed order (dataset, variant, rank, seed)."""
+        out = []
+        for data in self.data:
+            for variant in self.variants:
+                ranks = self.ranks if variant in LOWRANK_VARIANTS else [None]
+                for rank in ranks:
+                    for seed in self.seeds:
+                        out.append(Cell(grid=self, data=str(Path(data).resolve()),
+                                        dataset=Path(data).name, variant=variant,
+                                        rank=rank, seed=int(seed)))
+        return out
+
+    def override_args(self) -> list[str]:
+        """The grid's overrides as `key=value` arguments; values JSON-encoded (valid YAML), so a
+        string like "1" stays a string and lists keep their shape."""
+        return [f"{k}={json.dumps(v)}" for k, v in self.overrides.items()]
+
+    @property
+    def out_path(self) -> Path:
+        return Path(self.out).resolve()
+
+
+@dataclass(frozen=True)
+class Cell:
+    grid: Grid = field(repr=False, compare=False)
+    data: str        # absolute dataset folder
+    dataset: str     # its folder name: the first level of the run tree
+    variant: str
+    rank: int | None  # None for full-rank variants
+    seed: int
+
+    @property
+    def key(self) -> str:
+        """`dataset/variant/r<rank>/s<seed>`: the cell's identity and relative folder."""
+        r = "full" if self.rank is None else str(self.rank)
+        return f"{self.dataset}/{self.variant}/r{r}/s{self.seed}"
+
+    @property
+    def folder(self) -> Path:
+        return self.grid.out_path / self.key
+
+    @property
+    def pretrain_dir(self) -> Path | None:
+        return None if self.variant in NO_PRETRAIN_VARIANTS else self.folder / "pretrain"
+
+    @property
+    def finetune_dir(self) -> Path:
+        return self.folder / "finetune"
+
+    def axes(self) -> dict:
+        return {"grid": self.grid.name, "dataset": self.dataset, "variant": self.variant,
+                "rank": self.rank, "seed": self.seed}
+
+    def override_args(self) -> list[str]:
+        args = self.grid.override_args() + [f"variant={self.variant}", f"seed={self.seed}"]
+        if self.rank is not None:
+            args.append(f"model.head_rank={self.rank}")
+        return args
+
+    def commands(self, pretrain_exe: str = "s3rec-pretrain",
+                 finetune_exe: str = "s3rec-finetune") -> tuple[list[str] | None, list[str]]:
+        """(pretrain command or None, fine-tune command): plain argument lists, no shell."""
+        base = ["--config", self.grid.config] if self.grid.config else []
+        pre = None
+        fine = [finetune_exe, "--data", self.data, "--out", str(self.finetune_dir)] + base
+        if self.pretrain_dir is not None:
+            pre = [pretrain_exe, "--data", self.data, "--out", str(self.pretrain_dir)] + base \
+                + self.override_args()
+            fine += ["--init", str(self.pretrain_dir / "final.pt")]
+        return pre, fine + self.override_args()
+
+    def is_done(self) -> bool:
+        return stage_done(self.finetune_dir, "results.json")
+
+
+def read_run_json(run_dir: Path) -> dict | None:
+    """run.json of a run folder, or None if missing or half-written."""
+    try:
+        return json.loads((Path(run_dir) / "run.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def stage_done(run_dir: Path | None, product: str) -> bool:
+    """A stage is done when run.json says so and its product (final.pt, results.json) exists."""
+    if run_dir is None:
+        return True
+    info = read_run_json(run_dir)
+    return bool(info) and info.get("status") == "done" and (Path(run_dir) / product).exists()
+
+
+# ---------------------------------------------------------------------- loading and checking
+
+_GRID_KEYS = {f.name for f in dataclasses.fields(Grid)} - {"source"}
+_EXECUTOR_KEYS = {f.name for f in dataclasses.fields(ExecutorConfig)}
+
+
+def _executor_from_dict(data: Any, source: str) -> ExecutorConfig:
+    if not isinstance(data, dict):
+        raise GridError(f"{source}: key 'executor': expected a mapping, got {data!r}")
+    unknown = sorted(set(data) - _EXECUTOR_KEYS)
+    if unknown:
+        raise GridError(f"{source}: unknown key 'executor.{unknown[0]}' "
+                        f"(known: {', '.join(sorted(_EXECUTOR_KEYS))})")
+    ex = ExecutorConfig()
+    for k, v in data.items():
+        default = getattr(ex, k)
+        ok = isinstance(v, type(default)) or (isinstance(default, float) and isinstance(v, int))
+        if not ok or (isinstance(v, bool) and not isinstance(default, bool)):
+            raise GridError(f"{source}: key 'executor.{k}': expected {type(default).__name__}, "
+                            f"got {v!r}")
+        setattr(ex, k, v)
+    return ex
+
+
+def grid_from_dict(data: Any, source: str = "<dict>") -> Grid:
+    if not isinstance(data, dict):
+        raise GridError(f"{source}: expected a mapping of grid keys, got {data!r}")
+    unknown = sorted(set(data) - _GRID_KEYS)
+    if unknown:
+        raise GridError(f"{source}: unknown key '{unknown[0]}' (known: {', '.join(sorted(_GRID_KEYS))})")
+    missing = sorted(k for k in ("name", "data", "variants", "seeds", "out") if k not in data)
+    if missing:
+        raise GridError(f"{source}: missing key '{missing[0]}'")
+    return Grid(source=source, **data)
+
+
+def load_grid(path: str | Path, executor_kind: str | None = None) -> Grid:
+    """Read and check a grid file; `executor_kind` (from the command line) overrides executor.kind."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise GridError(f"grid file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise GridError(f"grid file {path}: not valid YAML: {e}") from None
+    if executor_kind is not None and isinstance(data, dict):
+        ex = data.setdefault("executor", {})
+        if isinstance(ex, dict):
+            ex["kind"] = executor_kind
+    return grid_from_dict(data, source=str(path))
+
+
+def _check_list(grid: Grid, key: str, item_type: type, allow_missing_empty: bool = False) -> None:
+    value = getattr(grid, key)
+    if not isinstance(value, list):
+        raise GridError(f"{grid.source}: key '{key}': expected a list, got {value!r}")
+    if not value and not allow_missing_empty:
+        raise GridError(f"{grid.source}: key '{key}': empty axis (give at least one value)")
+    for i, v in enumerate(value):
+        if not isinstance(v, item_type) or isinstance(v, bool):
+            raise GridError(f"{grid.source}: key '{key}[{i}]': expected {item_type.__name__}, "
+                            f"got {v!r}")
+    if len(set(map(str, value))) != len(value):
+        raise GridError(f"{grid.source}: key '{key}': repeated value in {value}")
+
+
+def validate(grid: Grid) -> None:
+    """Every check that can fail, before anything is submitted. Raises GridError naming the key."""
+    src = grid.source
+    if not isinstance(grid.name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", grid.name):
+        raise GridError(f"{src}: key 'name': expected letters, digits, '_', '.', '-', got {grid.name!r}")
+    if not isinstance(grid.out, str) or not grid.out:
+        raise GridError(f"{src}: key 'out': expected a folder path, got {grid.out!r}")
+    if not isinstance(grid.config, str):
+        raise GridError(f"{src}: key 'config': expected a YAML path, got {grid.config!r}")
+    _check_list(grid, "data", str)
+    _check_list(grid, "variants", str)
+    _check_list(grid, "seeds", int)
+    _check_list(grid, "ranks", int, allow_missing_empty=True)
+    names = [Path(d).name for d in grid.data]
+    if len(set(names)) != len(names):
+        raise GridError(f"{src}: key 'data': two datasets share a folder name ({names}); "
+                        f"run folders are named after it")
+    for i, v in enumerate(grid.variants):
+        if v not in VARIANTS:
+            raise GridError(f"{src}: key 'variants[{i}]': unknown variant {v!r} "
+                            f"(expected one of {', '.join(VARIANTS)})")
+    lowrank = [v for v in grid.variants if v in LOWRANK_VARIANTS]
+    if lowrank and not grid.ranks:
+        raise GridError(f"{src}: key 'ranks': empty axis, but variant {lowrank[0]} needs ranks")
+    if not isinstance(grid.overrides, dict):
+        raise GridError(f"{src}: key 'overrides': expected a mapping of dotted config keys, "
+                        f"got {grid.overrides!r}")
+    for k in grid.overrides:
+        if k in ("variant", "seed", "model.head_rank"):
+            raise GridError(f"{src}: key 'overrides.{k}': set by the grid's axes, not an override")
+    # The training config must accept the overrides, in every variant and at every rank.
+    try:
+        # head_rank=1: the default rank (16) must not fail a grid whose hidden size is small;
+        # the grid's own ranks are checked next, by name.
+        base = load_config(grid.config or None, grid.override_args() + ["model.head_rank=1"])
+    except ConfigError as e:
+        raise GridError(f"{src}: key 'overrides': {e}") from None
+    hidden = base.model.hidden_size
+    for i, r in enumerate(grid.ranks):
+        if r < 1 or r > hidden:
+            raise GridError(f"{src}: key 'ranks[{i}]': rank {r} must be in 1..{hidden} "
+                            f"(model.hidden_size)")
+    for v in grid.variants:
+        for r in (grid.ranks if v in LOWRANK_VARIANTS else [None]):
+            extra = [f"variant={v}"] + ([f"model.head_rank={r}"] if r is not None else [])
+            try:
+                load_config(grid.config or None, grid.override_args() + extra)
+            except ConfigError as e:
+                raise GridError(f"{src}: key 'overrides' with variant {v}"
+                                f"{'' if r is None else f', rank {r}'}: {e}") from None
+    ex = grid.executor
+    if ex.kind not in ("local", "slurm"):
+        raise GridError(f"{src}: key 'executor.kind': expected local|slurm, got {ex.kind!r}")
+    for key in ("array_parallelism", "timeout_min", "cpus_per_task"):
+        if getattr(ex, key) < 1:
+            raise GridError(f"{src}: key 'executor.{key}': must be >= 1, got {getattr(ex, key)}")
+    if ex.signal_delay_s < 0 or ex.max_num_timeout < 0 or ex.gpus_per_node < 0 or ex.mem_gb < 0:
+        raise GridError(f"{src}: key 'executor': signal_delay_s, max_num_timeout, gpus_per_node "
+                        f"and mem_gb must be >= 0")
+
+
+def check_data_exists(grid: Grid) -> None:
+    """Before submitting (not at dry-run): every dataset folder holds a manifest."""
+    for i, d in enumerate(grid.data):
+        if not (Path(d) / "manifest.json").exists():
+            raise GridError(f"{grid.source}: key 'data[{i}]': {d} is not a dataset folder "
+                            f"(no manifest.json; make it with s3rec-prep)")

@@ -1,0 +1,94 @@
+"""`s3rec-grid`: run a grid of S3Rec cells locally or on SLURM, and follow it.
+
+    s3rec-grid GRID.yaml [--executor local|slurm] [--dry-run] [--no-wait]
+    s3rec-grid status GRID.yaml
+    s3rec-grid cancel GRID.yaml
+    s3rec-grid --demo --out DIR [--executor local|slurm]
+
+Launching again is safe: finished cells are skipped, queued ones left alone, the rest resubmitted
+(their training resumes from checkpoints/latest). Exit status: 0 when every cell is done,
+1 when a cell failed, 2 for a bad grid file.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from launch.grid import GridError, load_grid
+from launch.runner import format_states, launch_grid, open_grid
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="s3rec-grid", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("args", nargs="*", help="GRID.yaml, or: status GRID.yaml, cancel GRID.yaml")
+    p.add_argument("--executor", choices=("local", "slurm"), help="overrides executor.kind")
+    p.add_argument("--dry-run", action="store_true", help="check the grid and list its cells")
+    p.add_argument("--no-wait", action="store_true", help="submit and return (slurm)")
+    p.add_argument("--demo", action="store_true", help="synthetic data + a small grid, end to end")
+    p.add_argument("--out", help="output folder of --demo")
+    return p
+
+
+def _print_states(states) -> None:
+    print(format_states(states), flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.demo:
+        from launch.demo import run_demo
+        if not args.out:
+            raise GridError("--demo needs --out DIR")
+        return run_demo(args.out, executor=args.executor or "local")
+    if not args.args:
+        raise GridError("give a grid file: s3rec-grid GRID.yaml (see --help)")
+    verb, rest = ("launch", args.args) if args.args[0] not in ("status", "cancel") else \
+        (args.args[0], args.args[1:])
+    if len(rest) != 1:
+        raise GridError(f"expected one grid file, got {rest}")
+    grid = load_grid(rest[0], executor_kind=args.executor)
+    if verb == "status":
+        states = open_grid(grid).states()
+        _print_states(states)
+        return 1 if any(s.state == "failed" for s in states.values()) else 0
+    if verb == "cancel":
+        open_grid(grid).cancel()
+        print(f"cancelled the jobs of grid {grid.name}")
+        return 0
+    cells = grid.cells()
+    if args.dry_run:
+        for c in cells:
+            pre, fine = c.commands()
+            state = "done" if c.is_done() else "to run"
+            print(f"{c.key}  [{state}]")
+            if pre:
+                print("   ", " ".join(pre))
+            print("   ", " ".join(fine))
+        print(f"{len(cells)} cells, executor {grid.executor.kind}, out {grid.out_path}")
+        return 0
+    run_ = launch_grid(grid)
+    print(f"grid {grid.name}: {len(run_.submitted)} cells submitted, {len(run_.skipped)} skipped "
+          f"({grid.executor.kind}; out {grid.out_path})", flush=True)
+    if args.no_wait and grid.executor.kind == "slurm":
+        return 0
+    try:
+        states = run_.wait(on_change=_print_states)
+    except KeyboardInterrupt:
+        run_.cancel()
+        print("interrupted: cancelled this grid's jobs", file=sys.stderr)
+        return 130
+    return 1 if any(s.state == "failed" for s in states.values()) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        return run(args)
+    except GridError as e:
+        print(f"s3rec-grid: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

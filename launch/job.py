@@ -1,0 +1,105 @@
+"""The job of one grid cell: `s3rec-pretrain`, then `s3rec-finetune`, as child processes.
+
+Only strings and paths are pickled into a job (no model, no config object). On preemption or a
+time-out submitit calls `checkpoint()` (SIGUSR2); the training child got the same signal from
+SLURM, saves a checkpoint and exits; we wait for it, then submitit requeues a fresh copy of this
+job, and the training resumes from RUN/checkpoints/latest on its own.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import submitit
+
+from launch.grid import stage_done
+
+# How long checkpoint() waits for the training child to save and exit before giving up on it.
+CHILD_SAVE_TIMEOUT_S = 45
+
+
+def free_port() -> int:
+    """A free TCP port on loopback: several cells may share a machine (and its MASTER_PORT)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def single_process_env() -> dict:
+    """The child trains alone (world size 1); explicit rank variables keep it from guessing a
+    launcher from the SLURM variables it inherits from this job."""
+    env = dict(os.environ)
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    return env
+
+
+class StageFailed(RuntimeError):
+    """A training command exited non-zero; the message carries its run.json error line."""
+
+
+class CellJob(submitit.helpers.Checkpointable):
+    """Callable run by submitit for one cell. `pretrain_cmd` is None for finetune-only cells."""
+
+    def __init__(self, key: str, pretrain_cmd: list[str] | None, pretrain_dir: str | None,
+                 finetune_cmd: list[str], finetune_dir: str) -> None:
+        self.key = key
+        self.pretrain_cmd = pretrain_cmd
+        self.pretrain_dir = pretrain_dir
+        self.finetune_cmd = finetune_cmd
+        self.finetune_dir = finetune_dir
+        self._proc: subprocess.Popen | None = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_proc"] = None   # a live process handle never travels
+        return state
+
+    def __call__(self) -> dict:
+        if self.pretrain_cmd is not None and not stage_done(Path(self.pretrain_dir), "final.pt"):
+            self._run(self.pretrain_cmd, Path(self.pretrain_dir))
+        if not stage_done(Path(self.finetune_dir), "results.json"):
+            self._run(self.finetune_cmd, Path(self.finetune_dir))
+        return json.loads((Path(self.finetune_dir) / "results.json").read_text())
+
+    def _run(self, cmd: list[str], run_dir: Path) -> None:
+        print(f"[{self.key}] $ {' '.join(cmd)}", flush=True)
+        t0 = time.time()
+        self._proc = subprocess.Popen(cmd, env=single_process_env())
+        code = self._proc.wait()
+        self._proc = None
+        print(f"[{self.key}] exit {code} after {time.time() - t0:.1f} s", flush=True)
+        if code != 0:
+            info = {}
+            try:
+                info = json.loads((run_dir / "run.json").read_text())
+            except (OSError, json.JSONDecodeError):
+                pass
+            raise StageFailed(f"{self.key}: {Path(cmd[0]).name} exited with {code}: "
+                              f"{info.get('error') or 'no error recorded in run.json'}")
+
+    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
+        """Called in the signal handler: let the child finish saving, then requeue a fresh job."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            # Under SLURM the signal reached every process of the step, the child included;
+            # the local executor signals only us, so pass it on.
+            if "SLURM_JOB_ID" not in os.environ:
+                proc.send_signal(signal.SIGUSR2)
+            try:
+                proc.wait(timeout=CHILD_SAVE_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                print(f"[{self.key}] training did not exit {CHILD_SAVE_TIMEOUT_S} s after the "
+                      f"signal; killing it (it resumes from its last checkpoint)", file=sys.stderr)
+                proc.kill()
+                proc.wait()
+        fresh = CellJob(self.key, self.pretrain_cmd, self.pretrain_dir, self.finetune_cmd,
+                        self.finetune_dir)
+        return submitit.helpers.DelayedSubmission(fresh)

@@ -1,0 +1,295 @@
+"""Submitting a grid with submitit, and following its cells.
+
+    run = launch_grid(grid)          # submits the unfinished cells (an array on SLURM)
+    run.wait()                       # until every cell is done or failed; never hangs on a dead job
+    run.states()                     # cell key -> CellState(state, detail)
+    run.records()                    # finished cells: axes + test metrics
+    run.cancel()
+
+A launch records its jobs in OUT/_grid/jobs.json (cell key -> executor, job id, submitit folder),
+so a later launch, or `s3rec-grid status`, in another process knows what is queued. Launching
+again submits nothing for cells that are done or still queued, and resubmits the others (their
+training resumes from checkpoints/latest).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import submitit
+from submitit.core.utils import JobPaths, pickle_load
+
+from launch import slurm_state
+from launch.grid import Cell, Grid, GridError, check_data_exists, read_run_json
+from launch.job import CellJob
+
+STATES = ("pending", "running", "done", "failed")
+# A job gone from squeue but without a result file yet: allow this long for the file to appear.
+RESULT_GRACE_S = 10.0
+
+
+@dataclass
+class CellState:
+    state: str    # pending | running | done | failed
+    detail: str   # one line: the job and its state, or the error
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
+def resolve_commands() -> tuple[str, str]:
+    """Absolute paths of the training commands, checked before anything is submitted."""
+    exes = []
+    for name in ("s3rec-pretrain", "s3rec-finetune"):
+        path = shutil.which(name)
+        if path is None:
+            raise GridError(f"command {name} not found on PATH (pip install -e . in the repository)")
+        exes.append(path)
+    return exes[0], exes[1]
+
+
+def make_job(cell: Cell, exes: tuple[str, str]) -> CellJob:
+    pre, fine = cell.commands(*exes)
+    return CellJob(cell.key, pre, None if cell.pretrain_dir is None else str(cell.pretrain_dir),
+                   fine, str(cell.finetune_dir))
+
+
+def make_executor(grid: Grid) -> submitit.AutoExecutor:
+    ex = grid.executor
+    folder = grid.out_path / "_submitit"
+    # AutoExecutor picks SLURM whenever sbatch is on PATH: always name the cluster.
+    executor = submitit.AutoExecutor(folder=folder, cluster=ex.kind,
+                                     **{f"{ex.kind}_max_num_timeout": ex.max_num_timeout})
+    params = dict(timeout_min=ex.timeout_min, name=f"s3rec-{grid.name}", nodes=1,
+                  tasks_per_node=1, cpus_per_task=ex.cpus_per_task)
+    if ex.gpus_per_node:
+        params["gpus_per_node"] = ex.gpus_per_node
+    if ex.kind == "slurm":
+        extra = dict(ex.additional)
+        if ex.account:
+            extra["account"] = ex.account
+        if ex.qos:
+            extra["qos"] = ex.qos
+        params.update(slurm_array_parallelism=ex.array_parallelism,
+                      slurm_signal_delay_s=ex.signal_delay_s,
+                      slurm_additional_parameters=extra)
+        if ex.partition:
+            params["slurm_partition"] = ex.partition
+        if ex.mem_gb:
+            params["mem_gb"] = ex.mem_gb
+    else:
+        params["local_signal_delay_s"] = ex.signal_delay_s
+    executor.update_parameters(**params)
+    return executor
+
+
+class GridRun:
+    """Handle on a grid's cells and jobs; built by `launch_grid` or `open_grid` (status only)."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.cells = grid.cells()
+        self.registry_path = grid.out_path / "_grid" / "jobs.json"
+        self.registry: dict = {}
+        if self.registry_path.exists():
+            self.registry = json.loads(self.registry_path.read_text())
+        self.jobs: dict[str, submitit.Job] = {}     # jobs submitted by this process
+        self.waiting: list[Cell] = []                 # local cells not started yet (throttle)
+        self.submitted: list[str] = []                # keys submitted by this launch
+        self.skipped: dict[str, str] = {}             # key -> why not submitted
+        self._gone_since: dict[str, float] = {}
+        self._executor: submitit.AutoExecutor | None = None
+        self._exes: tuple[str, str] | None = None
+
+    # ------------------------------------------------------------- submitting
+    def submit(self) -> "GridRun":
+        check_data_exists(self.grid)
+        self._exes = resolve_commands()
+        todo = []
+        for cell in self.cells:
+            st = self.state_of(cell)
+            if st.state == "done":
+                self.skipped[cell.key] = "done"
+            elif st.state in ("pending", "running") and cell.key in self.registry:
+                self.skipped[cell.key] = f"still queued ({st.detail})"
+            else:
+                todo.append(cell)
+        if not todo:
+            return self
+        self._executor = make_executor(self.grid)
+        if self.grid.executor.kind == "slurm":
+            with self._executor.batch():     # one sbatch --array=0-N%parallelism
+                jobs = [self._executor.submit(make_job(c, self._exes)) for c in todo]
+            for cell, job in zip(todo, jobs):
+                self._record(cell, job)
+        else:
+            self.waiting = list(todo)
+            self._start_local()
+        return self
+
+    def _record(self, cell: Cell, job: submitit.Job) -> None:
+        self.jobs[cell.key] = job
+        self.submitted.append(cell.key)
+        self.registry[cell.key] = {"executor": self.grid.executor.kind, "job_id": str(job.job_id),
+                                   "folder": str(job.paths.folder), "submitted": _now()}
+        _write_json(self.registry_path, self.registry)
+
+    def _start_local(self) -> None:
+        """The local executor has no array throttle: keep at most array_parallelism running."""
+        running = sum(1 for k, j in self.jobs.items() if j.state == "RUNNING")
+        while self.waiting and running < self.grid.executor.array_parallelism:
+            cell = self.waiting.pop(0)
+            self._record(cell, self._executor.submit(make_job(cell, self._exes)))
+            running += 1
+
+    # ------------------------------------------------------------- states
+    def state_of(self, cell: Cell, queued: dict[str, str] | None = None) -> CellState:
+        if cell.is_done():
+            return CellState("done", f"{cell.finetune_dir}/results.json")
+        if any(c.key == cell.key for c in self.waiting):
+            return CellState("pending", "waiting for a free local slot")
+        entry = self.registry.get(cell.key)
+        if entry is not None:
+            st = self._job_state(cell, entry, queued)
+            if st is not None:
+                return st
+        for d in (cell.finetune_dir, cell.pretrain_dir):
+            info = read_run_json(d) if d is not None else None
+            if info and info.get("status") == "failed":
+                return CellState("failed", f"{d.name}: {info.get('error') or 'failed'}")
+        for d in (cell.finetune_dir, cell.pretrain_dir):
+            info = read_run_json(d) if d is not None else None
+            if info:
+                return CellState("pending", f"unfinished {d.name} (epoch {info.get('epoch')}); "
+                                            f"the next launch resumes it")
+        return CellState("pending", "not submitted")
+
+    def _job_state(self, cell: Cell, entry: dict, queued: dict[str, str] | None) -> CellState | None:
+        """State from the cell's job; None when the job says nothing (fall back to run folders)."""
+        jid = entry["job_id"]
+        name = f"{entry['executor']} job {jid}"
+        if entry["executor"] == "slurm":
+            qs = (queued if queued is not None else slurm_state.queue_states([jid])).get(jid)
+            if qs in slurm_state.ACTIVE_STATES:
+                self._gone_since.pop(cell.key, None)
+                return CellState("running" if qs in ("RUNNING", "COMPLETING") else "pending",
+                                 f"{name} {qs}")
+        else:
+            job = self.jobs.get(cell.key)
+            alive = (job.state == "RUNNING") if job is not None else Path(f"/proc/{jid}").exists()
+            if alive:
+                return CellState("running", f"{name} running")
+        # The job has ended: its result file says how.
+        result = JobPaths(entry["folder"], job_id=jid, task_id=0).result_pickle
+        if result.exists():
+            try:
+                outcome, value = pickle_load(result)
+            except Exception as e:  # a torn file: report it rather than guess
+                return CellState("failed", f"{name}: unreadable result {result}: {e}")
+            if outcome == "error":
+                last = [ln for ln in str(value).strip().splitlines() if ln.strip()]
+                return CellState("failed", f"{name}: {last[-1] if last else 'error'}")
+            return CellState("failed", f"{name} finished but {cell.finetune_dir}/results.json "
+                                       f"is missing")
+        if entry["executor"] == "slurm":
+            final = slurm_state.final_state(jid)
+            if final and final != "COMPLETED":
+                return CellState("failed", f"{name} {final} without a result")
+            # A job that just ended may not have written its result file yet.
+            first = self._gone_since.setdefault(cell.key, time.time())
+            if time.time() - first < RESULT_GRACE_S:
+                return CellState("running", f"{name} ending")
+            return CellState("failed", f"{name} is no longer queued and left no result "
+                                       f"({final or 'cancelled or killed'})")
+        job = self.jobs.get(cell.key)
+        if job is not None or entry["executor"] == "local":
+            return CellState("failed", f"{name} ended without a result (killed)")
+        return None
+
+    def states(self) -> dict[str, CellState]:
+        self.poll()
+        ids = [e["job_id"] for e in self.registry.values() if e["executor"] == "slurm"]
+        queued = slurm_state.queue_states(ids) if ids else {}
+        return {c.key: self.state_of(c, queued) for c in self.cells}
+
+    def poll(self) -> None:
+        if self.waiting and self._executor is not None:
+            self._start_local()
+
+    def wait(self, poll_s: float = 2.0, timeout_s: float | None = None,
+             on_change=None) -> dict[str, CellState]:
+        """Until no cell is pending or running (cells never submitted do not count)."""
+        t0 = time.time()
+        last = None
+        while True:
+            states = self.states()
+            summary = {k: s.state for k, s in states.items()}
+            if on_change is not None and summary != last:
+                on_change(states)
+            last = summary
+            active = [k for k, s in states.items()
+                      if s.state == "running" or (s.state == "pending" and s.detail != "not submitted"
+                                                  and not s.detail.startswith("unfinished"))]
+            if not active:
+                return states
+            if timeout_s is not None and time.time() - t0 > timeout_s:
+                raise TimeoutError(f"grid {self.grid.name}: {len(active)} cells still active "
+                                   f"after {timeout_s:.0f} s: {active[:3]}")
+            time.sleep(poll_s)
+
+    def cancel(self) -> None:
+        self.waiting.clear()
+        slurm_ids = [e["job_id"] for k, e in self.registry.items() if e["executor"] == "slurm"]
+        slurm_state.cancel(slurm_ids)
+        for job in self.jobs.values():
+            if job.state == "RUNNING" and not isinstance(job, submitit.SlurmJob):
+                job.cancel(check=False)
+
+    # ------------------------------------------------------------- results
+    def records(self) -> list[dict]:
+        """One dict per finished cell: axes, protocol, best epoch and the test metrics."""
+        out = []
+        for cell in self.cells:
+            if not cell.is_done():
+                continue
+            res = json.loads((cell.finetune_dir / "results.json").read_text())
+            out.append({**cell.axes(), "protocol": res.get("protocol"),
+                        "best_epoch": res.get("best_epoch"), **res.get("test", {}),
+                        "run": str(cell.finetune_dir)})
+        return out
+
+
+def launch_grid(grid: Grid) -> GridRun:
+    """Submit every unfinished cell not already queued; returns the handle."""
+    return GridRun(grid).submit()
+
+
+def open_grid(grid: Grid) -> GridRun:
+    """A handle for looking at (or cancelling) a grid launched before, submitting nothing."""
+    return GridRun(grid)
+
+
+def format_states(states: dict[str, CellState]) -> str:
+    width = max((len(k) for k in states), default=10)
+    lines = [f"{k:<{width}}  {s.state:<8} {s.detail}" for k, s in states.items()]
+    counts = {st: sum(1 for s in states.values() if s.state == st) for st in STATES}
+    lines.append("  ".join(f"{st}={n}" for st, n in counts.items()))
+    return "\n".join(lines)
+
+
+def error_line(exc: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip()

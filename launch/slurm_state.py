@@ -1,0 +1,59 @@
+"""What SLURM knows about a job, without an accounting database.
+
+`sacct` needs slurmdbd; the local cluster has none (and submitit's own watcher relies on sacct,
+so its `job.result()` waits forever for a cancelled job). Instead: `squeue` while the job is
+queued or running, then `scontrol show job` for MinJobAge after it ended; beyond that, only
+submitit's result file tells.
+"""
+from __future__ import annotations
+
+import subprocess
+
+# squeue/scontrol states of a job that will still run (or is running).
+ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING",
+                 "COMPLETING", "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT", "PREEMPTED",
+                 "RESV_DEL_HOLD", "STOPPED"}
+
+
+def _run(cmd: list[str]) -> str | None:
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return res.stdout if res.returncode == 0 else None
+
+
+def queue_states(job_ids: list[str]) -> dict[str, str]:
+    """job id ("123" or "123_4") -> state, for the jobs squeue still lists (one call for all)."""
+    if not job_ids:
+        return {}
+    out = _run(["squeue", "-h", "-r", "-t", "all", "-o", "%i %T", "-j", ",".join(job_ids)])
+    if out is None:  # squeue refuses the whole list when one id is unknown: ask one by one
+        states = {}
+        for jid in job_ids:
+            one = _run(["squeue", "-h", "-r", "-t", "all", "-o", "%i %T", "-j", jid])
+            for line in (one or "").splitlines():
+                i, _, st = line.partition(" ")
+                states[i] = st
+        return {j: s for j, s in states.items() if j in set(job_ids)}
+    states = {}
+    for line in out.splitlines():
+        i, _, st = line.strip().partition(" ")
+        states[i] = st
+    return {j: states[j] for j in job_ids if j in states}
+
+
+def final_state(job_id: str) -> str | None:
+    """State of a job from `scontrol show job` (kept for MinJobAge after it ended), or None."""
+    out = _run(["scontrol", "show", "job", "-o", job_id])
+    if not out:
+        return None
+    for field in out.split():
+        if field.startswith("JobState="):
+            return field.split("=", 1)[1]
+    return None
+
+
+def cancel(job_ids: list[str]) -> None:
+    if job_ids:
+        subprocess.run(["scancel", *job_ids], check=False, capture_output=True)

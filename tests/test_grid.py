@@ -1,0 +1,180 @@
+"""Grid files: validation before anything is submitted, cell enumeration, run folders, CLI."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launch import grid_cli
+from launch.grid import Grid, GridError, grid_from_dict, load_grid
+
+BASE = {
+    "name": "t",
+    "data": ["/d/beauty", "/d/sports"],
+    "variants": ["s3rec", "s3rec-lowrank", "finetune-only"],
+    "ranks": [4, 16],
+    "seeds": [1, 2],
+    "overrides": {"pretrain.epochs": 2, "finetune.epochs": 3},
+    "executor": {"kind": "local", "array_parallelism": 2, "timeout_min": 30},
+    "out": "runs/t",
+}
+
+
+def grid_with(**changes) -> dict:
+    data = json.loads(json.dumps(BASE))
+    for k, v in changes.items():
+        if v is None:
+            data.pop(k)
+        else:
+            data[k] = v
+    return data
+
+
+def write_grid(tmp_path: Path, data: dict) -> Path:
+    p = tmp_path / "grid.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def refused(tmp_path: Path, data: dict, capsys) -> str:
+    """The CLI refuses the grid (exit 2) and submits nothing; returns its message."""
+    path = write_grid(tmp_path, data)
+    with pytest.raises(GridError) as e:
+        load_grid(path)
+    assert grid_cli.main([str(path), "--out", str(tmp_path)]) == 2
+    assert not (tmp_path / "runs").exists() and not list(tmp_path.rglob("_submitit"))
+    err = capsys.readouterr().err
+    assert str(path) in err
+    return str(e.value)
+
+
+def test_cells_and_folders(tmp_path):
+    g = grid_from_dict(grid_with(out=str(tmp_path / "runs/t")))
+    cells = g.cells()
+    # per dataset: s3rec 1 + lowrank 2 ranks + finetune-only 1 = 4 heads, x 2 seeds; x 2 datasets
+    assert len(cells) == 16
+    keys = [c.key for c in cells]
+    assert len(set(keys)) == 16
+    assert keys[:4] == ["beauty/s3rec/rfull/s1", "beauty/s3rec/rfull/s2",
+                        "beauty/s3rec-lowrank/r4/s1", "beauty/s3rec-lowrank/r4/s2"]
+    c = cells[2]
+    assert c.folder == tmp_path / "runs/t/beauty/s3rec-lowrank/r4/s1"
+    assert c.pretrain_dir == c.folder / "pretrain" and c.finetune_dir == c.folder / "finetune"
+    pre, fine = c.commands("PRE", "FINE")
+    assert pre[:5] == ["PRE", "--data", "/d/beauty", "--out", str(c.pretrain_dir)]
+    assert "model.head_rank=4" in pre and "variant=s3rec-lowrank" in pre and "seed=1" in pre
+    assert "pretrain.epochs=2" in pre and "pretrain.epochs=2" in fine
+    assert fine[fine.index("--init") + 1] == str(c.pretrain_dir / "final.pt")
+    ft = [c for c in cells if c.variant == "finetune-only"][0]
+    pre, fine = ft.commands()
+    assert pre is None and ft.pretrain_dir is None and "--init" not in fine
+    assert ft.key == "beauty/finetune-only/rfull/s1"
+
+
+def test_same_grid_same_folders(tmp_path):
+    a = [c.folder for c in grid_from_dict(grid_with(out=str(tmp_path))).cells()]
+    b = [c.folder for c in grid_from_dict(grid_with(out=str(tmp_path))).cells()]
+    assert a == b
+
+
+def test_override_values_keep_their_type():
+    g = grid_from_dict(grid_with(overrides={"pretrain.save_epochs": [1, 2], "model.svd_init_from": "1",
+                                            "pretrain.lr": 0.002, "data.bucket_by_length": False}))
+    args = g.override_args()
+    assert "pretrain.save_epochs=[1, 2]" in args and 'model.svd_init_from="1"' in args
+    assert "pretrain.lr=0.002" in args and "data.bucket_by_length=false" in args
+    # The training side parses them back to the same values.
+    from s3rec.config import load_config
+    cfg = load_config(None, args)
+    assert cfg.pretrain.save_epochs == [1, 2] and cfg.model.svd_init_from == "1"
+    assert cfg.data.bucket_by_length is False
+
+
+def test_unknown_top_level_key_refused(tmp_path, capsys):
+    msg = refused(tmp_path, grid_with(sedes=[1]), capsys)
+    assert "unknown key 'sedes'" in msg
+
+
+def test_unknown_executor_key_refused(tmp_path, capsys):
+    msg = refused(tmp_path, grid_with(executor={"kind": "slurm", "paralelism": 2}), capsys)
+    assert "executor.paralelism" in msg
+
+
+def test_unknown_override_key_refused(tmp_path, capsys):
+    msg = refused(tmp_path, grid_with(overrides={"pretrain.epoch": 2}), capsys)
+    assert "overrides" in msg and "pretrain.epoch" in msg
+
+
+def test_rank_above_hidden_size_refused(tmp_path, capsys):
+    msg = refused(tmp_path, grid_with(ranks=[4, 65]), capsys)
+    assert "ranks[1]" in msg and "65" in msg and "64" in msg
+    # the hidden size comes from the overrides when given
+    msg = refused(tmp_path, grid_with(ranks=[16], overrides={"model.hidden_size": 8,
+                                                            "model.num_heads": 2}), capsys)
+    assert "ranks[0]" in msg and "1..8" in msg
+
+
+@pytest.mark.parametrize("key", ["data", "variants", "seeds", "ranks"])
+def test_empty_axis_refused(tmp_path, capsys, key):
+    msg = refused(tmp_path, grid_with(**{key: []}), capsys)
+    assert f"'{key}'" in msg and "empty" in msg
+
+
+def test_full_rank_grid_needs_no_ranks():
+    g = grid_from_dict(grid_with(variants=["s3rec"], ranks=None))
+    assert [c.key for c in g.cells()][:1] == ["beauty/s3rec/rfull/s1"]
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"variants": ["s3rec", "s3rec-tiny"]}, "variants[1]"),
+    ({"seeds": [1, "two"]}, "seeds[1]"),
+    ({"executor": {"kind": "cloud"}}, "executor.kind"),
+    ({"executor": {"timeout_min": "1h"}}, "executor.timeout_min"),
+    ({"name": "a b"}, "name"),
+    ({"out": None}, "out"),
+    ({"data": ["/a/x", "/b/x"]}, "data"),
+    ({"overrides": {"seed": 3}}, "overrides.seed"),
+    ({"overrides": {"pretrain.epochs": "two"}}, "pretrain.epochs"),
+])
+def test_bad_values_name_the_key(tmp_path, capsys, change, key):
+    msg = refused(tmp_path, grid_with(**change), capsys)
+    assert key in msg
+
+
+def test_missing_grid_file(tmp_path, capsys):
+    assert grid_cli.main([str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_missing_data_refused_before_submitting(tmp_path, capsys):
+    path = write_grid(tmp_path, grid_with(out=str(tmp_path / "runs")))
+    assert grid_cli.main([str(path)]) == 2
+    assert "data[0]" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_lists_cells(tmp_path, capsys):
+    path = write_grid(tmp_path, grid_with(out=str(tmp_path / "runs")))
+    assert grid_cli.main([str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "16 cells" in out and "sports/finetune-only/rfull/s2  [to run]" in out
+    assert not (tmp_path / "runs").exists()
+
+
+def test_status_of_unsubmitted_grid(tmp_path, capsys):
+    path = write_grid(tmp_path, grid_with(out=str(tmp_path / "runs")))
+    assert grid_cli.main(["status", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "pending=16" in out and "not submitted" in out
+
+
+def test_demo_yaml_is_valid():
+    g = load_grid(Path(__file__).resolve().parents[1] / "configs/grids/demo.yaml")
+    assert len(g.cells()) == 6 and g.executor.array_parallelism == 2
+
+
+def test_built_in_code_is_validated():
+    with pytest.raises(GridError, match="'ranks'"):
+        Grid(name="x", data=["/d/a"], variants=["s3rec-lowrank"], seeds=[1], out="o", ranks=[])
