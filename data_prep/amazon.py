@@ -1,0 +1,110 @@
+"""Raw Amazon 2014 dumps -> MemorySource, following S3Rec's data/data_process.py:
+
+1. reviews (`reviews_<Cat>_5.json.gz`, one JSON object a line): keep (reviewerID, asin,
+   unixReviewTime); like the original, drop reviews whose `overall` is <= 0 (rating_score = 0.0).
+2. group by user in order of first appearance; sort each user's items by review time (stable, so
+   ties keep file order).
+3. user 5-core and item 5-core, repeated until a fixed point (the original's `filter_Kcore` loops
+   until `check_Kcore` holds; removals only ever drop interactions outside the final k-core, so any
+   removal order reaches the same, unique, maximal k-core - done here with counts per pass).
+4. ids from 1: users in order of first appearance, items in order of first appearance walking the
+   users' sorted sequences (the original `id_map`).
+5. attributes (`meta_<Cat>.json.gz`, one Python literal a line): for each item in meta-file order,
+   `brand` first (when the key exists, even if empty - as the original), then every category of
+   every category path except the path's first (the top category); ids from 1 in order of first
+   appearance; repeats kept (attribute_core = 0).
+"""
+from __future__ import annotations
+
+import ast
+import gzip
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.source import MemorySource
+from s3rec.data.format import DatasetError
+
+USER_CORE = ITEM_CORE = 5
+
+
+def read_reviews(path: Path) -> dict[str, list[tuple[str, int]]]:
+    user_seq: dict[str, list[tuple[str, int]]] = {}
+    with gzip.open(path, "rt") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                user, item, t = r["reviewerID"], r["asin"], int(r["unixReviewTime"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise DatasetError(f"{path}:{lineno}: malformed review (need JSON with reviewerID, "
+                                   f"asin, unixReviewTime): {e!r}") from None
+            if float(r.get("overall", 1.0)) <= 0.0:
+                continue
+            user_seq.setdefault(user, []).append((item, t))
+    for user, seq in user_seq.items():
+        seq.sort(key=lambda x: x[1])
+    return user_seq
+
+
+def k_core(user_seq: dict[str, list[str]]) -> dict[str, list[str]]:
+    while True:
+        item_count: dict[str, int] = defaultdict(int)
+        for items in user_seq.values():
+            for i in items:
+                item_count[i] += 1
+        if all(len(s) >= USER_CORE for s in user_seq.values()) and \
+                all(c >= ITEM_CORE for c in item_count.values()):
+            return user_seq
+        user_seq = {u: kept for u, s in user_seq.items() if len(s) >= USER_CORE
+                    for kept in [[i for i in s if item_count[i] >= ITEM_CORE]]}
+
+
+def read_meta(path: Path, wanted: set[str]) -> dict[str, dict]:
+    meta: dict[str, dict] = {}
+    with gzip.open(path, "rt") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                info = ast.literal_eval(line)
+                asin = info["asin"]
+            except (ValueError, SyntaxError, KeyError, TypeError) as e:
+                raise DatasetError(f"{path}:{lineno}: malformed meta record (need a Python dict "
+                                   f"literal with 'asin'): {e!r}") from None
+            if asin in wanted:
+                cats = info.get("categories", [])
+                if not isinstance(cats, list) or not all(isinstance(c, list) for c in cats):
+                    raise DatasetError(f"{path}:{lineno}: item {asin}: 'categories' must be a list "
+                                       f"of lists")
+                meta[asin] = info
+    return meta
+
+
+def load_amazon(reviews: Path, meta_path: Path, name: str, seed: int) -> MemorySource:
+    user_seq = {u: [i for i, _ in s] for u, s in read_reviews(reviews).items()}
+    user_seq = k_core(user_seq)
+    if not user_seq:
+        raise DatasetError(f"{reviews}: no users left after the {USER_CORE}-core filter")
+    item_id: dict[str, int] = {}
+    flat, lengths = [], []
+    for s in user_seq.values():
+        for i in s:
+            flat.append(item_id.setdefault(i, len(item_id) + 1))
+        lengths.append(len(s))
+    meta = read_meta(meta_path, set(item_id))
+    missing = [a for a in item_id if a not in meta]
+    if missing:
+        raise DatasetError(f"{meta_path}: item {missing[0]} has no meta record ({len(missing)} "
+                           f"items missing)")
+    attr_id: dict[str, int] = {}
+    table: list[list[int]] = [[] for _ in range(len(item_id) + 1)]
+    for asin, info in meta.items():   # meta-file order decides attribute ids, as in the original
+        names = [info["brand"]] if "brand" in info else []
+        names += [c for path in info.get("categories", []) for c in path[1:]]
+        table[item_id[asin]] = [attr_id.setdefault(a, len(attr_id) + 1) for a in names]
+    return MemorySource(name, np.array(flat), np.array(lengths),
+                        np.arange(1, len(lengths) + 1), table, seed)

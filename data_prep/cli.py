@@ -1,0 +1,129 @@
+"""`s3rec-prep`: release | amazon | synthetic | verify (see shared notes/interface.md).
+
+Run under `mpirun -np K` to write shards on K ranks (shard i on rank i % K); the result is the
+same, byte for byte, as a one-process run with the same arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from data_prep.mpi import world
+from data_prep.writer import check_out_folder, log, up_to_date, write_dataset
+from s3rec.data.format import DatasetError, sha256_file
+
+DEFAULT_SEED = 12345
+PATH_OPTIONS = ("src", "out", "negatives", "reviews", "meta")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="s3rec-prep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    def common(s):
+        s.add_argument("--out", required=True, type=Path, help="dataset folder to write")
+        s.add_argument("--shards", type=int, default=1, help="number of shards (default 1)")
+        s.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                       help=f"seed of generated negatives / data (default {DEFAULT_SEED})")
+
+    s = sub.add_parser("release", help="S3Rec release files: NAME.txt, NAME_item2attributes.json")
+    s.add_argument("--src", required=True, type=Path)
+    s.add_argument("--name", required=True)
+    s.add_argument("--negatives", type=Path, default=None,
+                   help="a NAME_sample.txt to import (default: --src/NAME_sample.txt if present, "
+                        "else generate with the release rule)")
+    common(s)
+    s = sub.add_parser("amazon", help="raw Amazon 2014 dumps, S3Rec preprocessing")
+    s.add_argument("--reviews", required=True, type=Path)
+    s.add_argument("--meta", required=True, type=Path)
+    s.add_argument("--name", default=None, help="dataset name (default: from the reviews file)")
+    common(s)
+    s = sub.add_parser("synthetic", help="seeded data with planted cluster structure (streamed)")
+    s.add_argument("--users", required=True, type=int)
+    s.add_argument("--items", required=True, type=int)
+    s.add_argument("--attributes", required=True, type=int)
+    s.add_argument("--clusters", type=int, default=32, help="latent item clusters (default 32)")
+    s.add_argument("--mean-length", type=float, default=10.0, help="mean sequence length (>= 5)")
+    s.add_argument("--max-length", type=int, default=200, help="longest sequence")
+    common(s)
+    s = sub.add_parser("verify", help="check every shard against the manifest")
+    s.add_argument("dataset", type=Path)
+    return p
+
+
+def canonical(ns: argparse.Namespace) -> tuple[dict, str]:
+    """(args that decide the content, the command line recorded). Paths are left out of `args`
+    (the sources' checksums stand for them) and --out is not recorded, so the same data written to
+    two folders is the same bytes."""
+    opts = {k: v for k, v in vars(ns).items() if v is not None}
+    args = {k: v for k, v in opts.items() if k not in PATH_OPTIONS}
+    parts = ["s3rec-prep", ns.verb]
+    for k, v in opts.items():
+        if k not in ("verb", "out"):
+            parts += [f"--{k.replace('_', '-')}", str(Path(v).resolve()) if k in PATH_OPTIONS else str(v)]
+    return args, " ".join(parts + ["--out", "DATASET"])
+
+
+def input_files(ns) -> dict[str, Path]:
+    if ns.verb == "release":
+        from data_prep.release import release_files
+        return release_files(ns.src, ns.name, ns.negatives)
+    if ns.verb == "amazon":
+        for f in (ns.reviews, ns.meta):
+            if not f.is_file():
+                raise DatasetError(f"{f}: not found")
+        return {"reviews": ns.reviews, "meta": ns.meta}
+    return {}
+
+
+def make_source(ns, files: dict[str, Path]):
+    if ns.verb == "release":
+        from data_prep.release import load_release
+        return load_release(files, ns.name, ns.seed)
+    if ns.verb == "amazon":
+        from data_prep.amazon import load_amazon
+        name = ns.name or ns.reviews.name.split(".")[0].removeprefix("reviews_").removesuffix("_5")
+        return load_amazon(ns.reviews, ns.meta, name, ns.seed)
+    from data_prep.synthetic import SyntheticSource
+    return SyntheticSource(ns.users, ns.items, ns.attributes, ns.seed, ns.clusters,
+                           ns.mean_length, ns.max_length)
+
+
+def prepare(ns) -> None:
+    comm = world()
+    args, command = canonical(ns)
+    files = input_files(ns)
+    # Checksums of the inputs decide "up to date" together with the arguments; rank 0 decides.
+    sources = {f.name: sha256_file(f) for f in files.values()} if comm.rank == 0 else None
+    sources = comm.bcast(sources)
+    reason = up_to_date(ns.out, args, sources) if comm.rank == 0 else None
+    reason = comm.bcast(reason)
+    if reason is None:
+        log(comm, f"up to date: {ns.out}")
+        return
+    check_out_folder(ns.out)
+    source = make_source(ns, files)   # parse errors happen here, before anything is written
+    m = write_dataset(source, ns.out, ns.shards, ns.seed, args, sources, command, comm)
+    log(comm, f"wrote {ns.out}: users={m['num_users']} items={m['num_items']} "
+              f"interactions={m['num_interactions']} attributes={m['num_attributes']} "
+              f"shards={len(m['shards'])} (ranks={comm.size}; {reason})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        if ns.verb == "verify":
+            from data_prep.verify import verify
+            print(verify(ns.dataset))
+        else:
+            prepare(ns)
+    except DatasetError as e:
+        print(f"s3rec-prep {ns.verb}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

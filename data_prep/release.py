@@ -1,0 +1,122 @@
+"""Reads the S3Rec release format (`<Name>.txt`, `<Name>_item2attributes.json`, optional
+`<Name>_sample.txt`) into a MemorySource, with errors that name the file and line or key."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.source import MemorySource
+from s3rec.data.format import NUM_NEGATIVES, DatasetError
+
+MIN_LENGTH = 3   # leave-one-out needs a train, a validation and a test item
+
+
+def release_files(src: Path, name: str, negatives: Path | None) -> dict[str, Path]:
+    files = {"sequences": src / f"{name}.txt", "attributes": src / f"{name}_item2attributes.json"}
+    for f in files.values():
+        if not f.is_file():
+            raise DatasetError(f"{f}: not found (release format: {name}.txt and "
+                               f"{name}_item2attributes.json in --src)")
+    if negatives is not None:
+        if not negatives.is_file():
+            raise DatasetError(f"{negatives}: --negatives file not found")
+        files["negatives"] = negatives
+    elif (src / f"{name}_sample.txt").is_file():
+        files["negatives"] = src / f"{name}_sample.txt"
+    return files
+
+
+def parse_id(token: str, path: Path, lineno: int, what: str) -> int:
+    if token.isdigit():
+        return int(token)
+    if token.startswith("-") and token[1:].isdigit():
+        raise DatasetError(f"{path}:{lineno}: negative {what} id {token!r}")
+    raise DatasetError(f"{path}:{lineno}: {what} id {token!r} is not a non-negative integer")
+
+
+def read_id_lines(path: Path, min_tokens: int, what: str):
+    """Yields (lineno, [ints]) for each line `id id id ...`; blank lines only at the end."""
+    lines = path.read_text().split("\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    for lineno, line in enumerate(lines, 1):
+        tokens = line.split()
+        if len(tokens) < min_tokens:
+            raise DatasetError(f"{path}:{lineno}: malformed line {line[:60]!r}: expected {what}")
+        ids = [parse_id(t, path, lineno, "user" if i == 0 else "item") for i, t in enumerate(tokens)]
+        yield lineno, ids
+
+
+def read_sequences(path: Path):
+    user_ids, lengths, flat = [], [], []
+    for lineno, ids in read_id_lines(path, 1 + MIN_LENGTH, f"`user item item ...` with at least "
+                                                           f"{MIN_LENGTH} items"):
+        if min(ids[1:]) < 1:
+            raise DatasetError(f"{path}:{lineno}: item id 0; item ids start at 1 (0 is padding)")
+        user_ids.append(ids[0])
+        lengths.append(len(ids) - 1)
+        flat.extend(ids[1:])
+    if not user_ids:
+        raise DatasetError(f"{path}: no users")
+    return np.array(user_ids), np.array(lengths), np.array(flat, dtype=np.int64)
+
+
+def read_item_attributes(path: Path, num_items: int) -> list[list[int]]:
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as e:
+        raise DatasetError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{path}: expected an object {{\"item\": [attribute, ...]}}")
+    table: list[list[int] | None] = [None] * (num_items + 1)
+    table[0] = []
+    for key, attrs in raw.items():
+        if not key.isdigit():
+            raise DatasetError(f"{path}: key {key!r} is not an item id")
+        if not isinstance(attrs, list):
+            raise DatasetError(f"{path}: item {key}: expected a list of attribute ids, got {attrs!r}")
+        for a in attrs:
+            if not isinstance(a, int) or isinstance(a, bool) or not 1 <= a < 2**31:
+                raise DatasetError(f"{path}: item {key}: attribute id {a!r} out of range "
+                                   f"(positive integers; 0 is padding)")
+        item = int(key)
+        if 1 <= item <= num_items:   # items absent from the sequences are not part of the dataset
+            table[item] = attrs
+    missing = [i for i, a in enumerate(table) if a is None]
+    if missing:
+        raise DatasetError(f"{path}: item {missing[0]} has no attribute entry "
+                           f"({len(missing)} items missing; every item 1..{num_items} needs one, "
+                           f"an empty list is allowed)")
+    return table  # type: ignore[return-value]
+
+
+def read_negatives(path: Path, user_ids: np.ndarray, num_items: int) -> np.ndarray:
+    rows = []
+    for lineno, ids in read_id_lines(path, 1 + NUM_NEGATIVES, f"`user` and {NUM_NEGATIVES} items"):
+        if lineno > len(user_ids):
+            raise DatasetError(f"{path}:{lineno}: more lines than the {len(user_ids)} users")
+        if len(ids) != 1 + NUM_NEGATIVES:
+            raise DatasetError(f"{path}:{lineno}: {len(ids) - 1} negatives, expected {NUM_NEGATIVES}")
+        if ids[0] != user_ids[lineno - 1]:
+            raise DatasetError(f"{path}:{lineno}: user {ids[0]}, but line {lineno} of the sequences "
+                               f"is user {user_ids[lineno - 1]} (same order expected)")
+        bad = [i for i in ids[1:] if not 1 <= i <= num_items]
+        if bad:
+            raise DatasetError(f"{path}:{lineno}: negative item {bad[0]} outside 1..{num_items}")
+        rows.append(ids[1:])
+    if len(rows) != len(user_ids):
+        raise DatasetError(f"{path}: {len(rows)} lines, expected one per user ({len(user_ids)})")
+    return np.array(rows, dtype=np.int32)
+
+
+def load_release(files: dict[str, Path], name: str, seed: int) -> MemorySource:
+    user_ids, lengths, items = read_sequences(files["sequences"])
+    num_items = int(items.max())
+    attrs = read_item_attributes(files["attributes"], num_items)
+    negatives, how = None, ""
+    if "negatives" in files:
+        negatives = read_negatives(files["negatives"], user_ids, num_items)
+        how = f"imported: {files['negatives'].name}"
+    return MemorySource(name, items, lengths, user_ids, attrs, seed, negatives, how)

@@ -1,0 +1,136 @@
+"""Writes a Source as a dataset folder: shards on all ranks, manifest last, all-or-nothing.
+
+Layout of a run writing DATASET:
+  DATASET.partial/            built here (rank 0 creates it fresh; every rank writes its shards,
+                              shard i on rank i % K, each to a temporary name then renamed)
+  DATASET.partial/manifest.json   written by rank 0 once every rank reported success
+  DATASET                     the finished folder is renamed into place (an old dataset is moved
+                              aside first, then deleted); on any failure the partial folder goes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import traceback
+from pathlib import Path
+
+from data_prep.mpi import Serial
+from data_prep.negatives import BLOCK
+from data_prep.source import Source
+from s3rec.data.format import (FORMAT_VERSION, MANIFEST, NUM_NEGATIVES, DatasetError, ShardWriter,
+                               check_shard_file, read_manifest, sha256_file, shard_bounds,
+                               shard_name, write_text_atomic)
+
+
+def partial_dir(out: Path) -> Path:
+    return out.with_name(f".{out.name}.partial")
+
+
+def up_to_date(out: Path, args: dict, sources: dict) -> str | None:
+    """None when `out` holds a complete dataset made from the same inputs and arguments (shards
+    present with their recorded sizes and checksums), else the reason to (re)build."""
+    if not (out / MANIFEST).exists():
+        return "no dataset yet"
+    try:
+        m = read_manifest(out)
+    except DatasetError as e:
+        return str(e)
+    if m.get("args") != args:
+        return "arguments changed"
+    if m.get("sources") != sources:
+        return "source files changed"
+    try:
+        for rec in m["shards"]:
+            check_shard_file(out, rec)
+    except DatasetError as e:
+        return str(e)
+    return None
+
+
+def write_shard(source: Source, folder: Path, index: int, num_shards: int, start: int, end: int,
+                attrs: dict) -> dict:
+    name = shard_name(index)
+    tmp = folder / f".{name}.tmp"
+    shard_attrs = dict(attrs, user_start=start, user_end=end, shard_index=index,
+                       num_shards=num_shards)
+    w = ShardWriter(tmp, shard_attrs, source.attr_values, source.attr_offsets)
+    try:
+        for b in range(start // BLOCK, (end - 1) // BLOCK + 1):
+            lo, hi = max(start, b * BLOCK) - b * BLOCK, min(end, (b + 1) * BLOCK) - b * BLOCK
+            blk = source.block(b).rows(lo, hi)
+            w.add_users(blk.items, blk.lengths, blk.user_ids, blk.negatives)
+        w.close()
+    except BaseException:
+        w.abort()
+        raise
+    os.replace(tmp, folder / name)
+    return {"file": name, "user_start": start, "user_end": end, "num_users": end - start,
+            "num_interactions": w.num_interactions, "sha256": sha256_file(folder / name),
+            "bytes": (folder / name).stat().st_size}
+
+
+def write_dataset(source: Source, out: Path, num_shards: int, seed: int, args: dict,
+                  sources: dict, command: str, comm=None) -> dict:
+    comm = comm or Serial()
+    out = Path(out)
+    tmp_dir = partial_dir(out)
+    bounds = shard_bounds(source.num_users, num_shards)
+    attrs = {"format_version": FORMAT_VERSION, "num_users": source.num_users,
+             "num_items": source.num_items, "num_attributes": source.num_attributes,
+             "seed": seed, "negatives_source": source.negatives_source, "command": command,
+             "sources": sources}
+    if comm.rank == 0:
+        shutil.rmtree(tmp_dir, ignore_errors=True)   # leftovers of a killed run
+        tmp_dir.mkdir(parents=True)
+    comm.barrier()
+    records, err = [], ""
+    try:
+        for i in range(comm.rank, num_shards, comm.size):
+            records.append(write_shard(source, tmp_dir, i, num_shards, *bounds[i], attrs))
+    except Exception as e:  # reported to every rank below, then raised
+        err = str(e) if isinstance(e, DatasetError) else traceback.format_exc()
+    reports = comm.allgather((not err, err, records))
+    errors = [f"rank {r}: {e}" if comm.size > 1 else e for r, (ok, e, _) in enumerate(reports) if not ok]
+    manifest = None
+    if comm.rank == 0:
+        if errors:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        else:
+            shards = sorted((rec for _, _, recs in reports for rec in recs), key=lambda r: r["file"])
+            manifest = {"format_version": FORMAT_VERSION, "name": source.name,
+                        "num_users": source.num_users, "num_items": source.num_items,
+                        "num_interactions": sum(s["num_interactions"] for s in shards),
+                        "num_attributes": source.num_attributes, "num_negatives": NUM_NEGATIVES,
+                        "seed": seed, "negatives_source": source.negatives_source,
+                        "sources": sources, "command": command, "args": args, "shards": shards}
+            write_text_atomic(tmp_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+            _swap_into_place(tmp_dir, out)
+    comm.barrier()
+    if errors:
+        raise DatasetError("; ".join(errors))
+    return comm.bcast(manifest)
+
+
+def _swap_into_place(tmp_dir: Path, out: Path) -> None:
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        else:
+            os.replace(out, old)
+    os.replace(tmp_dir, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def check_out_folder(out: Path) -> None:
+    """Refuse to replace a folder that is not a dataset (it could be anything of the user's)."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())):
+        raise DatasetError(f"{out}: exists and is not a dataset folder; choose another --out")
+
+
+def log(comm, msg: str) -> None:
+    if comm.rank == 0:
+        print(msg, file=sys.stderr if msg.startswith("error") else sys.stdout, flush=True)
