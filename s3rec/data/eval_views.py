@@ -88,7 +88,7 @@ class EvalView:
         src = np.repeat(first - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
         key = np.unique(row * (self.num_items + 1) + self.items[src])
         history = np.stack([key // (self.num_items + 1), key % (self.num_items + 1)], axis=1)
-        pos = np.broadcast_to(np.arange(self.max_len - L, self.max_len, dtype=np.int64), inp.shape)
+        pos = np.tile(np.arange(self.max_len - L, self.max_len, dtype=np.int64), (len(inp), 1))
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
         return EvalBatch(users=t(users.astype(np.int64)), items=t(inp), positions=t(pos),
                          answers=t(self.answers[users]),

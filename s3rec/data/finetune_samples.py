@@ -108,6 +108,6 @@ class FinetuneSampler:
         tneg = np.zeros_like(inp)
         tneg[r, c] = neg
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a[rows]))
-        pos = np.broadcast_to(np.arange(self.max_len - L, self.max_len, dtype=np.int64), inp.shape)
+        pos = np.tile(np.arange(self.max_len - L, self.max_len, dtype=np.int64), (len(inp), 1))
         return FinetuneBatch(users=t(users), items=t(inp), positions=t(pos), target_pos=t(tgt),
                              target_neg=t(tneg))

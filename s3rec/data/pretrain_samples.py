@@ -268,7 +268,7 @@ class PretrainSampler:
         o = orig[rows]
         flat = np.flatnonzero(o)
         attr_index = csr_pairs(flat, o.reshape(-1)[flat], self.attr_values, self.attr_offsets)
-        pos = np.broadcast_to(np.arange(self.max_len - L, self.max_len, dtype=np.int64), o.shape)
+        pos = np.tile(np.arange(self.max_len - L, self.max_len, dtype=np.int64), (len(o), 1))
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
         return PretrainBatch(
             masked_items=t(masked_items[rows]), positions=t(pos), original_items=t(o),
