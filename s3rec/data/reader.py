@@ -1,0 +1,171 @@
+"""Reading a prepared dataset (format: s3rec/data/format.py).
+
+`Dataset(path)` reads manifest.json only; shards are opened on first use, once per process:
+h5py handles do not survive pickling or fork, so they are dropped in `__getstate__` and reopened
+when the process id changes (DataLoader workers, spawned ranks).
+Each shard's size and sha256 are checked against the manifest the first time this process opens
+it (`verify=False` skips the sha256 for speed; the size is always checked).
+"""
+from __future__ import annotations
+
+import bisect
+import os
+from pathlib import Path
+
+import numpy as np
+
+from s3rec.data.format import (ATTR_OFFSETS, ATTR_VALUES, NEGATIVES, NUM_NEGATIVES, SEQ_ITEMS,
+                               SEQ_OFFSETS, DatasetError, check_shard_file, open_shard,
+                               read_manifest)
+
+_VERIFIED: set[tuple[str, int, int]] = set()   # (path, size, mtime_ns) checked in this process
+
+
+def user_share(num_users: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous, disjoint, complete split of users [0, num_users): sizes differ by at most 1."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world of size {world_size}")
+    return num_users * rank // world_size, num_users * (rank + 1) // world_size
+
+
+class Dataset:
+    def __init__(self, path: str | os.PathLike, verify: bool = True):
+        self.path = Path(path)
+        self.verify = verify
+        self.manifest = read_manifest(self.path)
+        self.shards = self.manifest["shards"]
+        self._starts = [s["user_start"] for s in self.shards]
+        self._files: dict[int, object] = {}
+        self._pid = os.getpid()
+
+    # ---------------------------------------------------------------- sizes and id layout
+    name = property(lambda self: self.manifest["name"])
+    num_users = property(lambda self: self.manifest["num_users"])
+    num_items = property(lambda self: self.manifest["num_items"])
+    num_attributes = property(lambda self: self.manifest["num_attributes"])
+    num_interactions = property(lambda self: self.manifest["num_interactions"])
+    item_size = property(lambda self: self.num_items + 2)        # 0 = padding, +1 = mask
+    mask_id = property(lambda self: self.num_items + 1)
+    attribute_size = property(lambda self: self.num_attributes + 1)
+
+    # ---------------------------------------------------------------- handles
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_files"] = {}
+        return state
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            for f in self._files.values():
+                f.close()
+        self._files = {}
+
+    def shard(self, index: int):
+        """The open h5py.File of shard `index` (opened, and checked, on first use here)."""
+        if self._pid != os.getpid():    # forked: the parent's handles are not ours to use
+            self._files, self._pid = {}, os.getpid()
+        f = self._files.get(index)
+        if f is None:
+            rec = self.shards[index]
+            path = self.path / rec["file"]
+            key = (str(path), *(_stat(path)))
+            if key not in _VERIFIED:
+                check_shard_file(self.path, rec, checksum=self.verify)
+                if self.verify:
+                    _VERIFIED.add((str(path), *_stat(path)))
+            f = self._files[index] = open_shard(path)
+        return f
+
+    def _read(self, index: int, name: str, sl=slice(None)) -> np.ndarray:
+        try:
+            return self.shard(index)[name][sl]
+        except (OSError, KeyError) as e:
+            raise DatasetError(f"{self.path / self.shards[index]['file']}: cannot read {name} "
+                               f"(corrupt?): {e}") from None
+
+    def _shards_for(self, start: int, end: int):
+        """(shard index, local lo, local hi) covering global users [start, end)."""
+        if not 0 <= start <= end <= self.num_users:
+            raise ValueError(f"user range [{start}, {end}) outside [0, {self.num_users})")
+        i = max(bisect.bisect_right(self._starts, start) - 1, 0)
+        while start < end:
+            s = self.shards[i]
+            hi = min(end, s["user_end"])
+            if hi > start:
+                yield i, start - s["user_start"], hi - s["user_start"]
+            start = max(start, hi)
+            i += 1
+
+    # ---------------------------------------------------------------- data
+    def load_sequences(self, start: int = 0, end: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """CSR over global users [start, end): items int32 [X], offsets int64 [n + 1] from 0."""
+        end = self.num_users if end is None else end
+        items, offsets, base = [], [np.zeros(1, np.int64)], 0
+        for i, lo, hi in self._shards_for(start, end):
+            off = self._read(i, SEQ_OFFSETS, slice(lo, hi + 1))
+            items.append(self._read(i, SEQ_ITEMS, slice(int(off[0]), int(off[-1]))))
+            offsets.append(off[1:] - off[0] + base)
+            base += int(off[-1] - off[0])
+        return (np.concatenate(items) if items else np.zeros(0, np.int32)).astype(np.int32, copy=False), \
+            np.concatenate(offsets)
+
+    def load_negatives(self, start: int = 0, end: int | None = None) -> np.ndarray:
+        """int32 [end - start, 99]: the sampled-evaluation negatives of global users [start, end)."""
+        end = self.num_users if end is None else end
+        parts = [self._read(i, NEGATIVES, slice(lo, hi)) for i, lo, hi in self._shards_for(start, end)]
+        return np.concatenate(parts) if parts else np.zeros((0, NUM_NEGATIVES), np.int32)
+
+    def item_attributes(self) -> tuple[np.ndarray, np.ndarray]:
+        """CSR over item ids 0..item_size-1 (rows 0 and mask_id empty): values int32, offsets int64."""
+        return self._read(0, ATTR_VALUES), self._read(0, ATTR_OFFSETS)
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: shard file missing") from None
+    return st.st_size, st.st_mtime_ns
+
+
+class UserSequences:
+    """Map-style (torch DataLoader-ready) view of global users [start, end): item k is
+    (user index, items int32 array). Shards open lazily in whichever process reads; items are read
+    in windows of `window` interactions that stay cached, so a sequential pass costs one HDF5 read
+    per window, not per user."""
+
+    def __init__(self, ds: Dataset, start: int = 0, end: int | None = None, window: int = 1 << 18):
+        self.ds = ds
+        self.start, self.end = start, ds.num_users if end is None else end
+        self.window = window
+        self._cache: dict[int, tuple] = {}      # shard -> (offsets, win_lo, win_items)
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_cache"] = {}
+        return state
+
+    def __getitem__(self, k: int) -> tuple[int, np.ndarray]:
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        u = self.start + k
+        i = bisect.bisect_right(self.ds._starts, u) - 1
+        local = u - self.ds.shards[i]["user_start"]
+        entry = self._cache.get(i)
+        if entry is None:
+            entry = (self.ds._read(i, SEQ_OFFSETS), -1, None)
+        offsets, win_lo, win = entry
+        lo, hi = int(offsets[local]), int(offsets[local + 1])
+        if win is None or lo < win_lo or hi > win_lo + len(win):
+            win_lo = lo
+            win = self.ds._read(i, SEQ_ITEMS, slice(lo, max(hi, lo + self.window)))
+        self._cache = {i: (offsets, win_lo, win)}   # one shard cached at a time
+        return u, win[lo - win_lo:hi - win_lo]
+
+
+def collate_users(batch: list[tuple[int, np.ndarray]]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """DataLoader collate for UserSequences: (user indices [B], list of item arrays)."""
+    return np.array([u for u, _ in batch], dtype=np.int64), [s for _, s in batch]

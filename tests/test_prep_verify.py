@@ -1,0 +1,86 @@
+"""s3rec-prep verify and the reader's checks: damaged shards are found and named."""
+import json
+import subprocess
+
+import pytest
+
+from data_prep.cli import main
+from data_prep.fixtures import random_release
+from s3rec.data.format import DatasetError, open_shard
+from s3rec.data.reader import Dataset
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    src = random_release(tmp_path / "src", num_users=200)
+    out = tmp_path / "ds"
+    assert main(["release", "--src", str(src), "--name", "Toy", "--out", str(out), "--shards", "3"]) == 0
+    return out
+
+
+def verify_err(path, capsys):
+    capsys.readouterr()
+    rc = main(["verify", str(path)])
+    cap = capsys.readouterr()
+    assert cap.out == ""
+    return rc, cap.err
+
+
+def test_verify_cli_exit_code_and_line(dataset):
+    r = subprocess.run(["s3rec-prep", "verify", str(dataset)], capture_output=True, text=True)
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 1
+    assert r.stdout.startswith("users=200 items=400 interactions=") and r.stdout.endswith(" shards=3\n")
+
+
+def test_truncated_shard(dataset, capsys):
+    shard = dataset / "shard-00001.h5"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    rc, err = verify_err(dataset, capsys)
+    assert rc == 1 and "shard-00001.h5" in err and "truncated" in err
+    ds = Dataset(dataset)
+    ds.load_sequences(0, 10)                    # shard 0 is fine
+    with pytest.raises(DatasetError, match="shard-00001.h5.*truncated"):
+        ds.load_sequences(0, 100)
+    # without the manifest's size, opening the file itself fails and names it
+    with pytest.raises(DatasetError, match="shard-00001.h5: cannot open shard"):
+        open_shard(shard)
+
+
+def test_checksum_mismatch(dataset, capsys):
+    shard = dataset / "shard-00002.h5"
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0xFF                          # same size, one byte different
+    shard.write_bytes(bytes(data))
+    rc, err = verify_err(dataset, capsys)
+    assert rc == 1 and "shard-00002.h5: sha256 checksum mismatch" in err
+    with pytest.raises(DatasetError, match="shard-00002.h5: sha256 checksum mismatch"):
+        Dataset(dataset).load_negatives(150, 160)
+
+
+def test_manifest_disagreeing_with_shard(dataset, capsys):
+    m = json.loads((dataset / "manifest.json").read_text())
+    m["shards"][1]["num_interactions"] += 1
+    m["num_interactions"] += 1
+    (dataset / "manifest.json").write_text(json.dumps(m))
+    rc, err = verify_err(dataset, capsys)
+    assert rc == 1 and "shard-00001.h5" in err and "interactions, manifest says" in err
+
+
+def test_missing_shard_and_manifest(dataset, capsys):
+    (dataset / "shard-00000.h5").unlink()
+    rc, err = verify_err(dataset, capsys)
+    assert rc == 1 and "shard-00000.h5: shard file missing" in err
+    (dataset / "manifest.json").unlink()
+    rc, err = verify_err(dataset, capsys)
+    assert rc == 1 and "no manifest" in err
+    with pytest.raises(DatasetError, match="no manifest"):
+        Dataset(dataset)
+
+
+def test_other_format_version(dataset, capsys):
+    m = json.loads((dataset / "manifest.json").read_text())
+    m["format_version"] = 99
+    (dataset / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DatasetError, match="format_version 99"):
+        Dataset(dataset)
