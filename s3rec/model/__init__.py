@@ -25,12 +25,19 @@ def build_model(cfg: Config, item_size: int, attribute_size: int,
     checkpoint_io.adapt_state).
 
     Low-rank heads with `init: svd` factorise a full matrix taken from `init_state` when it holds
-    one for that head, otherwise from the file `cfg.model.svd_init_from`."""
+    one for that head, otherwise from the file `cfg.model.svd_init_from` (not read when
+    `init_state` already holds the head's factors)."""
     heads = {name: cfg.head(name) for name in HEAD_NAMES}
     full: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     svd_file: dict | None = None
     for name, h in heads.items():
         if h.kind != "lowrank" or h.init != "svd":
+            continue
+        if init_state is not None and f"{name}_norm.U" in init_state:
+            # trained factors: load_state_dict below sets them; their product stands in as the
+            # matrix to factorise so that no file is read
+            u, v = init_state[f"{name}_norm.U"], init_state[f"{name}_norm.V"]
+            full[name] = (u @ v.T, init_state.get(f"{name}_norm.bias"))
             continue
         src = init_state
         if src is None or f"{name}_norm.weight" not in src:
