@@ -105,9 +105,9 @@ def metric_vs_rank(runs: list[Run], out: Path) -> tuple[list[Figure], list[str]]
                         by_rank[int(r.rank)].append(r.test_metrics()[m])
                 xs = sorted(by_rank)
                 st = [_stats(by_rank[x]) for x in xs]
-                n = max(len(by_rank[x]) for x in xs)
+                seeds = ", ".join(f"r{x}: {len(by_rank[x])}" for x in xs)
                 ax.plot(xs, [s[0] for s in st], "o-", color=colors[v],
-                        label=f"{v} (mean of ≤{n} seeds)")
+                        label=f"{v} (seeds {seeds})")
                 ax.fill_between(xs, [s[1] for s in st], [s[2] for s in st], color=colors[v],
                                 alpha=0.2, linewidth=0)
             for arm, rs in fulls.items():
@@ -307,16 +307,19 @@ def pretrain_losses(runs: list[Run], out: Path) -> tuple[list[Figure], list[str]
             ax.set_ylabel("loss per sample" + (" (log)" if positive else ""))
         for k in range(len(names), nrow * ncol):
             axes[k // ncol][k % ncol].axis("off")
-        handles, labels = axes[0][0].get_legend_handles_labels()
+        handles, labels = [], []
         for ax in axes.flat:  # the union of arms, some of which skip an objective
             for h, lab in zip(*ax.get_legend_handles_labels()):
                 if lab not in labels:
                     handles.append(h)
                     labels.append(lab)
-        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)),
-                   bbox_to_anchor=(0.5, -0.02 - 0.035 * math.ceil(len(labels) / 4)))
         fig.suptitle(f"{dataset}: pretraining losses (mean over seeds, band min..max)")
-        fig.tight_layout()
+        if len(names) < nrow * ncol:  # an empty panel holds the legend
+            axes[-1][-1].legend(handles, labels, loc="center", title="arm")
+            fig.tight_layout()
+        else:
+            fig.tight_layout(rect=(0, 0.08, 1, 1))
+            fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)))
         stem = _save(fig, out, f"pretrain_losses_{_tag(dataset, 'pretrain')}")
         figs.append(Figure(f"Pretraining loss per objective ({dataset})", stem,
                            "Unweighted per-objective losses as logged (loss/<name>); the total is "
@@ -352,9 +355,9 @@ def vs_paper(runs: list[Run], out: Path) -> tuple[list[Figure], list[str]]:
                     ys.append(mean)
                     err[0].append(mean - lo)
                     err[1].append(hi - mean)
-            hatch = None if n.startswith("ours") else "//"
-            ax.bar(xs, ys, width, yerr=err, capsize=2, color=colors[n], hatch=hatch,
-                   edgecolor="white", label=n)
+            ours = n.startswith("ours")
+            ax.bar(xs, ys, width, yerr=err if ours else None, capsize=2, color=colors[n],
+                   hatch=None if ours else "//", edgecolor="white", label=n)
         ax.set_xticks(range(len(metrics)), metrics)
         ax.set_ylabel(f"test metric ({protocol})")
         ax.set_title(f"{dataset}: ours (mean, min..max over seeds) and published numbers")

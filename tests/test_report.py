@@ -1,0 +1,121 @@
+"""s3rec-report end to end on the FABRICATED grid (tests/test_analysis_fixtures.py)."""
+from __future__ import annotations
+
+import csv
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from analysis.report import main
+from tests.test_analysis_fixtures import FAILED, KILLED, fabricated_grid  # noqa: F401
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_real_figure(stem: Path) -> None:
+    """A PNG with a valid header and a non-trivial size, and an SVG that parses."""
+    png, svg = stem.with_suffix(".png"), stem.with_suffix(".svg")
+    data = png.read_bytes()
+    assert data[:8] == PNG_MAGIC, png
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert width >= 300 and height >= 200 and len(data) > 10_000, (png, width, height)
+    root = ET.parse(svg).getroot()
+    assert root.tag.endswith("svg") and svg.stat().st_size > 5_000, svg
+
+
+@pytest.fixture(scope="module")
+def report(fabricated_grid, tmp_path_factory):  # noqa: F811
+    root, truth = fabricated_grid
+    out = tmp_path_factory.mktemp("report")
+    assert main([str(root), "--out", str(out), "--no-anatomy"]) == 0
+    return out, truth
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_report_writes_tables_report_and_every_grid_figure(report):
+    out, _ = report
+    text = (out / "report.md").read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    expected = {"metric_vs_rank_Synth_sampled-99", "params_vs_metric_Synth_sampled-99",
+                "learning_curves_Synth_sampled-99", "ablation_Synth_sampled-99",
+                "pretrain_losses_Synth_pretrain", "vs_paper_Beauty_sampled-99",
+                "lowrank_spectra"}
+    assert expected <= {Path(p).stem for p in links}
+    for link in links:
+        assert not Path(link).is_absolute()
+        assert_real_figure(out / Path(link).with_suffix(""))
+    # No leftovers of the atomic writes.
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_runs_csv_numbers_equal_what_the_fabricated_runs_logged(report):
+    out, truth = report
+    rows = _rows(out / "runs.csv")
+    assert len(rows) == len(truth)
+    for row in rows:
+        key = (row["grid"], row["dataset"], row["variant"], row["rank"], int(row["seed"]),
+               row["stage"])
+        t = truth[key]
+        assert int(row["params_total"]) == t["params"]["total"]
+        if row["stage"] == "finetune" and t["test"]:
+            for m, v in t["test"].items():
+                assert float(row[f"test_{m}"]) == v  # csv keeps Python's float repr
+            assert int(row["best_epoch"]) == t["best_epoch"]
+    status = {(r["grid"], r["variant"], r["rank"], int(r["seed"]), r["stage"]): r["status"]
+              for r in rows}
+    assert status[(KILLED[0], KILLED[2], KILLED[3], KILLED[4], "finetune")] == "unfinished"
+    assert status[(FAILED[0], FAILED[2], FAILED[3], FAILED[4], "pretrain")] == "failed"
+
+
+def test_report_table_means_equal_the_runs(report):
+    out, truth = report
+    text = (out / "report.md").read_text()
+    # Synth s3rec (demo grid): mean HR@10 over seeds 1 and 2.
+    vals = [truth[("demo", "Synth", "s3rec", "full", s, "finetune")]["test"]["HR@10"]
+            for s in (1, 2)]
+    line = next(ln for ln in text.splitlines() if ln.startswith("| ours: s3rec | 2 (1,2)"))
+    assert f"{sum(vals) / 2:.4f} ±" in line
+    assert "| **paper S3-Rec** |  | published | 0.2192 | 0.4502 |" in text
+    # The killed and the failed runs are named with their reason, not dropped.
+    assert "demo/Synth/s3rec-lowrank/r8/s2 | finetune | unfinished | 2" in text
+    assert "ablate-aap/Synth/s3rec/rfull/s2 | pretrain | failed | 1 | RuntimeError" in text
+    assert "1 (1), 1 not done" in text
+
+
+def test_scalars_csv_has_every_point(report):
+    out, truth = report
+    rows = _rows(out / "scalars.csv")
+    key = ("demo", "Synth", "s3rec", "full", 2, "pretrain")
+    got = [float(r["value"]) for r in rows
+           if (r["grid"], r["dataset"], r["variant"], r["rank"], int(r["seed"]), r["stage"])
+           == key and r["tag"] == "loss/map"]
+    assert got == pytest.approx([v for _, v in truth[key]["logged"]["loss/map"]], rel=1e-6)
+
+
+def test_grid_without_ablations_or_finished_finetunes_skips_figures_with_a_note(
+        fabricated_grid, tmp_path):  # noqa: F811
+    import shutil
+    root, _ = fabricated_grid
+    sub = tmp_path / "runs"
+    shutil.copytree(root / "demo" / "Synth" / "s3rec-lowrank" / "r8",
+                    sub / "demo" / "Synth" / "s3rec-lowrank" / "r8")
+    out = tmp_path / "rep"
+    assert main([str(sub), "--out", str(out), "--no-anatomy"]) == 0
+    text = (out / "report.md").read_text()
+    assert "ablation bars: no finished fine-tune" in text
+    assert "no finished low-rank fine-tunes" not in text   # r8 s1 finished
+    assert "No finished full-rank pretraining with a final.pt" in text
+
+
+def test_explicit_checkpoint_must_exist(fabricated_grid, tmp_path):  # noqa: F811
+    from s3rec.model import CheckpointError
+    root, _ = fabricated_grid
+    with pytest.raises(CheckpointError, match="does not exist"):
+        main([str(root), "--out", str(tmp_path / "r"), "--no-anatomy",
+              "--checkpoint", str(tmp_path / "missing.pt")])
