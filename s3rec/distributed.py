@@ -1,0 +1,244 @@
+"""Distributed set-up: the ONLY module that reads launcher variables.
+
+Recognised launchers (checked in this order):
+  env        RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT already set: the
+             `deepspeed` launcher (also passes --local_rank), `torchrun`, submitit's
+             TorchDistributedEnvironment().export()
+  slurm      an `srun` task: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_STEP_ID. MASTER_ADDR
+             defaults to the first host of the step's node list (`scontrol show hostnames`),
+             MASTER_PORT is derived from the job and step id so concurrent jobs do not collide.
+  mpi        `mpirun` / `mpiexec` (Open MPI: OMPI_COMM_WORLD_*, MPICH/hydra: PMI_RANK/PMI_SIZE,
+             PMIx: PMIX_RANK): ranks come from mpi4py; rank 0 picks the address and a free port
+             and broadcasts them (single host: 127.0.0.1; DeepSpeed's own discovery would use
+             `hostname -I`, which is not loopback here).
+  single     none of the above: one process; RANK=0 WORLD_SIZE=1 are set here, since
+             deepspeed.init_distributed() would otherwise try MPI discovery.
+
+After `setup()` the usual variables are set for every launcher and the process group is up
+(gloo on CPU, nccl on CUDA). Everything else asks this module for ranks.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    launcher: str          # env | slurm | mpi | single
+    single_host: bool
+    device: torch.device
+    backend: str
+
+
+_INFO: DistInfo | None = None
+
+
+class LauncherError(RuntimeError):
+    """The launcher variables are inconsistent; the message names the variable."""
+
+
+def _int_env(env: dict, name: str) -> int:
+    try:
+        return int(env[name])
+    except KeyError:
+        raise LauncherError(f"launcher variable {name} is not set") from None
+    except ValueError:
+        raise LauncherError(f"launcher variable {name}={env[name]!r} is not an integer") from None
+
+
+def detect_launcher(env: dict | None = None) -> str:
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return "env"
+    # SLURM_STEP_ID distinguishes an srun task from a batch script (which has SLURM_PROCID=0 and
+    # SLURM_NTASKS of the whole allocation, and must not believe it is one of several ranks).
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and "SLURM_NTASKS" in env:
+        return "slurm"
+    if any(k in env for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_RANK", "PMIX_RANK")):
+        return "mpi"
+    return "single"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def _slurm_first_host(env: dict) -> str:
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+    if not nodelist:
+        raise LauncherError("srun task without SLURM_STEP_NODELIST/SLURM_JOB_NODELIST: "
+                            "cannot choose MASTER_ADDR (set it yourself)")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True,
+                             capture_output=True, text=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise LauncherError(f"`scontrol show hostnames {nodelist}` failed ({e}); "
+                            f"set MASTER_ADDR yourself") from None
+    return out[0]
+
+
+def _from_slurm(env: dict) -> tuple[int, int, int, bool]:
+    rank, world = _int_env(env, "SLURM_PROCID"), _int_env(env, "SLURM_NTASKS")
+    local = _int_env(env, "SLURM_LOCALID")
+    if "MASTER_ADDR" not in env:
+        env["MASTER_ADDR"] = _slurm_first_host(env)
+    if "MASTER_PORT" not in env:
+        job, step = _int_env(env, "SLURM_JOB_ID"), int(env.get("SLURM_STEP_ID", "0") or 0)
+        env["MASTER_PORT"] = str(20000 + (job * 31 + step) % 20000)
+    nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+    return rank, local, world, nodes == 1 or _is_loopback(env["MASTER_ADDR"])
+
+
+def _from_mpi(env: dict) -> tuple[int, int, int, bool]:
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise LauncherError("started by mpirun/mpiexec (PMI/OMPI variables set) but mpi4py is "
+                            "not installed: pip install mpi4py") from None
+    comm = MPI.COMM_WORLD
+    rank, world = comm.Get_rank(), comm.Get_size()
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank).Get_rank()
+    hosts = comm.allgather(socket.gethostname())
+    single = len(set(hosts)) == 1
+    if rank == 0:
+        addr = env.get("MASTER_ADDR") or ("127.0.0.1" if single else
+                                         socket.gethostbyname(socket.gethostname()))
+        port = env.get("MASTER_PORT") or str(free_port())
+        chosen = (addr, port)
+    else:
+        chosen = None
+    env["MASTER_ADDR"], env["MASTER_PORT"] = comm.bcast(chosen, root=0)
+    return rank, local, world, single
+
+
+def resolve(env: dict | None = None, local_rank_arg: int | None = None) -> tuple[str, int, int, int, bool]:
+    """Fill RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in `env` (default os.environ)
+    from whichever launcher started us. Returns (launcher, rank, local_rank, world_size, single_host)."""
+    env = os.environ if env is None else env
+    launcher = detect_launcher(env)
+    if launcher == "env":
+        rank, world = _int_env(env, "RANK"), _int_env(env, "WORLD_SIZE")
+        if "LOCAL_RANK" in env:
+            local = _int_env(env, "LOCAL_RANK")
+        elif local_rank_arg is not None and local_rank_arg >= 0:
+            local = local_rank_arg
+        else:
+            local = 0 if world == 1 else rank
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in env:
+            if world > 1:
+                raise LauncherError("RANK/WORLD_SIZE set but MASTER_PORT is not")
+            env["MASTER_PORT"] = str(free_port())
+        local_world = int(env.get("LOCAL_WORLD_SIZE", "0") or 0)
+        single = local_world == world or _is_loopback(env["MASTER_ADDR"])
+    elif launcher == "slurm":
+        rank, local, world, single = _from_slurm(env)
+    elif launcher == "mpi":
+        rank, local, world, single = _from_mpi(env)
+    else:
+        rank, local, world, single = 0, 0, 1, True
+        env["MASTER_ADDR"] = env.get("MASTER_ADDR", "127.0.0.1")
+        env["MASTER_PORT"] = env.get("MASTER_PORT") or str(free_port())
+    if not 0 <= rank < world:
+        raise LauncherError(f"rank {rank} is outside world size {world} (launcher {launcher})")
+    env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"] = str(rank), str(local), str(world)
+    return launcher, rank, local, world, single
+
+
+def setup(local_rank_arg: int | None = None, timeout_s: int = 1800) -> DistInfo:
+    """Resolve the launcher, then start the process group through DeepSpeed. Idempotent."""
+    global _INFO
+    if _INFO is not None:
+        return _INFO
+    launcher, rank, local, world, single = resolve(None, local_rank_arg)
+    if single:
+        # gloo picks the interface of the host name, which is not loopback here.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    import deepspeed  # late: importing it costs ~1 s and prints accelerator warnings
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               timeout=timedelta(seconds=timeout_s))
+    _INFO = DistInfo(rank, local, world, launcher, single, device, backend)
+    return _INFO
+
+
+def info() -> DistInfo:
+    if _INFO is None:
+        raise RuntimeError("s3rec.distributed.setup() has not been called")
+    return _INFO
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (a no-op at world size 1); returns the tensor."""
+    if get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    if get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def broadcast_object(obj, src: int = 0):
+    if get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def log_main(msg: str) -> None:
+    if is_main():
+        print(msg, file=sys.stderr, flush=True)
+
+
+def cleanup() -> None:
+    global _INFO
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _INFO = None

@@ -1,0 +1,206 @@
+"""Resumable checkpoints (DeepSpeed tags + our per-rank state), consolidation, --init loading.
+
+    RUN/checkpoints/
+      latest                   the tag to resume from (written last, atomically, by rank 0)
+      step-00001503/           a DeepSpeed tag: model + optimizer states (every ZeRO stage)
+        trainer_state.json     epoch, batch index within the epoch, global step, early stopping,
+                               epoch accumulators, world size, dataset (rank 0)
+        rng-rank00000.pt       python / numpy / torch (and CUDA) generator states of that rank
+      best/                    fine-tuning: the best validation epoch (never pruned)
+
+A tag is complete once `latest` names it: a process killed while saving leaves `latest` on the
+previous tag. The last `checkpoint.keep_last` step tags are kept.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from s3rec import distributed as dist
+
+LATEST = "latest"
+BEST = "best"
+STATE_FILE = "trainer_state.json"
+_STEP_TAG = re.compile(r"^step-(\d+)$")
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint that cannot be resumed here; the message names the file."""
+
+
+def step_tag(global_step: int) -> str:
+    return f"step-{global_step:08d}"
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def read_latest(root: Path) -> str | None:
+    f = Path(root) / LATEST
+    if not f.is_file():
+        return None
+    tag = f.read_text().strip()
+    if not tag or not (Path(root) / tag).is_dir():
+        raise ResumeError(f"{f} names tag {tag!r}, which is not a folder in {root}")
+    return tag
+
+
+def save(engine, root: Path, tag: str, state: dict, keep_last: int, make_latest: bool = True) -> None:
+    """Every rank calls this (DeepSpeed saves partitioned states per rank)."""
+    root = Path(root)
+    if make_latest:
+        # Re-saving the tag `latest` names (e.g. preempted right after a resume) would leave it
+        # half-written if killed meanwhile; the state is the saved one anyway.
+        same = dist.broadcast_object(read_latest(root) == tag if dist.is_main() else None)
+        if same:
+            return
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    tag_dir = root / tag
+    rank = dist.get_rank()
+    buf = _torch_bytes(rng_state())
+    write_atomic(tag_dir / f"rng-rank{rank:05d}.pt", buf)
+    if dist.is_main():
+        write_atomic(tag_dir / STATE_FILE, json.dumps(state, indent=1))
+    dist.barrier()
+    if dist.is_main() and make_latest:
+        write_atomic(root / LATEST, tag)
+        _prune(root, keep_last)
+    dist.barrier()
+
+
+def _torch_bytes(obj) -> bytes:
+    import io
+    b = io.BytesIO()
+    torch.save(obj, b)
+    return b.getvalue()
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    latest = read_latest(root)
+    tags = sorted((int(m.group(1)), p.name) for p in root.iterdir()
+                  if p.is_dir() and (m := _STEP_TAG.match(p.name)))
+    keep = {name for _, name in tags[-max(keep_last, 1):]} | {latest}
+    for _, name in tags:
+        if name not in keep:
+            shutil.rmtree(root / name, ignore_errors=True)
+
+
+def load(engine, root: Path, tag: str, world_size: int, module_only: bool = False) -> dict:
+    """Restore model (+ optimizer unless module_only) and this rank's RNG from `tag`;
+    returns the trainer state."""
+    root = Path(root)
+    tag_dir = root / tag
+    state_file = tag_dir / STATE_FILE
+    if not state_file.is_file():
+        raise ResumeError(f"{state_file} is missing: checkpoint tag {tag} is incomplete")
+    state = json.loads(state_file.read_text())
+    if state.get("world_size") != world_size and not module_only:
+        raise ResumeError(f"{state_file}: saved at world size {state.get('world_size')}, "
+                          f"resuming at {world_size}; start again with the same number of "
+                          f"processes (or fine-tune from it with --init)")
+    path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_only=module_only,
+                                     load_optimizer_states=not module_only,
+                                     load_lr_scheduler_states=not module_only)
+    if path is None:
+        raise ResumeError(f"DeepSpeed could not load checkpoint {tag_dir}")
+    if not module_only:
+        rng_file = tag_dir / f"rng-rank{dist.get_rank():05d}.pt"
+        if not rng_file.is_file():
+            raise ResumeError(f"{rng_file} is missing: checkpoint tag {tag} is incomplete")
+        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+    return state
+
+
+# ------------------------------------------------------------------ consolidated weights
+
+def _strip(sd: dict) -> dict:
+    """StageModule keys ('model.xxx') -> the model's own keys."""
+    return {k[len("model."):] if k.startswith("model.") else k: v for k, v in sd.items()}
+
+
+def full_state_dict(engine, precision: str, root: Path | None = None, tag: str | None = None):
+    """The whole model's state dict in fp32, on rank 0 (None on others). Every rank calls it.
+
+    fp32: the module's parameters (ZeRO-3: gathered from all ranks). bf16/fp16: the fp32 master
+    weights, consolidated from the just-saved checkpoint tag with DeepSpeed's zero_to_fp32."""
+    stage = engine.zero_optimization_stage()
+    if precision != "fp32":
+        if root is None or tag is None:
+            raise ValueError("full_state_dict: half precision needs the checkpoint (root, tag)")
+        dist.barrier()
+        sd = None
+        if dist.is_main():
+            sd = consolidate_folder(Path(root), tag)
+        dist.barrier()
+        return sd
+    if stage == 3:
+        sd = engine._zero3_consolidated_16bit_state_dict()   # collective; full dict on rank 0
+        return {k: v.float().clone() for k, v in _strip(sd).items()} if dist.is_main() else None
+    if not dist.is_main():
+        return None
+    return {k: v.detach().float().cpu().clone() for k, v in engine.module.model.state_dict().items()}
+
+
+def consolidate_folder(root: Path, tag: str | None = None) -> dict:
+    """fp32 model weights of a DeepSpeed checkpoint saved at any world size and ZeRO stage."""
+    root = Path(root)
+    tag = tag or read_latest(root)
+    if tag is None:
+        raise ResumeError(f"{root}: no '{LATEST}' file and no tag given")
+    tag_dir = root / tag
+    if list(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    else:   # ZeRO stage 0: rank 0 wrote the whole module
+        f = tag_dir / "mp_rank_00_model_states.pt"
+        if not f.is_file():
+            raise ResumeError(f"{tag_dir}: neither ZeRO optimizer states nor {f.name}")
+        sd = torch.load(f, map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() for k, v in _strip(dict(sd)).items()}
+
+
+def find_checkpoint_folder(path: Path) -> tuple[Path, str] | None:
+    """(root, tag) for a run folder, a checkpoints folder or a tag folder; None if not one."""
+    path = Path(path)
+    for root in (path / "checkpoints", path):
+        if (root / LATEST).is_file():
+            return root, read_latest(root)
+    if (path / STATE_FILE).is_file() or list(path.glob("*model_states.pt")):
+        return path.parent, path.name
+    return None

@@ -1,0 +1,149 @@
+"""The DeepSpeed config (derived from the typed Config) and the engine around a stage module.
+
+Layers, lowest first:
+  1. a DeepSpeed JSON named by `deepspeed.config_file` (or `--deepspeed_config`), if any. It may
+     choose `zero_optimization` (stage and tuning) and the precision sections (`bf16`, `fp16`);
+     the typed config is then updated to what the file says (so run.json records what ran).
+  2. the derived settings, always ours: batch sizes (train_batch_size = micro x accumulation x
+     world size, from cfg.<stage>.batch_size), the optimizer (plain Adam, as the reference:
+     `adam_w_mode: false`; `torch_adam` avoids DeepSpeed's C++ build), gradient clipping,
+     and the zero stage / precision of the typed config when the file does not set them.
+A file that sets a derived key (batch sizes, optimizer, scheduler) to anything else is an error
+naming the file and the config key to use instead.
+
+Precision on CPU: fp16 is refused (no CPU kernels); bf16 needs ZeRO stage >= 1, since at stage 0
+DeepSpeed keeps and accumulates the gradients in bf16 on CPU.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from s3rec.config import Config, ConfigError
+
+DERIVED_KEYS = {
+    "train_batch_size": "pretrain.batch_size / finetune.batch_size",
+    "train_micro_batch_size_per_gpu": "pretrain.batch_size / finetune.batch_size",
+    "gradient_accumulation_steps": "deepspeed.grad_accum",
+    "optimizer": "pretrain.lr / finetune.lr, adam_beta1/2, weight_decay, deepspeed.torch_adam",
+    "scheduler": "(none: the reference uses a constant learning rate)",
+    "gradient_clipping": "deepspeed.gradient_clipping",
+}
+
+
+class StageModule(nn.Module):
+    """What DeepSpeed wraps: the model plus a forward that runs any function of it.
+
+    Under ZeRO-3 parameters are gathered by hooks around each submodule's forward. The objectives
+    read tables directly (attribute_embeddings.weight, head matrices, item_embeddings.weight for
+    full ranking), outside any submodule forward; registering every parameter as an external
+    parameter of this module makes ZeRO-3 gather them for the whole of forward(fn, ...)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args):
+        return fn(self.model, *args)
+
+
+def micro_batch(global_batch: int, grad_accum: int, world_size: int, key: str) -> int:
+    if global_batch % (grad_accum * world_size):
+        raise ConfigError(
+            f"config key '{key}': global batch {global_batch} is not divisible by "
+            f"deepspeed.grad_accum ({grad_accum}) x world size ({world_size}); "
+            f"train_batch_size must equal micro batch x accumulation x world size")
+    return global_batch // (grad_accum * world_size)
+
+
+def _read_file(path: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config key 'deepspeed.config_file': {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"deepspeed config {path}: not valid JSON (line {e.lineno}): {e.msg}") \
+            from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"deepspeed config {path}: expected a JSON object")
+    return data
+
+
+def build_ds_config(cfg: Config, stage: str, world_size: int, device_type: str,
+                    log=lambda msg: None) -> dict:
+    """The full DeepSpeed config dict for `stage` (pretrain | finetune). Updates cfg.deepspeed's
+    zero_stage / precision when a config file sets them."""
+    st = getattr(cfg, stage)
+    ds = cfg.deepspeed
+    key = f"{stage}.batch_size"
+    micro = micro_batch(st.batch_size, ds.grad_accum, world_size, key)
+    base: dict = {}
+    if ds.config_file:
+        base = _read_file(ds.config_file)
+        zo = base.get("zero_optimization", {})
+        if "stage" in zo and zo["stage"] != ds.zero_stage:
+            log(f"deepspeed.zero_stage={zo['stage']} taken from {ds.config_file}")
+            ds.zero_stage = int(zo["stage"])
+        half = [p for p in ("bf16", "fp16") if base.get(p, {}).get("enabled")]
+        if len(half) > 1:
+            raise ConfigError(f"deepspeed config {ds.config_file}: bf16 and fp16 both enabled")
+        if ("bf16" in base or "fp16" in base):
+            prec = half[0] if half else "fp32"
+            if prec != ds.precision:
+                log(f"deepspeed.precision={prec} taken from {ds.config_file}")
+                ds.precision = prec
+    derived = {
+        "train_batch_size": st.batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": ds.grad_accum,
+        "optimizer": {"type": "Adam", "params": {
+            "lr": st.lr, "betas": [st.adam_beta1, st.adam_beta2], "eps": 1e-8,
+            "weight_decay": st.weight_decay, "adam_w_mode": False, "torch_adam": ds.torch_adam}},
+        "gradient_clipping": ds.gradient_clipping,
+    }
+    for k, v in derived.items():
+        if k in base and base[k] != v:
+            raise ConfigError(f"deepspeed config {ds.config_file}: '{k}' = {base[k]!r} conflicts "
+                              f"with the derived value {v!r}; set it with {DERIVED_KEYS[k]}")
+    if "scheduler" in base:
+        raise ConfigError(f"deepspeed config {ds.config_file}: 'scheduler' is not supported "
+                          f"(the reference uses a constant learning rate)")
+    if ds.precision == "fp16" and device_type == "cpu":
+        raise ConfigError("config key 'deepspeed.precision': fp16 needs a GPU (no CPU kernels); "
+                          "use bf16 (with deepspeed.zero_stage >= 1) or fp32")
+    if ds.precision == "bf16" and device_type == "cpu" and ds.zero_stage == 0:
+        raise ConfigError("config key 'deepspeed.precision': bf16 on CPU needs "
+                          "deepspeed.zero_stage >= 1 (at stage 0 gradients accumulate in bf16)")
+    out = copy.deepcopy(base)
+    out.update(derived)
+    zo = dict(out.get("zero_optimization", {}))
+    zo["stage"] = ds.zero_stage
+    out["zero_optimization"] = zo
+    out["bf16"] = {**out.get("bf16", {}), "enabled": ds.precision == "bf16"}
+    out["fp16"] = {**out.get("fp16", {}), "enabled": ds.precision == "fp16"}
+    out.setdefault("steps_per_print", 10 ** 9)      # DeepSpeed's own step logging: off
+    out.setdefault("wall_clock_breakdown", False)
+    # Our optimizer is torch's Adam (or DeepSpeed's Adam in Adam mode): tested with ZeRO, but
+    # DeepSpeed only trusts its own fused classes unless told.
+    out["zero_allow_untested_optimizer"] = True
+    return out
+
+
+def initialize(model: nn.Module, param_groups: list[dict], ds_config: dict):
+    """Wrap `model` in a StageModule and a DeepSpeed engine. Returns the engine."""
+    import deepspeed
+    module = StageModule(model)
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=param_groups,
+                                           config=ds_config)
+    if ds_config["zero_optimization"]["stage"] == 3:
+        for p in engine.module.model.parameters():
+            deepspeed.zero.register_external_parameter(engine.module, p)
+    return engine
+
+
+def dtype_of(precision: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

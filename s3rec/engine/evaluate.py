@@ -1,0 +1,52 @@
+"""Sharded evaluation: each rank ranks its own users, metric sums are all-reduced, so the result
+equals one process's exactly (sums of per-user values in float64; the per-user ranks do not
+depend on the sharding)."""
+from __future__ import annotations
+
+import torch
+
+from s3rec import distributed as dist
+from s3rec import metrics
+from s3rec.data.eval_views import EvalView, eval_batches, user_share
+
+
+def _ranks(model, batch, protocol: str) -> torch.Tensor:
+    """Runs inside StageModule.forward (ZeRO-3 gathers the item table). -> int64 [U]."""
+    last = model.encode(batch.items, batch.positions, causal=True)[:, -1]      # [U, d]
+    if protocol == "sampled":
+        cands = torch.cat([batch.answers[:, None], batch.negatives], dim=1)     # [U, 1 + K]
+        return metrics.sampled_ranks(model.finetune_scores(last, cands).float())
+    scores = model.full_scores(last).float()                                    # [U, item_size]
+    history = torch.zeros_like(scores, dtype=torch.bool)
+    h = batch.history_index
+    history[h[:, 0], h[:, 1]] = True
+    return metrics.full_ranks(scores, batch.answers, history)
+
+
+def evaluate(engine, view: EvalView, protocol: str, batch_size: int, device) -> dict[str, float]:
+    """Metrics of `view` under `protocol` (sampled | full); every rank calls it."""
+    info = dist.info()
+    rank, world = info.rank, info.world_size
+    ks, mrr = (metrics.SAMPLED_KS, True) if protocol == "sampled" else (metrics.FULL_KS, False)
+    batches = list(eval_batches(view, batch_size, rank, world))
+    # ZeRO-3 gathers parameters collectively in every forward: all ranks must run the same number
+    # of them. Shares differ by at most one user, so pad with repeats whose results are dropped.
+    most = max(-(-(e - s) // batch_size) for s, e in
+               (user_share(view.num_users, r, world) for r in range(world)))
+    engine.eval()
+    sums = None
+    with torch.no_grad():
+        for i in range(most):
+            if not batches:
+                break
+            b = batches[min(i, len(batches) - 1)].to(device)
+            ranks = engine(_ranks, b, protocol)
+            if i < len(batches):
+                s = metrics.metric_sums(ranks, ks, mrr)
+                sums = s if sums is None else metrics.add_sums(sums, s)
+    engine.train()
+    if sums is None:
+        sums = {k: 0.0 for k in metrics.metric_sums(torch.zeros(0), ks, mrr)}
+    keys = list(sums)
+    total = dist.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
+    return metrics.finalize(dict(zip(keys, total.tolist())))

@@ -1,0 +1,308 @@
+"""One training loop for both stages on a DeepSpeed engine (any world size, ZeRO stage, precision).
+
+Per-rank data: every step is one GLOBAL batch (cfg.<stage>.batch_size samples, identical on all
+ranks); the samplers hand each rank its slice, which is cut here into deepspeed.grad_accum
+micro-batches.
+
+Gradient scaling. DeepSpeed averages gradients over ranks and accumulation steps. The reference
+sums the pretraining losses over the batch (reduction "sum"), so each micro-batch's loss is
+multiplied by world_size x grad_accum: the gradient is then exactly the whole batch's sum at
+any world size. The fine-tuning loss is a mean over the batch's non-padding positions; its
+micro-batch mean is multiplied by (its positions / the global batch's positions) x world_size x
+grad_accum, the global count coming from one all-reduce of a scalar per step. Both make world
+size 2 follow world size 1 up to float summation order (reduction "mean" of pretraining is a
+mean of micro-batch means: close, not exact).
+
+No host syncs per step: losses are accumulated as tensors and reduced/read every
+logging.every_steps steps; the preemption flag is all-reduced every signals.CHECK_EVERY steps.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from s3rec import distributed as dist
+from s3rec.engine import checkpoint as ckpt
+from s3rec.engine import signals
+from s3rec.runlog import Events
+
+
+@dataclass
+class Task:
+    """What differs between pretraining and fine-tuning (built in s3rec/pretrain.py, finetune.py)."""
+    stage: str                                   # pretrain | finetune
+    epochs: int
+    num_batches: int                             # global batches per epoch
+    log_names: tuple                             # loss names: ("aap", ..., "total") | ("finetune",)
+    batches: Callable[[int, int], Iterator]      # (epoch, start_batch) -> this rank's CPU slices
+    count: Callable[[object], tuple]             # CPU batch -> (samples, tokens, denominator)
+    loss: Callable                               # (model, batch) -> (objective, [log tensors])
+    mean_loss: bool = False                      # objective is a mean over `denominator` units
+    evaluate: Callable[[str], dict] | None = None   # split -> metrics (all ranks call it)
+    select_metric: str | None = None             # early stopping metric (strict improvement)
+    patience: int = 0
+    on_epoch_end: Callable[[int, str], None] | None = None   # (epochs done, checkpoint tag)
+
+
+@dataclass
+class TrainerState:
+    epoch: int = 0                 # epochs finished
+    batch: int = 0                 # global batches finished within `epoch`
+    global_step: int = 0           # optimizer steps
+    best: float | None = None      # early stopping
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    best_valid: dict = field(default_factory=dict)
+    stopped: bool = False
+    epoch_acc: list = field(default_factory=list)   # global sums of the epoch so far
+    epoch_time: float = 0.0        # seconds of the epoch so far (before a restart)
+
+
+def split_rows(batch, parts: int) -> list:
+    """Cut a batch dataclass into `parts` row ranges (tensors whose first dim is B). The sparse
+    `attr_index` (flat position index into B*L, attribute) of a PretrainBatch is re-based."""
+    if parts == 1:
+        return [batch]
+    fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    ref = next(v for k, v in fields.items() if isinstance(v, torch.Tensor) and v.dim() == 2)
+    B, L = ref.shape
+    out = []
+    for i in range(parts):
+        lo, hi = B * i // parts, B * (i + 1) // parts
+        part = {}
+        for k, v in fields.items():
+            if k == "attr_index":
+                keep = (v[:, 0] >= lo * L) & (v[:, 0] < hi * L)
+                part[k] = v[keep] - torch.tensor([lo * L, 0], dtype=v.dtype)
+            elif isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == B:
+                part[k] = v[lo:hi]
+            else:
+                part[k] = v
+        out.append(type(batch)(**part))
+    return out
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # Linux: KiB
+
+
+class Trainer:
+    def __init__(self, engine, task: Task, run_dir: Path, cfg, precision: str,
+                 events_enabled: bool = True):
+        self.engine, self.task, self.cfg = engine, task, cfg
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.precision = precision
+        info = dist.info()
+        self.device, self.rank, self.world = info.device, info.rank, info.world_size
+        self.accum = cfg.deepspeed.grad_accum
+        self.n = len(task.log_names)
+        self.state = TrainerState()
+        self.resumed = False
+        self.events: Events | None = None
+        self.events_enabled = events_enabled
+
+    # ------------------------------------------------------------------ resume / save
+
+    def resume(self) -> bool:
+        tag = ckpt.read_latest(self.ckpt_dir) if self.ckpt_dir.is_dir() else None
+        tag = dist.broadcast_object(tag)
+        if tag is None:
+            return False
+        saved = ckpt.load(self.engine, self.ckpt_dir, tag, self.world)
+        self.state = TrainerState(**saved["trainer"])
+        self.resumed = True
+        dist.log_main(f"resumed from {self.ckpt_dir / tag}: epoch {self.state.epoch}, batch "
+                      f"{self.state.batch}, step {self.state.global_step}")
+        return True
+
+    def _state_dict(self, epoch_acc: torch.Tensor) -> dict:
+        acc = dist.all_reduce_sum(epoch_acc.detach().clone().double())
+        self.state.epoch_acc = acc.tolist()
+        return {"trainer": dataclasses.asdict(self.state), "world_size": self.world,
+                "stage": self.task.stage, "config": self.cfg.to_dict()}
+
+    def save(self, epoch_acc: torch.Tensor, tag: str | None = None) -> str:
+        tag = tag or ckpt.step_tag(self.state.global_step)
+        ckpt.save(self.engine, self.ckpt_dir, tag, self._state_dict(epoch_acc),
+                  self.cfg.checkpoint.keep_last, make_latest=tag != ckpt.BEST)
+        return tag
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> str:
+        """Train to the end (or early stop). Returns "done" or "preempted"."""
+        signals.install()
+        self.resume()
+        self.events = Events(self.run_dir, self.events_enabled and dist.is_main(),
+                             purge_step=self.state.global_step if self.resumed else None)
+        st = self.state
+        while st.epoch < self.task.epochs and not st.stopped:
+            if self._train_epoch() == "preempted":
+                return "preempted"
+        self.events.flush()
+        return "done"
+
+    def _new_acc(self) -> torch.Tensor:
+        # [losses..., samples, tokens, denominator] accumulated on the device, read rarely
+        return torch.zeros(self.n + 3, dtype=torch.float64, device=self.device)
+
+    def _train_epoch(self) -> str:
+        st, task, eng = self.state, self.task, self.engine
+        epoch_acc = self._new_acc()
+        if st.batch and st.epoch_acc and dist.is_main():
+            epoch_acc += torch.tensor(st.epoch_acc, dtype=torch.float64, device=self.device)
+        win_acc = self._new_acc()
+        win_t0, win_steps = time.perf_counter(), 0
+        t0 = time.perf_counter() - st.epoch_time
+        every = max(self.cfg.logging.every_steps, 1)
+        every_ckpt = self.cfg.checkpoint.every_steps
+        eng.train()
+        for batch in task.batches(st.epoch, st.batch):
+            micro = split_rows(batch, self.accum)
+            counts = [task.count(m) for m in micro]
+            global_denom = None
+            if task.mean_loss:
+                d = torch.tensor([float(sum(c[2] for c in counts))], dtype=torch.float64)
+                global_denom = float(dist.all_reduce_sum(d).item())
+            log_now = (st.global_step + 1) % every == 0
+            manual_norm = None
+            for i, (m, (ns, nt, den)) in enumerate(zip(micro, counts)):
+                m = m.to(self.device)
+                obj, logs = eng(task.loss, m)
+                scale = self.world * self.accum
+                if task.mean_loss:
+                    scale *= den / max(global_denom, 1.0)
+                eng.backward(obj * scale)
+                if log_now and i == len(micro) - 1 and eng.zero_optimization_stage() == 0:
+                    manual_norm = self._grad_norm()
+                eng.step()
+                w = (den if task.mean_loss else 1.0)
+                vals = torch.stack([l.detach().double() * w for l in logs])
+                win_acc[:self.n] += vals
+                win_acc[self.n:] += torch.tensor([ns, nt, den], dtype=torch.float64,
+                                                 device=self.device)
+            st.global_step += 1
+            st.batch += 1
+            win_steps += 1
+            if log_now:
+                epoch_acc += self._log_window(win_acc, time.perf_counter() - win_t0, manual_norm)
+                win_acc.zero_()
+                win_t0, win_steps = time.perf_counter(), 0
+            if every_ckpt and st.global_step % every_ckpt == 0 and st.batch < task.num_batches:
+                st.epoch_time = time.perf_counter() - t0
+                self.save(self._fold(epoch_acc, win_acc))
+            if st.global_step % signals.CHECK_EVERY == 0 and signals.should_stop(self.device):
+                return self._preempt(epoch_acc, win_acc, t0)
+        # epoch end
+        if win_steps:
+            epoch_acc += self._log_window(win_acc, time.perf_counter() - win_t0, None,
+                                          write=False)
+        epoch_time = time.perf_counter() - t0
+        done = st.epoch + 1
+        totals = self._global(epoch_acc)
+        per = totals[self.n + 2] if task.mean_loss else totals[self.n]
+        self.events.scalars({f"epoch/loss_{name}": totals[i] / max(per, 1.0)
+                             for i, name in enumerate(task.log_names)}, done)
+        self.events.scalar("perf/epoch_s", epoch_time, done)
+        self.events.scalar("perf/peak_rss_mb", peak_rss_mb(), done)
+        dist.log_main(f"[{task.stage}] epoch {done}/{task.epochs} "
+                      + " ".join(f"{name}={totals[i] / max(per, 1.0):.4f}"
+                                 for i, name in enumerate(task.log_names))
+                      + f" ({epoch_time:.1f} s)")
+        if task.evaluate is not None:
+            self._validate(done)
+        st.epoch, st.batch, st.epoch_time = done, 0, 0.0
+        zero = self._new_acc()
+        tag = self.save(zero)
+        if task.on_epoch_end is not None:
+            task.on_epoch_end(done, tag)
+        self.events.flush()
+        if signals.should_stop(self.device):
+            return self._preempt(zero, self._new_acc(), time.perf_counter(), saved=True)
+        return "ok"
+
+    def _fold(self, epoch_acc: torch.Tensor, win_acc: torch.Tensor) -> torch.Tensor:
+        """Epoch accumulator including the current, not yet logged window (local sums)."""
+        return epoch_acc + win_acc
+
+    def _global(self, acc: torch.Tensor) -> list:
+        return dist.all_reduce_sum(acc.detach().clone()).tolist()
+
+    def _preempt(self, epoch_acc, win_acc, t0, saved: bool = False) -> str:
+        st = self.state
+        if not saved:
+            st.epoch_time = time.perf_counter() - t0
+            self.save(self._fold(epoch_acc, win_acc))
+        dist.log_main(f"preempted ({signals.names()}): checkpoint saved at step "
+                      f"{st.global_step}; start the same command again to resume")
+        self.events.flush()
+        return "preempted"
+
+    def _grad_norm(self) -> float:
+        """Stage 0: DeepSpeed computes no norm unless clipping; the gradients are whole here."""
+        norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters()
+                 if p.grad is not None]
+        return float(torch.stack(norms).norm()) if norms else 0.0
+
+    def _log_window(self, win_acc: torch.Tensor, seconds: float, manual_norm,
+                    write: bool = True) -> torch.Tensor:
+        """Reduce the window's sums over ranks (one all-reduce), write the scalars; returns the
+        LOCAL window sums for the epoch accumulator."""
+        local = win_acc.clone()
+        if not write:
+            return local
+        g = self._global(win_acc)
+        per = g[self.n + 2] if self.task.mean_loss else g[self.n]
+        step = self.state.global_step
+        prefix = "loss/"
+        for i, name in enumerate(self.task.log_names):
+            self.events.scalar(prefix + name, g[i] / max(per, 1.0), step)
+        self.events.scalar("train/lr", self.engine.get_lr()[0], step)
+        norm = manual_norm if manual_norm is not None else self.engine.get_global_grad_norm()
+        if norm is not None:
+            norm = float(norm)
+            if math.isfinite(norm):
+                self.events.scalar("train/grad_norm", norm, step)
+        self.events.scalar("perf/samples_per_s", g[self.n] / max(seconds, 1e-9), step)
+        self.events.scalar("perf/tokens_per_s", g[self.n + 1] / max(seconds, 1e-9), step)
+        return local
+
+    # ------------------------------------------------------------------ validation
+
+    def _validate(self, done: int) -> None:
+        st, task = self.state, self.task
+        metrics = task.evaluate("valid")
+        self.events.scalars(metrics, done, prefix="valid/")
+        value = metrics[task.select_metric]
+        line = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+        if st.best is None or value > st.best:
+            st.best, st.best_epoch, st.bad_epochs, st.best_valid = value, done, 0, metrics
+            self.save(self._new_acc(), tag=ckpt.BEST)
+            dist.log_main(f"[valid] epoch {done}: {line} (best)")
+        else:
+            st.bad_epochs += 1
+            dist.log_main(f"[valid] epoch {done}: {line} (no improvement {st.bad_epochs}/"
+                          f"{task.patience})")
+            if st.bad_epochs >= task.patience:
+                st.stopped = True
+                dist.log_main(f"early stop: no strict improvement of {task.select_metric} for "
+                              f"{task.patience} epochs; best epoch {st.best_epoch}")
+
+    def load_best(self) -> bool:
+        if (self.ckpt_dir / ckpt.BEST).is_dir():
+            ckpt.load(self.engine, self.ckpt_dir, ckpt.BEST, self.world, module_only=True)
+            return True
+        return False
+
+    def close(self) -> None:
+        if self.events is not None:
+            self.events.close()

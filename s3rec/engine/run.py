@@ -1,0 +1,135 @@
+"""The shared body of `s3rec-pretrain` and `s3rec-finetune`: arguments, distributed set-up, the
+dataset, the model on a DeepSpeed engine, run.json bookkeeping and error reporting.
+
+Exit status: 0 done (or preempted after a checkpoint; run.json says which), 2 a user error
+(config, dataset, --init, checkpoint; one line naming the key or file), 1 anything else."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from s3rec import distributed as dist
+from s3rec.config import Config, ConfigError, load_config
+from s3rec.data.format import DatasetError
+from s3rec.engine import checkpoint as ckpt
+from s3rec.engine.deepspeed_setup import build_ds_config, initialize
+from s3rec.runlog import RunJson, error_line
+
+USER_ERRORS = (ConfigError, DatasetError, ckpt.ResumeError, dist.LauncherError)
+
+
+def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--data", required=True, help="dataset folder (s3rec-prep output)")
+    p.add_argument("--out", required=True, help="run folder; started again, the run resumes")
+    p.add_argument("--config", default=None, help="YAML config (defaults < file < key=value)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1,
+                   help="passed by the deepspeed launcher")
+    p.add_argument("--deepspeed", action="store_true",
+                   help="accepted for DeepSpeed compatibility (always on)")
+    p.add_argument("--deepspeed_config", "--deepspeed-config", default=None,
+                   help="a DeepSpeed JSON; same as deepspeed.config_file=...")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides by dotted path, e.g. pretrain.epochs=2")
+    return p
+
+
+def load_cfg(args) -> Config:
+    cfg = load_config(args.config, args.overrides)
+    if args.deepspeed_config:
+        cfg.deepspeed.config_file = args.deepspeed_config
+    return cfg
+
+
+def dataset_info(ds) -> dict:
+    return {"name": ds.name, "num_users": ds.num_users, "num_items": ds.num_items,
+            "num_attributes": ds.num_attributes}
+
+
+@dataclass
+class Setup:
+    cfg: Config
+    info: dist.DistInfo
+    run_dir: Path
+    ds: object
+    runjson: RunJson
+
+
+def start(stage: str, args, protocol: str | None) -> Setup:
+    """Config, process group, dataset, run.json. Raises USER_ERRORS for bad input."""
+    cfg = load_cfg(args)
+    info = dist.setup(args.local_rank)
+    from s3rec.data.reader import Dataset
+    ds = Dataset(args.data)
+    run_dir = Path(args.out)
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    runjson = RunJson(run_dir, dist.is_main(), stage=stage, config=cfg.to_dict(),
+                      data=str(Path(args.data).resolve()), dataset=dataset_info(ds),
+                      protocol=protocol, seed=cfg.seed, world_size=info.world_size,
+                      launcher=info.launcher)
+    return Setup(cfg, info, run_dir, ds, runjson)
+
+
+def make_engine(s: Setup, stage: str, model, groups):
+    ds_config = build_ds_config(s.cfg, stage, s.info.world_size, s.info.device.type,
+                                log=dist.log_main)
+    model.to(s.info.device)
+    engine = initialize(model, groups, ds_config)
+    # the effective zero stage / precision (a config file may have chosen them)
+    s.runjson.update(config=s.cfg.to_dict(), deepspeed_config=ds_config)
+    return engine
+
+
+def hparams(s: Setup, stage: str) -> dict:
+    cfg = s.cfg
+    return {"stage": stage, "variant": cfg.variant,
+            "rank": cfg.model.head_rank if cfg.variant == "s3rec-lowrank" else 0,
+            "seed": cfg.seed, "dataset": s.ds.name, "world_size": s.info.world_size,
+            "zero_stage": cfg.deepspeed.zero_stage, "precision": cfg.deepspeed.precision}
+
+
+def guarded(prog: str, body, argv) -> int:
+    """Run `body(argv) -> status` with run.json/exit-status bookkeeping."""
+    holder: dict = {}
+    try:
+        status = body(argv, holder)
+        return 0 if status in ("done", "preempted") else 1
+    except USER_ERRORS as e:
+        _fail(holder, e)
+        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except Exception as e:
+        from s3rec.model import CheckpointError
+        _fail(holder, e)
+        if isinstance(e, CheckpointError):
+            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+            return 2
+        raise
+    finally:
+        trainer = holder.get("trainer")
+        if trainer is not None:
+            trainer.close()
+
+
+def _fail(holder: dict, e: BaseException) -> None:
+    rj = holder.get("runjson")
+    if rj is not None:
+        rj.finish("failed", error_line(e))
+
+
+def exit_with(code: int) -> None:
+    """Leave without waiting for DeepSpeed/gloo teardown races at interpreter exit."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        dist.cleanup()
+    except Exception:
+        pass
+    os._exit(code)

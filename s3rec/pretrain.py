@@ -1,0 +1,103 @@
+"""s3rec-pretrain --data DATASET --out RUN [--config YAML] [key=value ...]
+
+Self-supervised pretraining (AAP, MIP, MAP, SP; weights pretrain.weights.*, 0 skips one) on
+DeepSpeed, under any launcher (deepspeed, torchrun, srun, mpirun, or none). Writes RUN/final.pt
+(and RUN/epoch-N.pt for N in pretrain.save_epochs): what `s3rec-finetune --init` accepts.
+Started again with the same --out, it resumes from RUN/checkpoints/latest.
+"""
+from __future__ import annotations
+
+import sys
+
+from s3rec import distributed as dist
+from s3rec.config import OBJECTIVES, ConfigError
+from s3rec.engine import checkpoint as ckpt
+from s3rec.engine import run
+from s3rec.engine.loop import Task, Trainer
+
+PROG = "s3rec-pretrain"
+LOSS_NAMES = (*OBJECTIVES, "total")
+
+
+def get_args_parser():
+    return run.base_parser(PROG, __doc__.split("\n\n")[1])
+
+
+def _body(argv, holder) -> str:
+    from s3rec.data.pretrain_samples import PretrainSampler
+    from s3rec.model import build_model, param_groups, save_model_file
+    from s3rec.objectives import pretrain_losses
+
+    args = get_args_parser().parse_args(argv)
+    cfg = run.load_cfg(args)
+    if cfg.variant == "finetune-only":
+        raise ConfigError("config key 'variant': finetune-only has no pretraining stage; run "
+                          "s3rec-finetune without --init instead")
+    p = cfg.pretrain
+    if all(getattr(p.weights, o) == 0 for o in OBJECTIVES):
+        raise ConfigError("config keys 'pretrain.weights.*': all four are 0, nothing to train")
+    s = run.start("pretrain", args, protocol=None)
+    holder["runjson"] = s.runjson
+    cfg, info, ds = s.cfg, s.info, s.ds
+
+    items, offsets = ds.load_sequences()
+    attr_values, attr_offsets = ds.item_attributes()
+    sampler = PretrainSampler(items, offsets, attr_values, attr_offsets, ds.num_items,
+                              cfg.model.max_seq_length, p.mask_prob)
+    ckpt.seed_everything(cfg.seed)              # the same initial model on every rank
+    model = build_model(cfg, ds.item_size, ds.attribute_size)
+    ckpt.seed_everything(cfg.seed + 1000003 * info.rank)   # per-rank dropout streams
+    s.runjson.update(params=model.param_counts())
+    engine = run.make_engine(s, "pretrain", model, param_groups(model, cfg, p.weight_decay))
+    precision = cfg.deepspeed.precision
+    weights, info_ds = p.weights, run.dataset_info(ds)
+
+    def loss(m, b):
+        out = pretrain_losses(m, b, weights, p.reduction, p.pair_form)
+        return out["total"], [out[n] for n in LOSS_NAMES]
+
+    def count(b):
+        n = b.masked_items.shape[0]
+        return n, int((b.original_items > 0).sum()), n
+
+    def save_weights(name: str, tag: str) -> None:
+        sd = ckpt.full_state_dict(engine, precision, trainer.ckpt_dir, tag)
+        if dist.is_main():
+            save_model_file(s.run_dir / name, sd, cfg, info_ds)
+        dist.barrier()
+
+    def on_epoch_end(done: int, tag: str) -> None:
+        s.runjson.update(epoch=done)
+        if done in p.save_epochs:
+            save_weights(f"epoch-{done}.pt", tag)
+
+    task = Task(stage="pretrain", epochs=p.epochs, num_batches=sampler.num_batches(p.batch_size),
+                log_names=LOSS_NAMES, count=count, loss=loss, on_epoch_end=on_epoch_end,
+                batches=lambda epoch, start: sampler.batches(
+                    cfg.seed, epoch, p.batch_size, cfg.data.bucket_by_length,
+                    cfg.data.bucket_size, info.rank, info.world_size, start))
+    trainer = Trainer(engine, task, s.run_dir, cfg, precision, cfg.logging.tensorboard)
+    holder["trainer"] = trainer
+    status = trainer.fit()
+    s.runjson.update(epoch=trainer.state.epoch)
+    if status == "preempted":
+        s.runjson.finish("preempted")
+        return status
+    tag = ckpt.read_latest(trainer.ckpt_dir) if dist.is_main() else None
+    tag = dist.broadcast_object(tag)
+    if tag is None:          # pretrain.epochs=0: save the initial weights
+        tag = trainer.save(trainer._new_acc())
+    save_weights("final.pt", tag)
+    trainer.events.hparams(run.hparams(s, "pretrain"),
+                           [f"epoch/loss_{n}" for n in LOSS_NAMES])
+    s.runjson.finish("done")
+    dist.log_main(f"pretraining done: {s.run_dir / 'final.pt'}")
+    return status
+
+
+def main(argv=None) -> int:
+    return run.guarded(PROG, _body, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""What a run writes for people and tools (rank 0 only): TensorBoard events, run.json,
+results.json. Formats: docs/architecture.md and shared notes interface.md.
+
+Events go straight into RUN/ (no subfolders: an EventAccumulator on RUN sees every tag).
+A resumed run opens its writer with purge_step = the resumed global step, so the curves continue
+without duplicates. HParams (exp, session start, session end) are written into the same event
+file with the plugin's summary functions (add_hparams would make a subfolder).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+RUN_JSON = "run.json"
+RESULTS_JSON = "results.json"
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def git_revision() -> str | None:
+    """The source checkout's commit (with '+dirty' if it has changes), None outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=10)
+        if rev.returncode:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, capture_output=True, text=True, timeout=10)
+        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class RunJson:
+    """RUN/run.json, rewritten atomically on every change."""
+
+    def __init__(self, run_dir: Path, enabled: bool, **fields):
+        self.path = Path(run_dir) / RUN_JSON
+        self.enabled = enabled
+        old = {}
+        if enabled and self.path.is_file():
+            try:
+                old = json.loads(self.path.read_text())
+            except json.JSONDecodeError:
+                old = {}
+        self.data = {"stage": None, "status": "running", "error": None, "config": None,
+                     "git": git_revision() if enabled else None, "data": None, "dataset": None,
+                     "protocol": None, "seed": None, "world_size": None, "params": None,
+                     "epoch": old.get("epoch", 0), "started": old.get("started", now_iso()),
+                     "finished": None, "starts": old.get("starts", 0) + 1}
+        self.data.update(fields)
+        self.write()
+
+    def update(self, **fields) -> None:
+        self.data.update(fields)
+        self.write()
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        self.data.update(status=status, error=error,
+                         finished=now_iso() if status in ("done", "failed") else None)
+        self.write()
+
+    def write(self) -> None:
+        if self.enabled:
+            write_json_atomic(self.path, self.data)
+
+
+def error_line(exc: BaseException) -> str:
+    last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+    where = f" (at {Path(last[0].filename).name}:{last[0].lineno})" if last else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+class Events:
+    """TensorBoard scalars in RUN/ (rank 0; a no-op elsewhere or when disabled)."""
+
+    def __init__(self, run_dir: Path, enabled: bool, purge_step: int | None = None):
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(run_dir), purge_step=purge_step or None)
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(tag, float(value), step)
+
+    def scalars(self, values: dict, step: int, prefix: str = "") -> None:
+        for k, v in values.items():
+            self.scalar(prefix + k, v, step)
+
+    def hparams(self, hparams: dict, metric_tags: list[str]) -> None:
+        """HParams plugin summaries in this writer's own event file."""
+        if self.writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams as hp_summary
+        clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                 for k, v in hparams.items()}
+        exp, ssi, sei = hp_summary(clean, {t: 0.0 for t in metric_tags})
+        fw = self.writer.file_writer
+        for s in (exp, ssi, sei):
+            fw.add_summary(s)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
