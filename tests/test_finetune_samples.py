@@ -153,3 +153,11 @@ def test_eval_view_errors_name_the_problem(data):
         EvalView(items, offsets, n, "train")
     with pytest.raises(ValueError, match="negatives must be"):
         EvalView(items, offsets, n, "test", np.zeros((3, 99)))
+
+
+def test_engine_micro_batches_are_the_rank_slices(sampler):
+    from s3rec.engine.loop import split_rows
+    g = next(sampler.batches(1, 0, 40))
+    shards = [next(sampler.batches(1, 0, 40, rank=r, world_size=2)) for r in range(2)]
+    for m, s in zip(split_rows(g, 2), shards):
+        assert all(torch.equal(getattr(m, f), getattr(s, f)) for f in FIELDS)

@@ -235,7 +235,11 @@ def test_bad_input_is_named():
         PretrainSampler(items, offsets, av, ao[:n], n)
     s = PretrainSampler(items, offsets, av, ao, n)
     with pytest.raises(ValueError, match="divisible"):
-        next(s.batches(0, 0, 10, rank=0, world_size=3))
+        s.batches(0, 0, 10, rank=0, world_size=3)
+    with pytest.raises(ValueError, match="start_batch"):
+        s.batches(0, 0, 10, start_batch=s.num_batches(10) + 1)
+    with pytest.raises(ValueError, match="seed and epoch must be >= 0"):
+        s.batches(-1, 0, 10)
     with pytest.raises(ValueError, match="contains all 3 items"):
         PretrainSampler(np.array([1, 2, 3, 1, 2], np.int32), np.array([0, 5]), av, ao, 3)
 
@@ -342,16 +346,35 @@ def test_negative_segment_start_matches_the_original():
 
 # ------------------------------------------------------------------ the real Beauty file
 
-def test_beauty_sample_count():
-    path = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "Beauty" / "Beauty.txt"
+def release_sequences(name):
+    """Parse <name>.txt of ../shared/data with numpy (the HDF5 reader is not needed here)."""
+    path = Path(__file__).resolve().parents[1].parent / "shared" / "data" / name / f"{name}.txt"
     if not path.exists():
         pytest.skip(f"{path} not present")
-    lens = np.array([len(line.split()) - 1 for line in path.read_text().splitlines()])
-    items = np.concatenate([np.array(line.split()[1:], dtype=np.int32)
-                            for line in path.read_text().splitlines()])
+    lines = path.read_text().splitlines()
+    lens = np.array([len(line.split()) - 1 for line in lines])
+    items = np.concatenate([np.array(line.split()[1:], dtype=np.int32) for line in lines])
     offsets = np.zeros(len(lens) + 1, dtype=np.int64)
     np.cumsum(lens, out=offsets[1:])
+    return items, offsets
+
+
+@pytest.mark.parametrize("name,users,samples", [("Beauty", 22363, 150258), ("LastFM", 1090, 25726)])
+def test_release_sample_counts(name, users, samples):
+    items, offsets = release_sequences(name)
     n = int(items.max())
     s = PretrainSampler(items, offsets, np.zeros(0, np.int32), np.zeros(n + 3, np.int64), n)
-    assert len(lens) == 22363 and s.num_samples == 150258
-    assert s.num_batches(100) == 1503
+    assert len(offsets) - 1 == users and s.num_samples == samples
+    assert s.num_batches(100) == -(-samples // 100)
+
+
+def test_engine_micro_batches_are_the_rank_slices(sampler):
+    """The engine's accumulation micro-batches (engine.loop.split_rows) of world 1 == the rank
+    slices of world 2 (and 4): the same global batches whatever the world size x accumulation."""
+    from s3rec.engine.loop import split_rows as split_batch
+    g = next(sampler.batches(1, 0, 40))
+    for parts in (2, 4):
+        shards = [next(sampler.batches(1, 0, 40, rank=r, world_size=parts)) for r in range(parts)]
+        for m, s in zip(split_batch(g, parts), shards):
+            for f in FIELDS + ("attr_index",):
+                assert torch.equal(getattr(m, f), getattr(s, f)), f

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from s3rec.data.pretrain_samples import check_csr, left_padded
+from s3rec.data.reader import user_share  # noqa: F401  (re-exported: the one definition)
 
 SPLITS = {"valid": 2, "test": 1}     # how many items the input leaves off the end
 
@@ -36,14 +37,6 @@ class EvalBatch:
         return EvalBatch(**{f.name: None if getattr(self, f.name) is None else
                             getattr(self, f.name).to(device, non_blocking=True)
                             for f in dataclasses.fields(self)})
-
-
-def user_share(num_users: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Rank `rank`'s users [start, end): contiguous, disjoint, complete, sizes differ by <= 1
-    (the same rule as the contract's reader.user_share)."""
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} not in 0..world_size-1 (world_size={world_size})")
-    return num_users * rank // world_size, num_users * (rank + 1) // world_size
 
 
 class EvalView:

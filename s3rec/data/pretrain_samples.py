@@ -75,6 +75,8 @@ def rank_slice(b: int, rank: int, world_size: int) -> slice:
 
 
 def check_rank(batch_size: int, rank: int, world_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} not in 0..world_size-1 (world_size={world_size})")
     if batch_size % world_size:
@@ -104,6 +106,11 @@ def draw_excluding(rng: np.random.Generator, num_items: int, size: int,
         todo = todo[bad]
         cand[todo] = rng.integers(1, num_items + 1, size=todo.size, dtype=np.int64)
     return cand
+
+
+def check_start(start_batch: int, num_batches: int) -> None:
+    if not 0 <= start_batch <= num_batches:
+        raise ValueError(f"start_batch {start_batch} not in 0..{num_batches} (batches per epoch)")
 
 
 def check_csr(items: np.ndarray, offsets: np.ndarray, num_items: int, what: str) -> None:
@@ -221,8 +228,12 @@ class PretrainSampler:
         The global batches (which samples, and every random draw in them) depend on (seed, epoch,
         batch index) only, so any world size and any resume point see the same ones."""
         check_rank(batch_size, rank, world_size)
+        check_start(start_batch, self.num_batches(batch_size))
         order, batch_ids = epoch_order(self.sample_length, make_rng(seed, TAG_PRETRAIN, epoch, _ORDER),
                                        batch_size, bucket_by_length, bucket_size)
+        return self._iter(order, batch_ids, seed, epoch, batch_size, rank, world_size, start_batch)
+
+    def _iter(self, order, batch_ids, seed, epoch, batch_size, rank, world_size, start_batch):
         for k in range(start_batch, len(batch_ids)):
             b = batch_ids[k]
             ids = order[b * batch_size:(b + 1) * batch_size]
