@@ -1,0 +1,104 @@
+"""s3rec-prep amazon: the S3Rec preprocessing of raw Amazon 2014 dumps on a hand-checked fixture."""
+import numpy as np
+import pytest
+
+from data_prep.cli import main
+from data_prep.fixtures import write_amazon
+from s3rec.data.reader import Dataset
+
+
+def review(user, item, t, overall=5.0):
+    return {"reviewerID": user, "asin": item, "unixReviewTime": t, "overall": overall,
+            "reviewText": "fine"}
+
+
+def fixture_reviews():
+    r = [review("u1", "p3", 30), review("u1", "p1", 10), review("u1", "p2", 20),
+         review("u1", "p5", 20), review("u1", "p4", 5), review("u1", "q", 40)]
+    for u in ("u2", "u3", "u4", "u5"):
+        r += [review(u, p, t) for t, p in enumerate(["p1", "p2", "p3", "p4", "p5"], 1)]
+    r += [review(u, "q", 100) for u in ("u2", "u3", "u4")]
+    # u6 has 5 reviews, one of r1 (4 reviews in all): r1 goes, then u6 (4 left), then q (4 left)
+    r += [review("u6", i, t) for t, i in enumerate(["q", "r1", "p1", "p2", "p3"])]
+    r += [review(u, "r1", 1) for u in ("u7", "u8", "u9")]
+    # u10's fifth review has rating 0, which the original drops: u10 then has 4 and goes
+    r += [review("u10", p, 1) for p in ("p1", "p2", "p3", "p4")] + [review("u10", "p5", 2, 0.0)]
+    return r
+
+
+META = [
+    {"asin": "p3", "categories": [["Beauty", "Skin", "Face"]], "brand": "Acme", "title": "it's"},
+    {"asin": "q", "categories": [["Beauty", "Gone"]]},
+    {"asin": "p1", "categories": [["Beauty", "Hair"], ["Beauty", "Skin"]]},
+    {"asin": "p2", "categories": [["Beauty"]], "brand": ""},
+    {"asin": "p4", "categories": [["Beauty", "Skin"], ["Beauty", "Skin"]], "brand": "Acme"},
+    {"asin": "p5", "categories": [["Beauty", "Nails"]], "price": 3.5},
+    {"asin": "r1", "categories": [["Beauty", "Other"]]},
+]
+
+
+def test_too_few_items_for_negatives(tmp_path, capsys):
+    reviews, meta = write_amazon(tmp_path / "raw", "Toy", fixture_reviews(), META)
+    out = tmp_path / "ds"
+    assert main(["amazon", "--reviews", str(reviews), "--meta", str(meta), "--out", str(out)]) == 1
+    assert "only 5 distinct items" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def big_fixture():
+    """The hand-checked users above plus 250 filler items, each reviewed by 5 of 10 filler users,
+    so that 99 negatives exist; filler reviews come after the checked ones in the file."""
+    reviews, meta = fixture_reviews(), list(META)
+    for k in range(250):
+        for j in range(5):
+            reviews.append(review(f"f{(k + j) % 10}", f"x{k:03d}", 1000 + k))
+        meta.append({"asin": f"x{k:03d}", "categories": [["Beauty", f"C{k % 3}"]]})
+    return reviews, meta
+
+
+def test_amazon_kcore_order_ids_and_attributes(tmp_path):
+    reviews, meta = write_amazon(tmp_path / "raw", "Toy", *big_fixture())
+    out = tmp_path / "ds"
+    assert main(["amazon", "--reviews", str(reviews), "--meta", str(meta), "--out", str(out)]) == 0
+    ds = Dataset(out)
+    assert ds.name == "Toy"
+    # users u1..u5 then f0..f4 (u6..u10 removed); items by first appearance: p4 p1 p2 p5 p3 x...
+    assert ds.num_users == 15 and ds.num_items == 255
+    items, offsets = ds.load_sequences(0, 5)
+    seqs = [items[offsets[k]:offsets[k + 1]].tolist() for k in range(5)]
+    assert seqs[0] == [1, 2, 3, 4, 5]           # u1 sorted by time, tie p2/p5 kept in file order
+    assert seqs[1:] == [[2, 3, 5, 1, 4]] * 4    # q removed after u6 left (a 3-pass cascade)
+    assert sorted(set(ds.load_sequences(5, 15)[0].tolist())) == list(range(6, 256))
+    assert ds.manifest["shards"][0]["user_end"] == 15
+    values, aoff = ds.item_attributes()
+    attrs = [values[aoff[i]:aoff[i + 1]].tolist() for i in range(1, 6)]
+    # attribute ids in meta-file order: Acme=1 Skin=2 Face=3 (p3), Hair=4 (p1), ''=5 (p2), Nails=6
+    assert attrs == [[1, 2, 2], [4, 2], [5], [6], [1, 2, 3]]
+    assert ds.num_attributes == 9               # + C0 C1 C2 of the filler
+    assert ds.num_interactions == 5 * 5 + 5 * 250
+
+
+@pytest.mark.parametrize("where,line,message", [
+    ("reviews", '{"reviewerID": "u1", "asin": "p1"}\n', "reviews_Toy_5.json.gz:3: malformed review"),
+    ("meta", "{'asin': 'p1', 'categories': [['Beauty'\n", "meta_Toy.json.gz:3: malformed meta record"),
+])
+def test_amazon_malformed_lines(tmp_path, capsys, where, line, message):
+    import gzip
+    reviews, meta = write_amazon(tmp_path / "raw", "Toy", *big_fixture())
+    path = reviews if where == "reviews" else meta
+    lines = gzip.open(path, "rt").readlines()
+    lines.insert(2, line)
+    with gzip.open(path, "wt") as f:
+        f.writelines(lines)
+    out = tmp_path / "ds"
+    assert main(["amazon", "--reviews", str(reviews), "--meta", str(meta), "--out", str(out)]) == 1
+    assert message in capsys.readouterr().err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["raw"]
+
+
+def test_amazon_item_without_meta(tmp_path, capsys):
+    r, m = big_fixture()
+    reviews, meta = write_amazon(tmp_path / "raw", "Toy", r, [x for x in m if x["asin"] != "p5"])
+    assert main(["amazon", "--reviews", str(reviews), "--meta", str(meta),
+                 "--out", str(tmp_path / "ds")]) == 1
+    assert "meta_Toy.json.gz: item p5 has no meta record" in capsys.readouterr().err
