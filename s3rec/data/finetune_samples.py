@@ -19,7 +19,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from s3rec.data.pretrain_samples import (TAG_FINETUNE, check_csr, check_rank, draw_excluding,
+from s3rec.data.pretrain_samples import (TAG_FINETUNE, check_csr, check_rank, check_start,
+                                         draw_excluding,
                                          epoch_order, left_padded, make_rng, rank_slice)
 
 _ORDER, _NEG = 0, 1
@@ -86,8 +87,12 @@ class FinetuneSampler:
         """This rank's share of each global batch of users, from global batch `start_batch`.
         Default: plain shuffled batches, as the original's RandomSampler."""
         check_rank(batch_size, rank, world_size)
+        check_start(start_batch, self.num_batches(batch_size))
         order, batch_ids = epoch_order(self.length, make_rng(seed, TAG_FINETUNE, epoch, _ORDER),
                                        batch_size, bucket_by_length, bucket_size)
+        return self._iter(order, batch_ids, seed, epoch, batch_size, rank, world_size, start_batch)
+
+    def _iter(self, order, batch_ids, seed, epoch, batch_size, rank, world_size, start_batch):
         for k in range(start_batch, len(batch_ids)):
             b = batch_ids[k]
             ids = order[b * batch_size:(b + 1) * batch_size]
