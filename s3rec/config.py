@@ -82,6 +82,8 @@ class PretrainConfig:
     mask_prob: float = 0.2           # (float) MIP/MAP masking probability (the last item is always masked)
     weights: ObjectiveWeights = field(default_factory=ObjectiveWeights)
     reduction: str = "sum"           # (str) sum (original) | mean over the positions that count
+    sp_negatives: str = "full"       # (str) SP negative segments from: full (original: every
+                                     #   user's whole sequence, test items included) | train (seq[:-2])
     pair_form: str = "original"      # (str) original: -log sigmoid(sigmoid(a) - sigmoid(b));
                                      #   logits: BCE on logits (a positive, b negative)
     save_epochs: list = field(default_factory=lambda: [10, 30, 50, 100, 150])
@@ -250,6 +252,9 @@ def validate(cfg: Config) -> None:
     if p.pair_form not in ("original", "logits"):
         raise ConfigError(f"config key 'pretrain.pair_form': expected original|logits, "
                           f"got {p.pair_form!r}")
+    if p.sp_negatives not in ("full", "train"):
+        raise ConfigError(f"config key 'pretrain.sp_negatives': expected full|train, "
+                          f"got {p.sp_negatives!r}")
     if not 0.0 <= p.mask_prob <= 1.0:
         raise ConfigError(f"config key 'pretrain.mask_prob': expected 0..1, got {p.mask_prob}")
     for o in OBJECTIVES:

@@ -12,8 +12,9 @@ Each shard (HDF5, datasets chunked and gzip-compressed):
     /seq/offsets    int64 [num_users_in_shard + 1]      user u's items: items[offsets[u]:offsets[u+1]]
     /seq/user_ids   int64 [num_users_in_shard]          the user ids of the source (release: line's id)
     /attr/values    int32 [num_item_attribute_pairs]    item attributes as CSR over item ids
-    /attr/offsets   int64 [num_items + 2]               item i's attributes: values[offsets[i]:offsets[i+1]]
-                                                       (row 0 = padding, empty; the last row, mask_id, empty)
+    /attr/offsets   int64 [num_items + 3]               item i's attributes: values[offsets[i]:offsets[i+1]]
+                                                       for i in 0..mask_id (row 0 = padding and the
+                                                       last row, mask_id, are empty)
     /negatives      int32 [num_users_in_shard, 99]      sampled-evaluation negatives per user
 
     attrs: format_version, num_users (whole dataset), num_items (= max item id),
