@@ -141,9 +141,9 @@ def params_vs_metric(runs: list[Run], out: Path) -> tuple[list[Figure], list[str
     figs, notes = [], []
     for (dataset, protocol), fts in _done_finetunes(runs).items():
         arms = _by_arm([r for r in fts if r.pretrain_params.get("total")])
-        if not arms:
-            notes.append(f"parameters against metric ({dataset}, {protocol}): no parameter "
-                         f"counts in run.json")
+        if len(arms) < 2:
+            notes.append(f"parameters against metric ({dataset}, {protocol}): fewer than two "
+                         f"arms with parameter counts in run.json")
             continue
         m = _headline(fts)[0]
         colors = _colors(arms)

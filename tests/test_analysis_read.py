@@ -112,3 +112,20 @@ def test_path_and_run_json_disagreeing_is_an_error_naming_the_file(tmp_path, fab
     (dst / "run.json").write_text("{not json")
     with pytest.raises(RunFolderError, match="run.json: not valid JSON"):
         read_runs(tmp_path)
+
+
+def test_a_resumed_run_reads_without_the_purged_steps(tmp_path):
+    """The engine reopens its writer with purge_step on resume; the steps logged after the last
+    checkpoint by the killed process must not appear twice."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from analysis.read_runs import read_scalars
+    with SummaryWriter(str(tmp_path)) as tb:          # first start, killed after step 9
+        for step in range(10):
+            tb.add_scalar("loss/total", 100.0 + step, step)
+    with SummaryWriter(str(tmp_path), purge_step=6) as tb:   # resumed from step 6
+        for step in range(6, 12):
+            tb.add_scalar("loss/total", 200.0 + step, step)
+    pts = read_scalars(tmp_path)["loss/total"]
+    assert [p[0] for p in pts] == list(range(12))
+    assert [p[1] for p in pts] == [100.0 + s for s in range(6)] + [200.0 + s for s in range(6, 12)]
