@@ -1,0 +1,66 @@
+"""Launcher detection and variable resolution (no processes started; mpirun is covered by the
+multi-process tests in test_launchers.py)."""
+import pytest
+
+from s3rec import distributed as dist
+
+
+def test_plain_process_gets_rank_zero_and_a_port():
+    env = {}
+    launcher, rank, local, world, single = dist.resolve(env)
+    assert (launcher, rank, local, world, single) == ("single", 0, 0, 1, True)
+    assert env["RANK"] == "0" and env["WORLD_SIZE"] == "1" and env["LOCAL_RANK"] == "0"
+    assert env["MASTER_ADDR"] == "127.0.0.1" and 0 < int(env["MASTER_PORT"]) < 65536
+
+
+def test_torchrun_and_deepspeed_variables():
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    assert dist.resolve(env) == ("env", 1, 1, 2, True)
+
+
+def test_deepspeed_local_rank_argument_when_env_lacks_it():
+    env = {"RANK": "3", "WORLD_SIZE": "4", "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "29500"}
+    launcher, rank, local, world, single = dist.resolve(env, local_rank_arg=1)
+    assert (rank, local, world) == (3, 1, 4)
+    assert env["LOCAL_RANK"] == "1"
+    assert not single        # 10.1.2.3 is not loopback and LOCAL_WORLD_SIZE is unknown
+
+
+def test_multi_rank_without_port_is_an_error():
+    with pytest.raises(dist.LauncherError, match="MASTER_PORT"):
+        dist.resolve({"RANK": "0", "WORLD_SIZE": "2"})
+
+
+def test_srun_task_with_master_addr_and_port_from_job_id():
+    task = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
+            "SLURM_JOB_ID": "1234", "SLURM_STEP_NUM_NODES": "1", "MASTER_ADDR": "127.0.0.1"}
+    env = dict(task)
+    launcher, rank, local, world, single = dist.resolve(env)
+    assert (launcher, rank, local, world, single) == ("slurm", 1, 1, 2, True)
+    port = int(env["MASTER_PORT"])
+    assert 20000 <= port < 40000
+    env2 = dict(task, SLURM_JOB_ID="1235")
+    dist.resolve(env2)
+    assert env2["MASTER_PORT"] != env["MASTER_PORT"]      # concurrent jobs get different ports
+
+
+def test_batch_script_is_not_mistaken_for_a_rank():
+    # sbatch's shell has SLURM_PROCID=0 and SLURM_NTASKS of the allocation but no step id
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "7"}
+    assert dist.detect_launcher(env) == "single"
+
+
+def test_mpi_variables_are_recognised():
+    for key in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"):
+        assert dist.detect_launcher({key: "2"}) == "mpi"
+    # RANK from a launcher wins over leftover PMI variables
+    assert dist.detect_launcher({"PMI_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}) == "env"
+
+
+def test_bad_values_name_the_variable():
+    with pytest.raises(dist.LauncherError, match="SLURM_NTASKS"):
+        dist.resolve({"SLURM_PROCID": "0", "SLURM_NTASKS": "two", "SLURM_LOCALID": "0",
+                      "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "1", "MASTER_ADDR": "127.0.0.1"})
+    with pytest.raises(dist.LauncherError, match="outside world size"):
+        dist.resolve({"RANK": "2", "WORLD_SIZE": "2", "MASTER_PORT": "1"})

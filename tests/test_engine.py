@@ -1,0 +1,182 @@
+"""Engine parts in one process: the derived DeepSpeed config, micro-batch splitting, and a real
+DeepSpeed engine (world size 1, gloo) around a tiny stand-in model for checkpoints and resume."""
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from s3rec.config import ConfigError, load_config
+from s3rec.data.batch import PretrainBatch
+from s3rec.engine import checkpoint as ckpt
+from s3rec.engine.deepspeed_setup import build_ds_config, initialize
+from s3rec.engine.loop import split_rows
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
+
+
+# ------------------------------------------------------------------ the derived config
+
+def test_batch_sizes_multiply_out():
+    cfg = load_config(None, ["pretrain.batch_size=100", "deepspeed.grad_accum=5"])
+    c = build_ds_config(cfg, "pretrain", world_size=2, device_type="cpu")
+    assert c["train_batch_size"] == 100
+    assert c["train_micro_batch_size_per_gpu"] * c["gradient_accumulation_steps"] * 2 == 100
+    assert c["train_micro_batch_size_per_gpu"] == 10
+
+
+def test_indivisible_global_batch_names_the_key():
+    cfg = load_config(None, ["finetune.batch_size=255"])
+    with pytest.raises(ConfigError, match="finetune.batch_size"):
+        build_ds_config(cfg, "finetune", world_size=2, device_type="cpu")
+
+
+def test_optimizer_is_plain_adam_with_config_values():
+    cfg = load_config(None, ["pretrain.lr=0.002", "pretrain.adam_beta2=0.98"])
+    opt = build_ds_config(cfg, "pretrain", 1, "cpu")["optimizer"]
+    assert opt["type"] == "Adam" and opt["params"]["adam_w_mode"] is False
+    assert opt["params"]["lr"] == 0.002 and opt["params"]["betas"] == [0.9, 0.98]
+    assert opt["params"]["torch_adam"] is True and opt["params"]["weight_decay"] == 0.0
+
+
+def test_precision_rules_on_cpu():
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        build_ds_config(load_config(None, ["deepspeed.precision=fp16", "deepspeed.zero_stage=2"]),
+                        "pretrain", 1, "cpu")
+    with pytest.raises(ConfigError, match="zero_stage >= 1"):
+        build_ds_config(load_config(None, ["deepspeed.precision=bf16"]), "pretrain", 1, "cpu")
+    c = build_ds_config(load_config(None, ["deepspeed.precision=bf16", "deepspeed.zero_stage=1"]),
+                        "pretrain", 1, "cpu")
+    assert c["bf16"]["enabled"] and not c["fp16"]["enabled"]
+    c = build_ds_config(load_config(None, ["deepspeed.precision=fp16", "deepspeed.zero_stage=2"]),
+                        "pretrain", 1, "cuda")
+    assert c["fp16"]["enabled"]
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.json")), ids=lambda p: p.name)
+def test_every_shipped_deepspeed_file_merges(path):
+    cfg = load_config(None, [f"deepspeed.config_file={path}"])
+    device = "cuda" if "fp16" in path.name or "zero0-bf16" in path.name else "cpu"
+    c = build_ds_config(cfg, "pretrain", 1, device)
+    stage = int(path.name[4])
+    assert c["zero_optimization"]["stage"] == stage == cfg.deepspeed.zero_stage
+    want = "bf16" if "bf16" in path.name else "fp16" if "fp16" in path.name else "fp32"
+    assert cfg.deepspeed.precision == want
+    assert c["train_batch_size"] == cfg.pretrain.batch_size
+
+
+def test_file_setting_a_derived_key_differently_is_an_error(tmp_path):
+    f = tmp_path / "ds.json"
+    f.write_text(json.dumps({"train_batch_size": 64}))
+    with pytest.raises(ConfigError, match="train_batch_size.*pretrain.batch_size"):
+        build_ds_config(load_config(None, [f"deepspeed.config_file={f}"]), "pretrain", 1, "cpu")
+    f.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        build_ds_config(load_config(None, [f"deepspeed.config_file={f}"]), "pretrain", 1, "cpu")
+
+
+# ------------------------------------------------------------------ micro-batches
+
+def test_split_rows_rebases_sparse_attribute_targets():
+    B, L = 5, 3
+    t = lambda: torch.arange(B * L).reshape(B, L)
+    pairs = torch.tensor([[r * L + c, 1 + (r + c) % 4] for r in range(B) for c in range(L)])
+    batch = PretrainBatch(masked_items=t(), positions=t(), original_items=t(), mip_neg=t(),
+                          masked=t() % 2 == 0, sp_masked=t(), sp_pos=t(), sp_neg=t(),
+                          attr_index=pairs)
+    parts = split_rows(batch, 2)
+    assert [p.masked_items.shape[0] for p in parts] == [2, 3]
+    for p, lo in zip(parts, (0, 2)):
+        for flat, attr in p.attr_index.tolist():
+            r, c = divmod(flat, L)
+            assert attr == 1 + (r + lo + c) % 4          # the same target, re-based rows
+        assert len(p.attr_index) == p.masked_items.numel()
+    assert torch.equal(torch.cat([p.sp_neg for p in parts]), batch.sp_neg)
+
+
+# ------------------------------------------------------------------ a real engine, world size 1
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(30, 8)
+        self.lin = nn.Linear(8, 8)
+        self.drop = nn.Dropout(0.5)
+
+
+def tiny_loss(m, x):
+    h = m.drop(m.lin(m.emb(x)))                          # [B, 8]
+    return (h @ m.emb.weight.T).logsumexp(-1).sum()      # reads the table outside a forward
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    from s3rec import distributed as dist
+    return dist.setup()
+
+
+def _engine(stage=0):
+    torch.manual_seed(0)
+    m = Tiny()
+    cfg = load_config(None, ["pretrain.batch_size=4", f"deepspeed.zero_stage={stage}"])
+    return initialize(m, [{"params": list(m.parameters())}],
+                      build_ds_config(cfg, "pretrain", 1, "cpu"))
+
+
+def _steps(engine, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randint(0, 30, (4,), generator=g)
+        loss = engine(tiny_loss, x)
+        engine.backward(loss)
+        engine.step()
+        out.append(loss.item())
+    return out
+
+
+def test_checkpoint_round_trip_restores_model_optimizer_and_rng(single_process, tmp_path):
+    root = tmp_path / "checkpoints"
+    a = _engine()
+    _steps(a, 3, seed=1)
+    random.seed(5); np.random.seed(5); torch.manual_seed(5)
+    ckpt.save(a, root, ckpt.step_tag(3), {"trainer": {"global_step": 3}, "world_size": 1},
+              keep_last=2)
+    expected = _steps(a, 3, seed=2) + [random.random(), float(np.random.rand())]
+    b = _engine()                                  # fresh weights, fresh optimizer
+    state = ckpt.load(b, root, ckpt.read_latest(root), world_size=1)
+    assert state["trainer"]["global_step"] == 3
+    got = _steps(b, 3, seed=2) + [random.random(), float(np.random.rand())]
+    assert got == expected                         # dropout draws and Adam moments included
+
+
+def test_latest_pruning_and_world_size_check(single_process, tmp_path):
+    root = tmp_path / "checkpoints"
+    e = _engine()
+    for step in (1, 2, 3):
+        _steps(e, 1, seed=step)
+        ckpt.save(e, root, ckpt.step_tag(step), {"trainer": {}, "world_size": 1}, keep_last=2)
+    ckpt.save(e, root, ckpt.BEST, {"trainer": {}, "world_size": 1}, keep_last=2,
+              make_latest=False)
+    names = sorted(p.name for p in root.iterdir())
+    assert names == ["best", "latest", "step-00000002", "step-00000003"]
+    assert ckpt.read_latest(root) == "step-00000003"
+    with pytest.raises(ckpt.ResumeError, match="world size 1"):
+        ckpt.load(e, root, "step-00000003", world_size=2)
+    (root / "latest").write_text("step-00000009")
+    with pytest.raises(ckpt.ResumeError, match="not a folder"):
+        ckpt.read_latest(root)
+
+
+def test_consolidated_weights_equal_the_module(single_process, tmp_path):
+    e = _engine(stage=0)
+    _steps(e, 2, seed=3)
+    ckpt.save(e, tmp_path, "t", {"trainer": {}, "world_size": 1}, keep_last=1)
+    sd = ckpt.full_state_dict(e, "fp32")
+    from_folder = ckpt.consolidate_folder(tmp_path, "t")
+    assert set(sd) == set(from_folder) == {"emb.weight", "lin.weight", "lin.bias"}
+    for k in sd:
+        assert torch.equal(sd[k], from_folder[k])
