@@ -7,8 +7,8 @@ error naming the file. Folders outside that layout still count: their axes come 
 
 Two tables:
 - `runs`: one row per run and stage, with status done | unfinished | failed (unfinished = run.json
-  still says running, or a fine-tune without results.json: a killed run is never dropped), final
-  test metrics, best epoch, parameters, epochs reached, last losses, wall time.
+  says running or preempted, or a fine-tune without results.json: a killed run is never dropped),
+  final test metrics, best epoch, parameters, epochs reached, last losses, wall time.
 - `scalars`: long form (run, stage, tag, step, value, wall_time), every scalar of every event file,
   read with TensorBoard's own EventAccumulator with no sampling limit.
 """
@@ -56,6 +56,7 @@ class Run:
                                     # tag -> [(step, value, wall_time)] sorted by step
     notes: list[str] = field(default_factory=list)
     removed: tuple[str, ...] = ()   # objectives with weight 0 in this cell's pretraining
+    arm_suffix: str = ""            # " [grid]" when the same arm ran with other settings elsewhere
     weights: dict[str, float] = field(default_factory=dict)
     pretrain_params: dict[str, int] = field(default_factory=dict)  # the cell's pretraining model
 
@@ -65,7 +66,7 @@ class Run:
         name = self.variant if self.rank == "full" else f"{self.variant} r={self.rank}"
         if self.removed:
             name += " w/o " + "+".join(o.upper() for o in self.removed)
-        return name
+        return name + self.arm_suffix
 
     def test_metrics(self) -> dict[str, float]:
         """Final test metrics: results.json, else the TensorBoard test/<metric> tags."""
@@ -168,8 +169,8 @@ def read_run(folder: Path, root: Path) -> Run:
         cell = "/".join([axes["grid"], *rel[-5:-1]])
 
     status = rj["status"]
-    if status not in ("running", "done", "failed"):
-        raise RunFolderError(f"{rj_path}: key 'status': expected running|done|failed, "
+    if status not in ("running", "done", "failed", "preempted"):
+        raise RunFolderError(f"{rj_path}: key 'status': expected running|done|failed|preempted, "
                              f"got {status!r}")
     notes = []
     results = None
@@ -184,6 +185,9 @@ def read_run(folder: Path, root: Path) -> Run:
     elif status == "running":
         state = "unfinished"
         notes.append("run.json still says running (killed, or still training)")
+    elif status == "preempted":   # the engine saved a checkpoint on a signal and stopped
+        state = "unfinished"
+        notes.append("preempted after a checkpoint (start again with the same --out to resume)")
     elif rj["stage"] == "finetune" and results is None:
         state = "unfinished"
         notes.append("run.json says done but results.json is missing")
@@ -234,7 +238,26 @@ def read_runs(root: str | Path) -> list[Run]:
         src = pretrain.get(r.cell, r)
         r.weights, r.removed = dict(src.weights), src.removed
         r.pretrain_params = dict(src.run_json.get("params") or {})
+    _separate_differing_arms(runs)
     return runs
+
+
+def _settings_key(r: Run) -> str:
+    """The run's config without the seed: runs of one arm are pooled only if this agrees."""
+    cfg = dict(r.run_json["config"])
+    cfg.pop("seed", None)
+    return json.dumps(cfg, sort_keys=True)
+
+
+def _separate_differing_arms(runs: list[Run]) -> None:
+    """Two grids may run the same variant and rank with different settings (epochs, say):
+    pooling them as seeds of one arm would be wrong, so their arms get the grid's name."""
+    groups: dict[tuple, set] = {}
+    for r in runs:
+        groups.setdefault((r.stage, r.dataset, r.arm), set()).add(_settings_key(r))
+    for r in runs:
+        if len(groups[(r.stage, r.dataset, r.arm)]) > 1:
+            r.arm_suffix = f" [{r.grid}]"
 
 
 # ---------------------------------------------------------------- tables

@@ -105,6 +105,10 @@ def test_path_and_run_json_disagreeing_is_an_error_naming_the_file(tmp_path, fab
     rj = json.loads((dst / "run.json").read_text())
     rj["seed"] = 7
     rj["config"]["seed"] = 7
+    rj["status"] = "preempted"
+    (dst / "run.json").write_text(json.dumps(rj))
+    (row,) = [r for r in runs_table(read_runs(tmp_path))[0]]
+    assert row["status"] == "unfinished" and "preempted" in row["notes"]
     rj["status"] = "exploded"
     (dst / "run.json").write_text(json.dumps(rj))
     with pytest.raises(RunFolderError, match="run.json.*'status'.*exploded"):
@@ -129,3 +133,19 @@ def test_a_resumed_run_reads_without_the_purged_steps(tmp_path):
     pts = read_scalars(tmp_path)["loss/total"]
     assert [p[0] for p in pts] == list(range(12))
     assert [p[1] for p in pts] == [100.0 + s for s in range(6)] + [200.0 + s for s in range(6, 12)]
+
+
+def test_same_arm_with_other_settings_in_another_grid_is_not_pooled(tmp_path, fabricated_grid):  # noqa: F811
+    import shutil
+    root, _ = fabricated_grid
+    for grid in ("a", "b"):
+        shutil.copytree(root / "demo" / "Synth" / "s3rec", tmp_path / grid / "Synth" / "s3rec")
+    arms = {(r.grid, r.arm) for r in read_runs(tmp_path)}
+    assert arms == {("a", "s3rec"), ("b", "s3rec")}          # same settings: one arm
+    rj_path = tmp_path / "b" / "Synth" / "s3rec" / "rfull" / "s1" / "finetune" / "run.json"
+    rj = json.loads(rj_path.read_text())
+    rj["config"]["finetune"]["epochs"] = 99
+    rj_path.write_text(json.dumps(rj))
+    arms = {(r.grid, r.seed, r.stage, r.arm) for r in read_runs(tmp_path)}
+    assert ("b", 1, "finetune", "s3rec [b]") in arms and ("a", 1, "finetune", "s3rec [a]") in arms
+    assert ("b", 1, "pretrain", "s3rec") in arms
