@@ -92,7 +92,13 @@ def test_user_sequences_in_dataloader_workers(toy):
         for u, s in zip(users.tolist(), items):
             got[u] = s.tolist()
     assert got == {u: seqs[u] for u in range(100, 400)}
-    shuffled = DataLoader(view, batch_size=17, shuffle=True, num_workers=2, collate_fn=collate_users,
-                          multiprocessing_context="spawn")
+    shuffled = DataLoader(view, batch_size=17, shuffle=True, num_workers=2, collate_fn=collate_users)
     seen = {u: s.tolist() for users, items in shuffled for u, s in zip(users.tolist(), items)}
     assert seen == got
+
+
+def test_user_sequences_windowed_when_shard_exceeds_cache(toy):
+    tmp, seqs = toy
+    view = UserSequences(Dataset(tmp / "one"), cache_bytes=64, window=50)   # forces windows + LRU
+    order = np.random.default_rng(0).permutation(len(view))
+    assert all(view[int(k)][1].tolist() == seqs[int(k)] for k in order)

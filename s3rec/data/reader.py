@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from s3rec.data.format import (ATTR_OFFSETS, ATTR_VALUES, NEGATIVES, NUM_NEGATIVES, SEQ_ITEMS,
+from s3rec.data.format import (ATTR_OFFSETS, ATTR_VALUES, CHUNK, NEGATIVES, NUM_NEGATIVES, SEQ_ITEMS,
                                SEQ_OFFSETS, DatasetError, check_shard_file, open_shard,
                                read_manifest)
 
@@ -130,15 +130,19 @@ def _stat(path: Path) -> tuple[int, int]:
 
 class UserSequences:
     """Map-style (torch DataLoader-ready) view of global users [start, end): item k is
-    (user index, items int32 array). Shards open lazily in whichever process reads; items are read
-    in windows of `window` interactions that stay cached, so a sequential pass costs one HDF5 read
-    per window, not per user."""
+    (user index, items int32 array). Shards open lazily in whichever process reads (each DataLoader
+    worker opens its own). A shard's offsets and items are read whole on first touch and kept in
+    an LRU cache of `cache_bytes` (shuffled access then costs no HDF5 read per user); a shard larger
+    than the cache is read in chunk-aligned windows of `window` items instead."""
 
-    def __init__(self, ds: Dataset, start: int = 0, end: int | None = None, window: int = 1 << 18):
+    def __init__(self, ds: Dataset, start: int = 0, end: int | None = None,
+                 cache_bytes: int = 256 << 20, window: int = 2 * CHUNK):
         self.ds = ds
         self.start, self.end = start, ds.num_users if end is None else end
-        self.window = window
-        self._cache: dict[int, tuple] = {}      # shard -> (offsets, win_lo, win_items)
+        if not 0 <= self.start <= self.end <= ds.num_users:
+            raise ValueError(f"user range [{start}, {end}) outside [0, {ds.num_users})")
+        self.cache_bytes, self.window = cache_bytes, window
+        self._cache: dict[int, list] = {}      # shard -> [offsets, items_lo, items]; insertion = LRU
 
     def __len__(self) -> int:
         return self.end - self.start
@@ -154,16 +158,28 @@ class UserSequences:
         u = self.start + k
         i = bisect.bisect_right(self.ds._starts, u) - 1
         local = u - self.ds.shards[i]["user_start"]
-        entry = self._cache.get(i)
+        entry = self._cache.pop(i, None)
         if entry is None:
-            entry = (self.ds._read(i, SEQ_OFFSETS), -1, None)
+            entry = [self.ds._read(i, SEQ_OFFSETS), 0, None]
         offsets, win_lo, win = entry
         lo, hi = int(offsets[local]), int(offsets[local + 1])
         if win is None or lo < win_lo or hi > win_lo + len(win):
-            win_lo = lo
-            win = self.ds._read(i, SEQ_ITEMS, slice(lo, max(hi, lo + self.window)))
-        self._cache = {i: (offsets, win_lo, win)}   # one shard cached at a time
+            total = int(offsets[-1])
+            if total * 4 <= self.cache_bytes:
+                win_lo, win = 0, self.ds._read(i, SEQ_ITEMS)
+            else:
+                win_lo = lo - lo % CHUNK
+                win = self.ds._read(i, SEQ_ITEMS, slice(win_lo, max(hi, win_lo + self.window)))
+            entry = [offsets, win_lo, win]
+        self._cache[i] = entry
+        self._evict()
         return u, win[lo - win_lo:hi - win_lo]
+
+    def _evict(self) -> None:
+        used = sum(e[0].nbytes + (e[2].nbytes if e[2] is not None else 0) for e in self._cache.values())
+        while used > self.cache_bytes and len(self._cache) > 1:
+            e = self._cache.pop(next(iter(self._cache)))
+            used -= e[0].nbytes + (e[2].nbytes if e[2] is not None else 0)
 
 
 def collate_users(batch: list[tuple[int, np.ndarray]]) -> tuple[np.ndarray, list[np.ndarray]]:
