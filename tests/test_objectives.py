@@ -24,7 +24,8 @@ def original_encode(model, input_ids, pretrain=True):
     """models.S3RecModel.add_position_embedding + item_encoder with the original masks (inputs
     padded to max_len, positions arange(max_len))."""
     seq_length = input_ids.size(1)
-    position_ids = torch.arange(seq_length, dtype=torch.long).unsqueeze(0).expand_as(input_ids)
+    position_ids = torch.arange(seq_length, dtype=torch.long, device=input_ids.device)
+    position_ids = position_ids.unsqueeze(0).expand_as(input_ids)
     emb = model.item_embeddings(input_ids) + model.position_embeddings(position_ids)
     emb = model.dropout(model.LayerNorm(emb))
     if pretrain:
@@ -34,7 +35,7 @@ def original_encode(model, input_ids, pretrain=True):
         attention_mask = (input_ids > 0).long()
         ext = attention_mask.unsqueeze(1).unsqueeze(2)
         max_len = attention_mask.size(-1)
-        sub = torch.triu(torch.ones((1, max_len, max_len)), diagonal=1)
+        sub = torch.triu(torch.ones((1, max_len, max_len), device=input_ids.device), diagonal=1)
         sub = (sub == 0).unsqueeze(1).long()
         ext = (ext * sub).float()
         mask = (1.0 - ext) * -10000.0
