@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import traceback
 from pathlib import Path
 
@@ -93,24 +92,35 @@ def write_dataset(source: Source, out: Path, num_shards: int, seed: int, args: d
         err = str(e) if isinstance(e, DatasetError) else traceback.format_exc()
     reports = comm.allgather((not err, err, records))
     errors = [f"rank {r}: {e}" if comm.size > 1 else e for r, (ok, e, _) in enumerate(reports) if not ok]
-    manifest = None
+    manifest, final_err = None, ""
     if comm.rank == 0:
-        if errors:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-        else:
-            shards = sorted((rec for _, _, recs in reports for rec in recs), key=lambda r: r["file"])
-            manifest = {"format_version": FORMAT_VERSION, "name": source.name,
-                        "num_users": source.num_users, "num_items": source.num_items,
-                        "num_interactions": sum(s["num_interactions"] for s in shards),
-                        "num_attributes": source.num_attributes, "num_negatives": NUM_NEGATIVES,
-                        "seed": seed, "negatives_source": source.negatives_source,
-                        "sources": sources, "command": command, "args": args, "shards": shards}
-            write_text_atomic(tmp_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-            _swap_into_place(tmp_dir, out)
-    comm.barrier()
-    if errors:
-        raise DatasetError("; ".join(errors))
-    return comm.bcast(manifest)
+        try:
+            if not errors:
+                manifest = _finish(source, tmp_dir, out, seed, args, sources, command,
+                                   [rec for _, _, recs in reports for rec in recs])
+        except Exception as e:   # the other ranks must hear of it, not wait forever
+            final_err = f"rank 0 finishing {out}: {e}"
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)   # gone after success (renamed) or failure
+    manifest, final_err = comm.bcast((manifest, final_err))
+    if errors or final_err:
+        raise DatasetError("; ".join(errors + ([final_err] if final_err else [])))
+    return manifest
+
+
+def _finish(source: Source, tmp_dir: Path, out: Path, seed: int, args: dict, sources: dict,
+            command: str, records: list[dict]) -> dict:
+    """Rank 0, once every shard is written: the manifest (last file), then the folder swap."""
+    shards = sorted(records, key=lambda r: r["file"])
+    manifest = {"format_version": FORMAT_VERSION, "name": source.name,
+                "num_users": source.num_users, "num_items": source.num_items,
+                "num_interactions": sum(s["num_interactions"] for s in shards),
+                "num_attributes": source.num_attributes, "num_negatives": NUM_NEGATIVES,
+                "seed": seed, "negatives_source": source.negatives_source,
+                "sources": sources, "command": command, "args": args, "shards": shards}
+    write_text_atomic(tmp_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    _swap_into_place(tmp_dir, out)
+    return manifest
 
 
 def _swap_into_place(tmp_dir: Path, out: Path) -> None:
@@ -133,4 +143,4 @@ def check_out_folder(out: Path) -> None:
 
 def log(comm, msg: str) -> None:
     if comm.rank == 0:
-        print(msg, file=sys.stderr if msg.startswith("error") else sys.stdout, flush=True)
+        print(msg, flush=True)

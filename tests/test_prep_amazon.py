@@ -1,5 +1,4 @@
 """s3rec-prep amazon: the S3Rec preprocessing of raw Amazon 2014 dumps on a hand-checked fixture."""
-import numpy as np
 import pytest
 
 from data_prep.cli import main

@@ -2,7 +2,6 @@
 statistics. Skipped, with the reason, where the shared folder is absent."""
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from data_prep.cli import main
