@@ -7,7 +7,8 @@ Structure, so that pretraining has something to find:
   one or two of its cluster's attributes, plus a random attribute with probability 0.2 (noise);
 - a user's sequence walks a Markov chain over clusters: stay with p 0.2, move to one of the
   cluster's 3 preferred successors with p 0.7, anywhere with p 0.1; each step emits an item of the
-  current cluster. Lengths are 5 + Poisson(mean_length - 5), at most max_length.
+  current cluster. Lengths are 5 + Poisson(mean_length - 5), at most max_length and at most
+  num_items - 99 (so that 99 negatives outside the sequence always exist).
 Each block of users has its own RNG stream (seed, block), so the data does not depend on the shard
 count or on which rank writes it, and only one block's interactions are ever in memory.
 Negatives follow the release rule with the pool = all items 1..M (the items "seen" are not known
@@ -34,8 +35,11 @@ class SyntheticSource(Source):
         if num_items <= NUM_NEGATIVES + MIN_LENGTH:
             raise DatasetError(f"synthetic: --items must be > {NUM_NEGATIVES + MIN_LENGTH} "
                                f"(99 negatives outside a sequence are needed)")
+        # A sequence holds at most num_items - 99 items, so 99 negatives outside it always exist.
+        max_length = min(max_length, num_items - NUM_NEGATIVES)
         if not MIN_LENGTH <= mean_length <= max_length:
-            raise DatasetError(f"synthetic: --mean-length must be in [{MIN_LENGTH}, --max-length]")
+            raise DatasetError(f"synthetic: --mean-length must be in [{MIN_LENGTH}, {max_length}] "
+                               f"(--max-length, and --items - {NUM_NEGATIVES})")
         self.name = f"synthetic-u{num_users}-i{num_items}-a{num_attributes}-s{seed}"
         self.num_users, self.num_items, self.num_attributes = num_users, num_items, num_attributes
         self.seed, self.mean_length, self.max_length = seed, mean_length, max_length

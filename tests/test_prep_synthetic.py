@@ -68,3 +68,13 @@ def test_planted_structure(tmp_path):
         cl = cluster[owner[values == a]]
         purity.append(np.bincount(cl).max() / len(cl))
     assert np.mean(purity) > 0.7
+
+
+def test_small_item_sets_always_leave_99_negatives(tmp_path, capsys):
+    # 110 items: sequences are capped at 11 items, so no user can run out of negatives
+    assert main(["synthetic", "--users", "3000", "--items", "110", "--attributes", "5",
+                 "--mean-length", "10", "--out", str(tmp_path / "a")]) == 0
+    assert np.diff(Dataset(tmp_path / "a").load_sequences()[1]).max() <= 11
+    assert main(["synthetic", "--users", "10", "--items", "104", "--attributes", "5",
+                 "--out", str(tmp_path / "b")]) == 1
+    assert "--items must be > 104" in capsys.readouterr().err
