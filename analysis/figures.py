@@ -266,6 +266,23 @@ def ablation_bars(runs: list[Run], out: Path) -> tuple[list[Figure], list[str]]:
 
 # ---------------------------------------------------------------- (e) pretraining losses
 
+SMOOTH_POINTS = 20   # a curve of n points is smoothed over n // SMOOTH_POINTS logged points
+
+
+def _smooth(curve: tuple[list[int], list[float]]) -> tuple[list[int], list[float]]:
+    """Trailing moving average: per-step losses of length-bucketed batches jump with the
+    prefix length of each batch; the trend is what the figure is for."""
+    xs, ys = curve
+    w = max(1, len(ys) // SMOOTH_POINTS)
+    if w == 1:
+        return xs, ys
+    out, acc = [], 0.0
+    for i, y in enumerate(ys):
+        acc += y - (ys[i - w] if i >= w else 0.0)
+        out.append(acc / min(i + 1, w))
+    return xs, out
+
+
 def pretrain_losses(runs: list[Run], out: Path) -> tuple[list[Figure], list[str]]:
     figs, notes = [], []
     pre = defaultdict(list)
@@ -291,20 +308,26 @@ def pretrain_losses(runs: list[Run], out: Path) -> tuple[list[Figure], list[str]
         fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 3.4 * nrow), squeeze=False)
         for k, name in enumerate(names):
             ax = axes[k // ncol][k % ncol]
-            positive = True
+            lows, highs = [], []
             for arm, group in arms.items():
-                curves = [r.curve(prefix + name) for r in group if prefix + name in r.scalars]
+                if name in group[0].removed:
+                    continue  # weight 0: the objective is not trained (its tag may log 0)
+                curves = [_smooth(r.curve(prefix + name)) for r in group
+                          if prefix + name in r.scalars]
                 if not curves:
-                    continue  # this arm does not train the objective (weight 0)
+                    continue
                 xs, mean, lo, hi = _mean_band(curves)
-                positive &= min(lo) > 0
+                lows.append(min(lo))
+                highs.append(max(hi))
                 ax.plot(xs, mean, color=colors[arm], label=arm, lw=1.2)
                 ax.fill_between(xs, lo, hi, color=colors[arm], alpha=0.2, linewidth=0)
-            if positive:
+            # Log scale only where it helps: positive values spanning more than a decade.
+            use_log = bool(lows) and min(lows) > 0 and max(highs) / min(lows) > 10
+            if use_log:
                 ax.set_yscale("log")
             ax.set_title(f"{name.upper() if name != 'total' else 'weighted total'} loss")
             ax.set_xlabel(xlabel)
-            ax.set_ylabel("loss per sample" + (" (log)" if positive else ""))
+            ax.set_ylabel("loss per sample" + (" (log scale)" if use_log else ""))
         for k in range(len(names), nrow * ncol):
             axes[k // ncol][k % ncol].axis("off")
         handles, labels = [], []
@@ -322,8 +345,10 @@ def pretrain_losses(runs: list[Run], out: Path) -> tuple[list[Figure], list[str]
             fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)))
         stem = _save(fig, out, f"pretrain_losses_{_tag(dataset, 'pretrain')}")
         figs.append(Figure(f"Pretraining loss per objective ({dataset})", stem,
-                           "Unweighted per-objective losses as logged (loss/<name>); the total is "
-                           "the weighted sum. Log scale where all values are positive."))
+                           f"Unweighted per-objective losses as logged ({prefix}<name>), "
+                           f"trailing mean over 1/{SMOOTH_POINTS} of each curve; the total is "
+                           f"the weighted sum. Arms with an objective's weight at 0 are left out "
+                           f"of its panel. Log scale where the values span more than a decade."))
     return figs, notes
 
 

@@ -81,7 +81,7 @@ def spectra_figure(spectra: list[HeadSpectrum], out_stem: Path, title: str,
     for h in spectra:
         focus = h.name in FOCUS
         style = dict(color=colors.get(h.name), lw=2 if focus else 1, ls="-" if focus else "--",
-                     label=f"{h.name.upper()}" + ("" if focus else " (kept full)"))
+                     label=f"{h.name.upper()}" + ("" if focus else " (full in both variants)"))
         idx = list(range(1, len(h.singular) + 1))
         a1.plot(idx, h.singular, **style)
         a2.plot(idx, h.rel_error, **style)
