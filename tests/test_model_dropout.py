@@ -24,7 +24,10 @@ def test_keep_rate_and_scaling(p):
 
 def test_bits_are_unbiased_at_every_offset():
     torch.manual_seed(1)
-    m = keep_mask(torch.Size([4000, 64]), 0.5, torch.device("cpu")).float()
+    m = keep_mask(torch.Size([4000, 64]), 0.5, torch.device("cpu"))
+    assert m.dtype == torch.bool
+    assert keep_mask(torch.Size([10, 3]), 0.2, torch.device("cpu")).dtype == torch.bool
+    m = m.float()
     assert (m.mean(0) - 0.5).abs().max() < 0.04        # every bit position of the 64-bit words
 
 

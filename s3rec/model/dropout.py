@@ -19,6 +19,17 @@ import torch.nn.functional as F
 from torch import nn
 
 _BIT_VALUES = (1, 2, 4, 8, 16, 32, 64, 128)
+_UNPACK: dict[torch.device, torch.Tensor] = {}
+
+
+def _unpack_table(device: torch.device) -> torch.Tensor:
+    """int64 [256]: entry v holds the 8 bools (one per byte) of v's bits 0..7, so one gather
+    unpacks a byte into 8 mask elements (cheaper than a shift/and pass plus a compare pass)."""
+    if device not in _UNPACK:
+        bits = torch.tensor(_BIT_VALUES, dtype=torch.uint8)
+        table = (torch.arange(256, dtype=torch.uint8)[:, None] & bits).ne(0)   # [256, 8] bool
+        _UNPACK[device] = table.view(torch.int64).reshape(256).to(device)
+    return _UNPACK[device]
 
 
 def _random_words(num_bytes: int, device: torch.device) -> torch.Tensor:
@@ -35,9 +46,8 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
         n *= s
     if p == 0.5:
         # one bit per element: byte b's bit j decides element 8*b + j
-        raw = _random_words((n + 7) // 8, device)
-        bits = torch.tensor(_BIT_VALUES, dtype=torch.uint8, device=device)
-        mask = (raw.unsqueeze(-1) & bits).ne_(0).view(-1)
+        raw = _random_words((n + 7) // 8, device)                   # uint8 [>= n/8]
+        mask = _unpack_table(device).index_select(0, raw.long()).view(torch.bool)
     else:
         # 16-bit uniform integers (signed view: -32768..32767) against a threshold
         raw = _random_words(2 * n, device).view(torch.int16)
