@@ -235,6 +235,7 @@ def _shape(model: S3RecModel, name: str) -> str:
 def architecture_facts(model: S3RecModel) -> dict:
     """The dimensions the diagram shows, read from the instance (not from the config)."""
     layer0 = model.item_encoder.layer[0]
+    ffn = layer0.intermediate
     heads = {}
     for n in HEAD_NAMES:
         h = model.head(n)
@@ -249,8 +250,8 @@ def architecture_facts(model: S3RecModel) -> dict:
         "L": model.position_embeddings.weight.shape[0],
         "layers": len(model.item_encoder.layer),
         "attn_heads": layer0.attention.num_heads, "head_size": layer0.attention.head_size,
-        "ffn": f"{layer0.intermediate.dense_1.in_features}→{layer0.intermediate.dense_1.out_features}"
-               f"→{layer0.intermediate.dense_2.out_features}",
+        "ffn": "→".join(str(n) for n in (ffn.dense_1.in_features, ffn.dense_1.out_features,
+                                          ffn.dense_2.out_features)),
         "heads": heads, "total": model.param_counts()["total"],
     }
 
@@ -300,8 +301,9 @@ def architecture_figure(model: S3RecModel, out_stem: Path, title: str) -> dict:
         _box(ax, 9.95, y, 3.7, 1.15, f"{n.upper()} head ({n}_norm): {f['heads'][n]}\n{targets[n]}",
              "#f4cccc" if "U " in f["heads"][n] else "#ead1dc")
         _arrow(ax, (5.75, 3.6), (8.05, y - 0.3))
+    rows = f["item_emb"].split("×")[0]
     _box(ax, 4.0, 1.6, 6.0, 1.0, f"fine-tuning: score(item) = H[:, last] · item_embeddings row\n"
-                                 f"(sampled: answer + 99 negatives; full: all {f['item_emb'].split('×')[0]} rows)",
+                                 f"(sampled: answer + 99 negatives; full: all {rows} rows)",
          "#cfe2f3")
     _arrow(ax, (4.0, 3.15), (4.0, 2.1))
     ax.text(0.1, 0.35, f"{title} — {f['total']:,} parameters; dimensions read from the model "

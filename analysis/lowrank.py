@@ -70,7 +70,8 @@ def analyse_checkpoint(path: str | Path) -> list[HeadSpectrum]:
 
 def write_spectra_csv(spectra: list[HeadSpectrum], path: Path) -> None:
     rows = [{"head": h.name, "rank": r + 1, "singular_value": h.singular[r],
-             "rel_frobenius_error": h.rel_error[r]} for h in spectra for r in range(len(h.singular))]
+             "rel_frobenius_error": h.rel_error[r]}
+            for h in spectra for r in range(len(h.singular))]
     write_csv(path, rows, ["head", "rank", "singular_value", "rel_frobenius_error"])
 
 

@@ -1,18 +1,19 @@
 """Published numbers that the report puts beside ours.
 
 Source: Zhou et al., "S3-Rec: Self-Supervised Learning for Sequential Recommendation with Mutual
-Information Maximization", CIKM 2020, main results table (sampled evaluation: the answer ranked among 99
-sampled negatives), as collected in the project notes (shared notes/s3rec-reference.md, "Target
-numbers"). "authors' rerun" is the authors' released code fine-tuned from their released Beauty
-checkpoint (and their LastFM log), as recorded in the same notes.
+Information Maximization", CIKM 2020, main results table (sampled evaluation: the answer ranked
+among 99 sampled negatives), as collected in the project notes (shared notes/s3rec-reference.md,
+"Target numbers"). "authors' rerun" is the row so labelled there: the authors' released code run
+again (for Beauty: fine-tuned from their released Beauty-epochs-150.pt, shared reference/README.md).
 """
 from __future__ import annotations
 
 SAMPLED_METRICS = ("HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10", "MRR")
 FULL_METRICS = ("HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20")
 
-PAPER_SOURCE = ("Zhou et al., S3-Rec, CIKM 2020, main results table (sampled, 99 negatives); authors' rerun "
-                "and full-ranking line from the project notes (s3rec-reference.md, Target numbers)")
+PAPER_SOURCE = ("Zhou et al., S3-Rec, CIKM 2020, main results table (sampled, 99 negatives); "
+                "authors' rerun and full-ranking line from the project notes "
+                "(s3rec-reference.md, Target numbers)")
 
 
 def _row(text: str, metrics=SAMPLED_METRICS) -> dict[str, float]:

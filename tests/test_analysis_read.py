@@ -94,7 +94,8 @@ def test_no_sampling_limit_on_long_curves(tmp_path):
     assert len(pts) == 12_000 and pts[-1][:2] == (11_999, 5999.5)
 
 
-def test_path_and_run_json_disagreeing_is_an_error_naming_the_file(tmp_path, fabricated_grid):  # noqa: F811
+def test_path_and_run_json_disagreeing_is_an_error_naming_the_file(
+        tmp_path, fabricated_grid):  # noqa: F811
     import shutil
     root, _ = fabricated_grid
     src = root / "demo" / "Synth" / "s3rec" / "rfull" / "s1" / "pretrain"
@@ -135,7 +136,8 @@ def test_a_resumed_run_reads_without_the_purged_steps(tmp_path):
     assert [p[1] for p in pts] == [100.0 + s for s in range(6)] + [200.0 + s for s in range(6, 12)]
 
 
-def test_same_arm_with_other_settings_in_another_grid_is_not_pooled(tmp_path, fabricated_grid):  # noqa: F811
+def test_same_arm_with_other_settings_in_another_grid_is_not_pooled(
+        tmp_path, fabricated_grid):  # noqa: F811
     import shutil
     root, _ = fabricated_grid
     for grid in ("a", "b"):
