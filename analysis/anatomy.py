@@ -303,7 +303,7 @@ def architecture_figure(model: S3RecModel, out_stem: Path, title: str) -> dict:
         _arrow(ax, (5.75, 3.6), (8.05, y - 0.3))
     rows = f["item_emb"].split("×")[0]
     _box(ax, 4.0, 1.6, 6.0, 1.0, f"fine-tuning: score(item) = H[:, last] · item_embeddings row\n"
-                                 f"(sampled: answer + 99 negatives; full: all {rows} rows)",
+                                 f"(sampled: answer + 99 negatives; full: items 1..{int(rows) - 2})",
          "#cfe2f3")
     _arrow(ax, (4.0, 3.15), (4.0, 2.1))
     ax.text(0.1, 0.35, f"{title} — {f['total']:,} parameters; dimensions read from the model "
