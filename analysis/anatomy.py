@@ -301,9 +301,9 @@ def architecture_figure(model: S3RecModel, out_stem: Path, title: str) -> dict:
         _box(ax, 9.95, y, 3.7, 1.15, f"{n.upper()} head ({n}_norm): {f['heads'][n]}\n{targets[n]}",
              "#f4cccc" if "U " in f["heads"][n] else "#ead1dc")
         _arrow(ax, (5.75, 3.6), (8.05, y - 0.3))
-    rows = f["item_emb"].split("×")[0]
+    last_item = int(f["item_emb"].split("×")[0]) - 2     # rows: padding, items, mask id
     _box(ax, 4.0, 1.6, 6.0, 1.0, f"fine-tuning: score(item) = H[:, last] · item_embeddings row\n"
-                                 f"(sampled: answer + 99 negatives; full: items 1..{int(rows) - 2})",
+                                 f"(sampled: answer + 99 negatives; full: items 1..{last_item})",
          "#cfe2f3")
     _arrow(ax, (4.0, 3.15), (4.0, 2.1))
     ax.text(0.1, 0.35, f"{title} — {f['total']:,} parameters; dimensions read from the model "
