@@ -175,6 +175,9 @@ def setup(local_rank_arg: int | None = None, timeout_s: int = 1800) -> DistInfo:
     if single:
         # gloo picks the interface of the host name, which is not loopback here.
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    if device_type() == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # ranks on one host share its cores (torchrun sets OMP_NUM_THREADS=1; others do not)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // _local_world(launcher, world)))
     if torch.cuda.is_available():
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
@@ -184,8 +187,29 @@ def setup(local_rank_arg: int | None = None, timeout_s: int = 1800) -> DistInfo:
     import deepspeed  # late: importing it costs ~1 s and prints accelerator warnings
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=timedelta(seconds=timeout_s))
+    if world > 1:
+        _cpu_group()     # collective: every rank creates it now, in the same order
     _INFO = DistInfo(rank, local, world, launcher, single, device, backend)
     return _INFO
+
+
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _local_world(launcher: str, world: int) -> int:
+    env = os.environ
+    for key in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
+        if env.get(key, "").isdigit():
+            return int(env[key])
+    if launcher == "slurm":
+        per_node = env.get("SLURM_STEP_TASKS_PER_NODE", "").split("(")[0].split(",")[0]
+        if per_node.isdigit():
+            return int(per_node)
+    if launcher == "mpi":
+        from mpi4py import MPI
+        return MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
+    return world if world > 1 else 1
 
 
 def info() -> DistInfo:
@@ -221,6 +245,27 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     if get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+_CPU_GROUP = None
+
+
+def _cpu_group():
+    """A gloo group for small host-side reductions (counts, flags): with NCCL these would need a
+    GPU tensor, a copy, and a host sync behind the queued kernels."""
+    global _CPU_GROUP
+    if _CPU_GROUP is None:
+        _CPU_GROUP = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else \
+            dist.group.WORLD
+    return _CPU_GROUP
+
+
+def all_reduce_cpu(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place sum or max of a CPU tensor over ranks, without touching the accelerator."""
+    if get_world_size() > 1:
+        red = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
+        dist.all_reduce(tensor, op=red, group=_cpu_group())
     return tensor
 
 

@@ -106,6 +106,7 @@ class Trainer:
         self.accum = cfg.deepspeed.grad_accum
         self.n = len(task.log_names)
         self.state = TrainerState()
+        self._wc = [0.0, 0.0, 0.0]
         self.resumed = False
         self.events: Events | None = None
         self.events_enabled = events_enabled
@@ -139,8 +140,8 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> str:
-        """Train to the end (or early stop). Returns "done" or "preempted"."""
-        signals.install()
+        """Train to the end (or early stop). Returns "done" or "preempted". The signal handlers
+        were installed by the entry at start-up (s3rec.engine.run.start)."""
         self.resume()
         self.events = Events(self.run_dir, self.events_enabled and dist.is_main(),
                              purge_step=self.state.global_step if self.resumed else None)
@@ -161,6 +162,7 @@ class Trainer:
         if st.batch and st.epoch_acc and dist.is_main():
             epoch_acc += torch.tensor(st.epoch_acc, dtype=torch.float64, device=self.device)
         win_acc = self._new_acc()
+        wc = self._wc = [0.0, 0.0, 0.0]      # samples, tokens, denominator of the window
         win_t0, win_steps = time.perf_counter(), 0
         t0 = time.perf_counter() - st.epoch_time
         every = max(self.cfg.logging.every_steps, 1)
@@ -172,7 +174,7 @@ class Trainer:
             global_denom = None
             if task.mean_loss:
                 d = torch.tensor([float(sum(c[2] for c in counts))], dtype=torch.float64)
-                global_denom = float(dist.all_reduce_sum(d).item())
+                global_denom = float(dist.all_reduce_cpu(d).item())
             log_now = (st.global_step + 1) % every == 0
             manual_norm = None
             for i, (m, (ns, nt, den)) in enumerate(zip(micro, counts)):
@@ -188,21 +190,24 @@ class Trainer:
                 w = (den if task.mean_loss else 1.0)
                 vals = torch.stack([l.detach().double() * w for l in logs])
                 win_acc[:self.n] += vals
-                win_acc[self.n:] += torch.tensor([ns, nt, den], dtype=torch.float64,
-                                                 device=self.device)
+                wc[0] += ns                  # counts stay on the host until they are read
+                wc[1] += nt
+                wc[2] += den
             st.global_step += 1
             st.batch += 1
             win_steps += 1
             if log_now:
+                self._flush_counts(win_acc, wc)
                 epoch_acc += self._log_window(win_acc, time.perf_counter() - win_t0, manual_norm)
                 win_acc.zero_()
                 win_t0, win_steps = time.perf_counter(), 0
             if every_ckpt and st.global_step % every_ckpt == 0 and st.batch < task.num_batches:
                 st.epoch_time = time.perf_counter() - t0
                 self.save(self._fold(epoch_acc, win_acc))
-            if st.global_step % signals.CHECK_EVERY == 0 and signals.should_stop(self.device):
+            if st.global_step % signals.CHECK_EVERY == 0 and signals.should_stop():
                 return self._preempt(epoch_acc, win_acc, t0)
         # epoch end
+        self._flush_counts(win_acc, wc)
         if win_steps:
             epoch_acc += self._log_window(win_acc, time.perf_counter() - win_t0, None,
                                           write=False)
@@ -226,12 +231,18 @@ class Trainer:
         if task.on_epoch_end is not None:
             task.on_epoch_end(done, tag)
         self.events.flush()
-        if signals.should_stop(self.device):
+        if signals.should_stop():
             return self._preempt(zero, self._new_acc(), time.perf_counter(), saved=True)
         return "ok"
 
+    def _flush_counts(self, win_acc: torch.Tensor, wc: list) -> None:
+        if any(wc):
+            win_acc[self.n:] += torch.tensor(wc, dtype=torch.float64, device=self.device)
+            wc[:] = [0.0, 0.0, 0.0]
+
     def _fold(self, epoch_acc: torch.Tensor, win_acc: torch.Tensor) -> torch.Tensor:
         """Epoch accumulator including the current, not yet logged window (local sums)."""
+        self._flush_counts(win_acc, self._wc)
         return epoch_acc + win_acc
 
     def _global(self, acc: torch.Tensor) -> list:
@@ -242,8 +253,8 @@ class Trainer:
         if not saved:
             st.epoch_time = time.perf_counter() - t0
             self.save(self._fold(epoch_acc, win_acc))
-        dist.log_main(f"preempted ({signals.names()}): checkpoint saved at step "
-                      f"{st.global_step}; start the same command again to resume")
+        dist.log_main(f"preempted by a signal (received here: {signals.names()}): checkpoint "
+                      f"saved at step {st.global_step}; start the same command again to resume")
         self.events.flush()
         return "preempted"
 

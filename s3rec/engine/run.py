@@ -17,6 +17,7 @@ from s3rec import distributed as dist
 from s3rec.config import Config, ConfigError, load_config
 from s3rec.data.format import DatasetError
 from s3rec.engine import checkpoint as ckpt
+from s3rec.engine import signals
 from s3rec.engine.deepspeed_setup import build_ds_config, initialize
 from s3rec.runlog import RunJson, error_line
 
@@ -62,6 +63,7 @@ class Setup:
 
 def start(stage: str, args, protocol: str | None) -> Setup:
     """Config, process group, dataset, run.json. Raises USER_ERRORS for bad input."""
+    signals.install()       # first: a preemption during start-up still gets its checkpoint
     cfg = load_cfg(args)
     info = dist.setup(args.local_rank)
     from s3rec.data.reader import Dataset

@@ -37,10 +37,11 @@ def received() -> list[int]:
     return list(_received)
 
 
-def should_stop(device: torch.device) -> bool:
-    """Collective: True on every rank if any rank received a signal."""
-    flag = torch.tensor([1.0 if _received else 0.0], device=device)
-    return bool(dist.all_reduce_max(flag).item() > 0)
+def should_stop() -> bool:
+    """Collective (host side, no accelerator sync): True on every rank if any rank received a
+    signal."""
+    flag = torch.tensor([1.0 if _received else 0.0])
+    return bool(dist.all_reduce_cpu(flag, op="max").item() > 0)
 
 
 def names() -> str:

@@ -1,0 +1,61 @@
+"""World size 2 with half the micro-batch follows world size 1: same per-step losses and the same
+evaluation metrics (fp32, CPU, ZeRO 0-2).
+
+Dropout is off here: its masks come from each rank's own generator, so with dropout the two runs
+are different (equally valid) random draws. The data side needs nothing: every rank sees the
+same global batch, sliced. Tolerance: relative 1e-5 on every logged step loss (float sums in a
+different order, compounded over the steps); weights after an epoch within 1e-4; metrics
+equal to 1e-12 (float64 sums)."""
+import pytest
+import torch
+
+from tests.train_helpers import command, read_json, run, scalars, shm_clean, tiny_data, train_args  # noqa: F401
+
+pytestmark = pytest.mark.multiproc
+
+NO_DROPOUT = ("model.hidden_dropout=0", "model.attention_dropout=0", "logging.every_steps=1")
+FT = ("variant=finetune-only", "finetune.epochs=2", "finetune.batch_size=32", *NO_DROPOUT)
+
+
+@pytest.fixture(scope="module")
+def reference_finetune(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("w1") / "ft"
+    run(command("single", "s3rec.finetune", train_args(tiny_data, out, *FT)))
+    return out
+
+
+def _close(a, b, rel=1e-5):
+    assert [s for s, _ in a] == [s for s, _ in b]
+    for (step, x), (_, y) in zip(a, b):
+        assert y == pytest.approx(x, rel=rel), f"step {step}: {x} vs {y}"
+
+
+@pytest.mark.parametrize("zero,accum", [(0, 1), (1, 2), (2, 1)])
+def test_finetune_world2_matches_world1(zero, accum, reference_finetune, tiny_data, tmp_path,
+                                        shm_clean):
+    out = tmp_path / "ft"
+    run(command("torchrun", "s3rec.finetune", train_args(
+        tiny_data, out, *FT, f"deepspeed.zero_stage={zero}", f"deepspeed.grad_accum={accum}")))
+    ref, got = scalars(reference_finetune), scalars(out)
+    assert len(ref["loss/finetune"]) == 14                      # 7 steps x 2 epochs
+    _close(ref["loss/finetune"], got["loss/finetune"])
+    _close(ref["epoch/loss_finetune"], got["epoch/loss_finetune"])
+    r1, r2 = read_json(reference_finetune / "results.json"), read_json(out / "results.json")
+    assert r2["best_epoch"] == r1["best_epoch"]
+    for split in ("valid", "test"):
+        assert r2[split] == pytest.approx(r1[split], rel=1e-12, abs=1e-12)
+
+
+def test_pretrain_world2_matches_world1(tiny_data, tmp_path, shm_clean):
+    args = ("pretrain.epochs=1", *NO_DROPOUT)
+    one, two = tmp_path / "w1", tmp_path / "w2"
+    run(command("single", "s3rec.pretrain", train_args(tiny_data, one, *args)))
+    run(command("torchrun", "s3rec.pretrain", train_args(tiny_data, two, *args)))
+    a, b = scalars(one), scalars(two)
+    for name in ("aap", "mip", "map", "sp", "total"):
+        assert len(a[f"loss/{name}"]) > 10
+        _close(a[f"loss/{name}"], b[f"loss/{name}"])
+    w1 = torch.load(one / "final.pt", weights_only=True)["model"]
+    w2 = torch.load(two / "final.pt", weights_only=True)["model"]
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-4)   # Adam: near-zero grads

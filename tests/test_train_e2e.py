@@ -1,0 +1,110 @@
+"""End to end on a tiny synthetic dataset: s3rec-pretrain, then s3rec-finetune --init, with the
+files of the contract (final.pt, epoch-N.pt, run.json, results.json, TensorBoard events in RUN/
+with HParams); --init from a DeepSpeed checkpoint folder (world size 2, ZeRO-3) consolidates to
+the same weights as final.pt; bad --init and bad variants stop with a clear message."""
+import pytest
+import torch
+
+from tests.train_helpers import (command, make_dataset, read_json, run, scalars, shm_clean,  # noqa: F401
+                                 tiny_data, train_args)
+
+pytestmark = pytest.mark.multiproc
+
+PRETRAIN_TAGS = {"loss/aap", "loss/mip", "loss/map", "loss/sp", "loss/total", "train/lr",
+                 "train/grad_norm", "perf/samples_per_s", "perf/tokens_per_s", "perf/epoch_s",
+                 "perf/peak_rss_mb", "epoch/loss_aap", "epoch/loss_mip", "epoch/loss_map",
+                 "epoch/loss_sp", "epoch/loss_total"}
+SAMPLED = {"HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10", "MRR"}
+
+
+@pytest.fixture(scope="module")
+def pretrained(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e") / "pretrain"
+    run(command("single", "s3rec.pretrain", train_args(tiny_data, out)))
+    return out
+
+
+def test_pretrain_writes_the_contract_files(pretrained, tiny_data):
+    info = read_json(pretrained / "run.json")
+    assert info["stage"] == "pretrain" and info["status"] == "done" and info["error"] is None
+    assert info["epoch"] == 2 and info["world_size"] == 1 and info["seed"] == 42
+    assert info["dataset"] == {"name": info["dataset"]["name"], "num_users": 200,
+                               "num_items": 150, "num_attributes": 20}
+    assert info["params"]["total"] == sum(v for k, v in info["params"].items() if k != "total")
+    assert info["git"] and info["started"] and info["finished"]
+    final = torch.load(pretrained / "final.pt", weights_only=True)
+    assert set(final) >= {"model", "config", "dataset"}
+    assert final["model"]["item_embeddings.weight"].shape == (152, 16)
+    assert final["model"]["item_embeddings.weight"].dtype == torch.float32
+    assert (pretrained / "epoch-1.pt").is_file()                 # pretrain.save_epochs: [1]
+    tags = scalars(pretrained)
+    assert PRETRAIN_TAGS <= set(tags)
+    assert [s for s, _ in tags["epoch/loss_total"]] == [1, 2]
+    assert tags["epoch/loss_total"][1][1] < tags["epoch/loss_total"][0][1]   # it learns
+    # events sit directly in RUN/ (no subfolders), HParams included
+    assert not [p for p in pretrained.iterdir() if p.is_dir() and p.name != "checkpoints"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(pretrained))
+    acc.Reload()
+    assert "hparams" in acc.PluginTagToContent("hparams") or acc.PluginTagToContent("hparams")
+
+
+def test_finetune_from_final_pt(pretrained, tiny_data, tmp_path):
+    out = tmp_path / "ft"
+    run(command("single", "s3rec.finetune",
+                train_args(tiny_data, out, "--init", str(pretrained / "final.pt"))))
+    res = read_json(out / "results.json")
+    assert set(res) == {"protocol", "valid", "test", "best_epoch", "seed", "params"}
+    assert res["protocol"] == "sampled-99" and set(res["valid"]) == set(res["test"]) == SAMPLED
+    assert 1 <= res["best_epoch"] <= 3 and res["seed"] == 42
+    assert res["params"] == read_json(pretrained / "run.json")["params"]
+    info = read_json(out / "run.json")
+    assert info["stage"] == "finetune" and info["status"] == "done"
+    assert info["protocol"] == "sampled-99"
+    tags = scalars(out)
+    assert {"loss/finetune", "epoch/loss_finetune", "valid/MRR", "test/MRR"} <= set(tags)
+    assert tags["test/MRR"] == [(res["best_epoch"], pytest.approx(res["test"]["MRR"]))]
+    best_valid = dict(tags["valid/MRR"])[res["best_epoch"]]
+    assert best_valid == pytest.approx(res["valid"]["MRR"]) == max(v for _, v in tags["valid/MRR"])
+
+
+def test_full_ranking_protocol(pretrained, tiny_data, tmp_path):
+    out = tmp_path / "ft"
+    run(command("single", "s3rec.finetune", train_args(
+        tiny_data, out, "--init", str(pretrained / "epoch-1.pt"), "finetune.protocol=full",
+        "finetune.epochs=1")))
+    res = read_json(out / "results.json")
+    assert res["protocol"] == "full"
+    assert set(res["test"]) == {"HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20"}
+
+
+def test_init_from_a_zero3_world2_checkpoint_folder(tiny_data, tmp_path, shm_clean):
+    pre = tmp_path / "pre"
+    run(command("torchrun", "s3rec.pretrain", train_args(
+        tiny_data, pre, "pretrain.epochs=1", "deepspeed.zero_stage=3")))
+    from s3rec.engine.checkpoint import consolidate_folder, read_latest
+    folder = consolidate_folder(pre / "checkpoints", read_latest(pre / "checkpoints"))
+    final = torch.load(pre / "final.pt", weights_only=True)["model"]
+    assert set(folder) == set(final)
+    for k in final:
+        assert torch.equal(folder[k], final[k]), k
+    out = tmp_path / "ft"
+    run(command("single", "s3rec.finetune",
+                train_args(tiny_data, out, "--init", str(pre), "finetune.epochs=1")))
+    assert read_json(out / "results.json")["best_epoch"] == 1
+
+
+def test_bad_init_and_variants_stop_with_a_message(pretrained, tiny_data, tmp_path):
+    p = run(command("single", "s3rec.finetune", train_args(
+        tiny_data, tmp_path / "a", "--init", str(tmp_path / "missing.pt"))), expect=2)
+    assert "missing.pt" in p.stderr and "does not exist" in p.stderr
+    assert read_json(tmp_path / "a" / "run.json")["status"] == "failed"
+    other = make_dataset(tmp_path, users=120, items=130, attributes=20)
+    p = run(command("single", "s3rec.finetune", train_args(
+        other, tmp_path / "b", "--init", str(pretrained / "final.pt"))), expect=2)
+    assert "num_users" in p.stderr or "num_items" in p.stderr
+    p = run(command("single", "s3rec.finetune", train_args(tiny_data, tmp_path / "c")), expect=2)
+    assert "variant=finetune-only" in p.stderr
+    p = run(command("single", "s3rec.pretrain", train_args(
+        tiny_data, tmp_path / "d", "variant=finetune-only")), expect=2)
+    assert "finetune-only has no pretraining stage" in p.stderr
