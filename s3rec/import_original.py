@@ -19,19 +19,15 @@ import torch
 
 from s3rec.config import ConfigError, config_from_dict, load_config
 from s3rec.model import build_model, export_original, import_original
-from s3rec.model.checkpoint_io import (CheckpointError, load_model_file, read_state_dict,
-                                       save_model_file)
-
-
-def dataset_info(ds) -> dict:
-    return {"name": ds.name, "num_users": ds.num_users, "num_items": ds.num_items,
-            "num_attributes": ds.num_attributes}
+from s3rec.model.checkpoint_io import (CheckpointError, dataset_info, load_model_file,
+                                       read_state_dict, save_model_file)
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="s3rec-import-original", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="authors' state dict (import) or project model file (--export)")
+    p.add_argument("checkpoint",
+                   help="authors' state dict (import) or project model file (--export)")
     p.add_argument("--data", help="dataset folder (its sizes must match the checkpoint)")
     p.add_argument("--out", required=True, help="file to write")
     p.add_argument("--config", help="YAML config (import: the model to build)")

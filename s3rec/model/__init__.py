@@ -10,9 +10,9 @@ from typing import Mapping
 import torch
 
 from s3rec.config import HEAD_NAMES, Config
-from s3rec.model.checkpoint_io import (CheckpointError, adapt_state, export_original,
-                                       import_original, load_model_file, read_state_dict,
-                                       save_model_file)
+from s3rec.model.checkpoint_io import (CheckpointError, adapt_state, dataset_info,
+                                       export_original, import_original, load_model_file,
+                                       read_state_dict, save_model_file)
 from s3rec.model.heads import FullHead, LowRankHead, make_head
 from s3rec.model.optim import param_groups
 from s3rec.model.s3rec import S3RecModel
@@ -59,4 +59,4 @@ def build_model(cfg: Config, item_size: int, attribute_size: int,
 
 __all__ = ["S3RecModel", "build_model", "FullHead", "LowRankHead", "make_head", "param_groups",
            "import_original", "export_original", "adapt_state", "save_model_file",
-           "load_model_file", "read_state_dict", "CheckpointError"]
+           "load_model_file", "read_state_dict", "dataset_info", "CheckpointError"]

@@ -28,6 +28,12 @@ class CheckpointError(ValueError):
     """A checkpoint that does not fit: the message names the file or key and what was expected."""
 
 
+def dataset_info(ds) -> dict:
+    """The "dataset" entry of a model file from a `s3rec.data.reader.Dataset` (or alike)."""
+    return {"name": ds.name, "num_users": ds.num_users, "num_items": ds.num_items,
+            "num_attributes": ds.num_attributes}
+
+
 def _check_shape(key: str, found: torch.Tensor, expected: torch.Size, item_size: int,
                  attribute_size: int, src: Mapping[str, torch.Tensor]) -> None:
     if tuple(found.shape) == tuple(expected):

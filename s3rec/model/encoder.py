@@ -69,7 +69,7 @@ class SelfAttention(nn.Module):
 
 
 class Intermediate(nn.Module):
-    """The FFN block: Linear(d, 4d), exact (erf) GELU, Linear(4d, d), dropout, LayerNorm(x + input)."""
+    """The FFN: Linear(d, inner), exact (erf) GELU, Linear(inner, d), dropout, LayerNorm(x + input)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
