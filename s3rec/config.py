@@ -33,7 +33,8 @@ class HeadConfig:
     kind: str = "full"          # (str) full: Linear(d, d) with bias; lowrank: W = U V^T, U, V in R^{d x r}
     rank: int = 0               # (int) rank r of a lowrank head; 0 = use model.head_rank
     init: str = "xavier"        # (str) lowrank factor init: xavier | orthogonal | svd (of model.svd_init_from)
-    weight_decay: float = 0.0   # (float) L2 weight decay on this head's factor parameters (U, V)
+    weight_decay: float = 0.0   # (float) Adam L2 weight decay on this head's matrix parameters (U and V
+                                #   of a lowrank head, W of a full one); its bias keeps the base decay
 
 
 @dataclass
@@ -56,7 +57,8 @@ class ModelConfig:
     initializer_range: float = 0.02  # (float) std of the N(0, std) init of Linear/Embedding weights
     layer_norm_eps: float = 1e-12    # (float) LayerNorm epsilon
     head_rank: int = 16              # (int) default rank of lowrank heads (variant s3rec-lowrank)
-    svd_init_from: str = ""          # (str) checkpoint whose full heads seed `init: svd` factors
+    svd_init_from: str = ""          # (str) checkpoint whose full heads seed `init: svd` factors (not
+                                     #   needed when the --init/imported checkpoint has full heads)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     fast_dropout: bool = True        # (bool) draw dropout masks from packed random bits (same
                                      #   distribution, ~5x cheaper than bernoulli_ on CPU)
@@ -244,8 +246,6 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}.rank': rank {h.rank} is larger than the hidden "
                               f"size {m.hidden_size}" if h.rank > 0 else
                               f"config key '{key}.rank': must be >= 0, got {h.rank}")
-        if cfg.head(name).kind == "lowrank" and h.init == "svd" and not m.svd_init_from:
-            raise ConfigError(f"config key '{key}.init': svd needs model.svd_init_from")
     p = cfg.pretrain
     if p.reduction not in ("sum", "mean"):
         raise ConfigError(f"config key 'pretrain.reduction': expected sum|mean, got {p.reduction!r}")
