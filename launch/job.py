@@ -73,17 +73,26 @@ class CellJob(submitit.helpers.Checkpointable):
         print(f"[{self.key}] $ {' '.join(cmd)}", flush=True)
         t0 = time.time()
         self._proc = subprocess.Popen(cmd, env=single_process_env())
-        code = self._proc.wait()
+        # Poll rather than wait(): checkpoint() runs as a signal handler on this thread and must
+        # be able to reap the child itself; a blocking wait() here would hold Popen's lock.
+        while (code := self._proc.poll()) is None:
+            time.sleep(0.5)
         self._proc = None
         print(f"[{self.key}] exit {code} after {time.time() - t0:.1f} s", flush=True)
+        info = {}
+        try:
+            info = json.loads((run_dir / "run.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            pass
         if code != 0:
-            info = {}
-            try:
-                info = json.loads((run_dir / "run.json").read_text())
-            except (OSError, json.JSONDecodeError):
-                pass
             raise StageFailed(f"{self.key}: {Path(cmd[0]).name} exited with {code}: "
                               f"{info.get('error') or 'no error recorded in run.json'}")
+        if info.get("status") != "done":
+            # Exit 0 after a preemption save (run.json "preempted"): the stage is unfinished,
+            # so the next stage must not start; the next launch resumes it from latest.
+            raise StageFailed(f"{self.key}: {Path(cmd[0]).name} stopped with run.json status "
+                              f"{info.get('status')!r} at epoch {info.get('epoch')}; "
+                              f"launch again to resume")
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         """Called in the signal handler: let the child finish saving, then requeue a fresh job."""

@@ -202,7 +202,8 @@ class GridRun:
                 return CellState("failed", f"{name}: unreadable result {result}: {e}")
             if outcome == "error":
                 last = [ln for ln in str(value).strip().splitlines() if ln.strip()]
-                return CellState("failed", f"{name}: {last[-1] if last else 'error'}")
+                log = JobPaths(entry["folder"], job_id=jid, task_id=0).stderr
+                return CellState("failed", f"{name}: {last[-1] if last else 'error'} (log {log})")
             return CellState("failed", f"{name} finished but {cell.finetune_dir}/results.json "
                                        f"is missing")
         if entry["executor"] == "slurm":

@@ -76,12 +76,15 @@ SelectTypeParameters=CR_Core
 MpiDefault=none
 ReturnToService=2
 SchedulerType=sched/backfill
-# Jobs start in ~0.5 s instead of ~2.5 s.
-SchedulerParameters=batch_sched_delay=0,sched_min_interval=0
+# Jobs start in ~0.5 s instead of ~2.5 s; a requeued job is looked at again within 2 s.
+SchedulerParameters=batch_sched_delay=0,sched_min_interval=0,sched_interval=2
 # Finished jobs stay visible to scontrol/squeue this long (there is no accounting database).
 MinJobAge=600
 # Requeued jobs (preemption, submitit's checkpoint) may start again at once.
 JobRequeue=1
+# A requeued job may start again after cred_expire + 1 s (default 120 s): preempted or
+# timed-out jobs resume at once. cred_expire is also how long job credentials stay valid.
+AuthInfo=cred_expire=5
 KillWait=10
 InactiveLimit=0
 # With no accounting, walltime limits are still enforced by the controller.

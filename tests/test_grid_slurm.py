@@ -1,0 +1,104 @@
+"""Grids on the real local SLURM cluster through submitit, with the real training commands."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+
+import pytest
+import yaml
+
+from launch import grid_cli
+from launch.grid import Grid
+from launch.runner import launch_grid, open_grid
+from tests.cluster_fixtures import TINY, cluster, tiny_data  # noqa: F401
+
+pytestmark = pytest.mark.cluster
+
+
+def make_grid(tmp_path, data, **changes) -> dict:
+    spec = dict(name="g6", data=[str(data)], variants=["s3rec", "s3rec-lowrank"], ranks=[4, 8],
+                seeds=[1, 2], config=str(TINY),
+                overrides={"pretrain.epochs": 1, "finetune.epochs": 2},
+                executor={"kind": "slurm", "array_parallelism": 2, "timeout_min": 10},
+                out=str(tmp_path / "runs"))
+    spec.update(changes)
+    return spec
+
+
+def write_yaml(tmp_path, spec) -> str:
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def test_grid_of_six_cells_runs_once_and_reruns_only_missing(cluster, tiny_data, tmp_path, capsys):
+    spec = make_grid(tmp_path, tiny_data)
+    grid = Grid(**spec)
+    run = launch_grid(grid)
+    assert len(run.submitted) == 6 and not run.skipped
+    sub = list((tmp_path / "runs" / "_submitit").glob("*_submission.sh"))
+    assert len(sub) == 1 and "#SBATCH --array=0-5%2" in sub[0].read_text()
+
+    most_running = 0
+
+    def watch(states):
+        nonlocal most_running
+        most_running = max(most_running, sum(s.state == "running" for s in states.values()))
+
+    t0 = time.time()
+    states = run.wait(poll_s=1, timeout_s=300, on_change=watch)
+    first = time.time() - t0
+    assert all(s.state == "done" for s in states.values()), states
+    assert 1 <= most_running <= 2
+    records = run.records()
+    assert len(records) == 6
+    assert {(r["variant"], r["rank"], r["seed"]) for r in records} == {
+        ("s3rec", None, 1), ("s3rec", None, 2), ("s3rec-lowrank", 4, 1), ("s3rec-lowrank", 4, 2),
+        ("s3rec-lowrank", 8, 1), ("s3rec-lowrank", 8, 2)}
+    assert all(0 <= r["HR@10"] <= 1 and r["protocol"] == "sampled-99" for r in records)
+
+    # Second launch: everything is done, nothing is submitted.
+    again = launch_grid(Grid(**spec))
+    assert again.submitted == [] and len(again.skipped) == 6
+    assert len(list((tmp_path / "runs" / "_submitit").glob("*_submission.sh"))) == 1
+
+    # One cell's folder deleted: the third launch (the CLI) reruns exactly that cell.
+    gone = run.cells[3]
+    shutil.rmtree(gone.folder)
+    path = write_yaml(tmp_path, spec)
+    before = dict(run.registry)
+    capsys.readouterr()
+    assert grid_cli.main([path]) == 0
+    out = capsys.readouterr().out
+    assert "1 cells submitted, 5 skipped" in out
+    after = open_grid(Grid(**spec)).registry
+    changed = [k for k in after if after[k]["job_id"] != before[k]["job_id"]]
+    assert changed == [gone.key]
+    assert gone.is_done()
+    assert grid_cli.main(["status", path]) == 0
+    assert "done=6" in capsys.readouterr().out
+    print(f"6 cells, parallelism 2: {first:.0f} s")
+
+
+def test_cancelled_job_is_reported_failed_quickly(cluster, tiny_data, tmp_path, capsys):
+    spec = make_grid(tmp_path, tiny_data, name="cancel", variants=["s3rec"], ranks=[], seeds=[1],
+                     overrides={"pretrain.epochs": 200, "finetune.epochs": 2})
+    run = launch_grid(Grid(**spec))
+    key = run.submitted[0]
+    job_id = run.registry[key]["job_id"]
+    t0 = time.time()
+    while run.states()[key].state != "running":
+        assert time.time() - t0 < 60, run.states()[key]
+        time.sleep(0.5)
+    subprocess.run(["scancel", job_id], env=cluster, check=True)
+    t1 = time.time()
+    states = run.wait(poll_s=1, timeout_s=60)
+    assert states[key].state == "failed", states[key]
+    assert time.time() - t1 < 60
+    assert job_id in states[key].detail
+    # and a fresh process sees the same, through the CLI
+    path = write_yaml(tmp_path, spec)
+    capsys.readouterr()
+    assert grid_cli.main(["status", path]) == 1
+    assert "failed=1" in capsys.readouterr().out
