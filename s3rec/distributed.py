@@ -283,7 +283,8 @@ def log_main(msg: str) -> None:
 
 
 def cleanup() -> None:
-    global _INFO
+    """Destroy the process group (and the host-side group). setup() may be called again."""
+    global _INFO, _CPU_GROUP
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-    _INFO = None
+    _INFO, _CPU_GROUP = None, None

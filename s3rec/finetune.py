@@ -8,6 +8,10 @@ full ranking); the best epoch's weights are then tested once. Writes RUN/results
 (a pretraining RUN, RUN/checkpoints or one tag in it; any world size and ZeRO stage, consolidated
 to fp32). Without --init the variant must be finetune-only (training from scratch).
 Started again with the same --out, it resumes from RUN/checkpoints/latest.
+
+Batches follow data.bucket_by_length as pretraining does (default on: every user once an epoch,
+batches of similar length, shuffled order; ~5x less padding on Beauty). The original drew plain
+random batches: data.bucket_by_length=false reproduces that.
 """
 from __future__ import annotations
 
@@ -115,7 +119,8 @@ def _body(argv, holder) -> str:
                 select_metric="MRR" if f.protocol == "sampled" else "NDCG@20",
                 patience=f.patience, on_epoch_end=on_epoch_end,
                 batches=lambda epoch, start: sampler.batches(
-                    cfg.seed, epoch, f.batch_size, info.rank, info.world_size, start))
+                    cfg.seed, epoch, f.batch_size, info.rank, info.world_size, start,
+                    cfg.data.bucket_by_length, cfg.data.bucket_size))
     trainer = Trainer(engine, task, s.run_dir, cfg, cfg.deepspeed.precision,
                       cfg.logging.tensorboard)
     holder["trainer"] = trainer
@@ -141,7 +146,7 @@ def _body(argv, holder) -> str:
 
 
 def main(argv=None) -> int:
-    return run.guarded(PROG, _body, argv)
+    return run.leave(run.guarded(PROG, _body, argv), argv)
 
 
 if __name__ == "__main__":

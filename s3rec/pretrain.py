@@ -96,7 +96,7 @@ def _body(argv, holder) -> str:
 
 
 def main(argv=None) -> int:
-    return run.guarded(PROG, _body, argv)
+    return run.leave(run.guarded(PROG, _body, argv), argv)
 
 
 if __name__ == "__main__":

@@ -180,3 +180,42 @@ def test_consolidated_weights_equal_the_module(single_process, tmp_path):
     assert set(sd) == set(from_folder) == {"emb.weight", "lin.weight", "lin.bias"}
     for k in sd:
         assert torch.equal(sd[k], from_folder[k])
+
+
+# ------------------------------------------------------------------ sharded evaluation
+
+def _eval_view(users=37, num_items=120, seed=0):
+    from s3rec.data.eval_views import EvalView
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(3, 30, size=users)
+    items = rng.integers(1, num_items + 1, size=int(lens.sum())).astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    negs = rng.integers(1, num_items + 1, size=(users, 99))
+    return EvalView(items, offsets, num_items, "test", negs, max_len=20)
+
+
+def test_length_batches_cover_each_share_once_at_one_length():
+    from s3rec.engine.evaluate import length_batches
+    view = _eval_view()
+    for world in (1, 2, 3):
+        got = np.concatenate([u for r in range(world) for u in length_batches(view, 4, r, world)])
+        assert sorted(got.tolist()) == list(range(view.num_users))
+        for r in range(world):
+            for u in length_batches(view, 4, r, world):
+                assert len(u) <= 4 and len(set(view.length[u].tolist())) == 1
+
+
+def test_metrics_do_not_depend_on_the_eval_batch_size(single_process):
+    from s3rec.engine.evaluate import evaluate
+    from s3rec.model import build_model, param_groups
+    view = _eval_view()
+    cfg = load_config(None, ["model.hidden_size=16", "model.num_layers=1", "model.inner_size=32",
+                             "model.max_seq_length=20", "finetune.batch_size=4"])
+    torch.manual_seed(0)
+    model = build_model(cfg, item_size=122, attribute_size=5)
+    engine = initialize(model, param_groups(model, cfg), build_ds_config(cfg, "finetune", 1, "cpu"))
+    for protocol in ("sampled", "full"):
+        results = [evaluate(engine, view, protocol, bs, torch.device("cpu")) for bs in (1, 5, 64)]
+        # the same ranks; float64 sums grouped differently agree to the last bits
+        assert results[1] == pytest.approx(results[0], rel=1e-12)
+        assert results[2] == pytest.approx(results[0], rel=1e-12)

@@ -28,3 +28,28 @@ def test_two_processes_train_save_and_load(launcher, zero, tiny_data, tmp_path, 
     assert len(zero_files) == (2 if zero else 0)      # optimizer states partitioned over ranks
     losses = [v for _, v in scalars(out)["loss/finetune"]]
     assert len(losses) == 4 and all(0 < v < 10 for v in losses)   # 200 users / 64 = 4 steps
+
+
+def _cluster_up() -> bool:
+    import shutil
+    import subprocess
+    if not shutil.which("srun"):
+        return False
+    return subprocess.run(["bash", "slurm/local-cluster.sh", "status"], capture_output=True,
+                          cwd=str(__import__("tests.train_helpers").train_helpers.REPO)).returncode == 0
+
+
+@pytest.mark.cluster
+def test_srun_two_tasks_on_two_nodes(tiny_data, tmp_path):
+    """`srun -N2 -n2` on the local two-node cluster: ranks from SLURM_PROCID, MASTER_ADDR from
+    `scontrol show hostnames` (node1), the port from the job id."""
+    import sys
+    if not _cluster_up():
+        pytest.skip("local SLURM cluster not running (slurm/local-cluster.sh start)")
+    out = tmp_path / "run"
+    run(["srun", "-N2", "-n2", "--kill-on-bad-exit=1", sys.executable, "-m", "s3rec.finetune",
+         *train_args(tiny_data, out, "variant=finetune-only", "finetune.epochs=1",
+                     "finetune.batch_size=64", "deepspeed.zero_stage=2")], timeout=300)
+    info = read_json(out / "run.json")
+    assert info["status"] == "done" and info["world_size"] == 2 and info["launcher"] == "slurm"
+    assert read_json(out / "results.json")["best_epoch"] == 1

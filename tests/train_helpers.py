@@ -21,7 +21,7 @@ LAUNCHER_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "MPI_LOCAL")
 def clean_env(**extra) -> dict:
     """This environment without any launcher's variables; one thread a process (2 cores)."""
     env = {k: v for k, v in os.environ.items()
-           if k not in LAUNCHER_VARS and not k.startswith(LAUNCHER_PREFIXES)}
+           if k not in LAUNCHER_VARS and (k == "SLURM_CONF" or not k.startswith(LAUNCHER_PREFIXES))}
     env.update(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.update({k: str(v) for k, v in extra.items()})
     return env

@@ -22,6 +22,7 @@ from s3rec.engine.deepspeed_setup import build_ds_config, initialize
 from s3rec.runlog import RunJson, error_line
 
 USER_ERRORS = (ConfigError, DatasetError, ckpt.ResumeError, dist.LauncherError)
+_ran_distributed = False      # set once a multi-process run has torn its process group down
 
 
 def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -102,6 +103,12 @@ def guarded(prog: str, body, argv) -> int:
     holder: dict = {}
     try:
         status = body(argv, holder)
+        # Tear the process group down while every rank is alive: left to interpreter exit, gloo's
+        # threads can abort a rank ("terminate called without an active exception").
+        global _ran_distributed
+        _ran_distributed = dist.get_world_size() > 1
+        dist.barrier()
+        dist.cleanup()
         return 0 if status in ("done", "preempted") else 1
     except USER_ERRORS as e:
         _fail(holder, e)
@@ -126,12 +133,17 @@ def _fail(holder: dict, e: BaseException) -> None:
         rj.finish("failed", error_line(e))
 
 
-def exit_with(code: int) -> None:
-    """Leave without waiting for DeepSpeed/gloo teardown races at interpreter exit."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    try:
-        dist.cleanup()
-    except Exception:
-        pass
-    os._exit(code)
+
+
+def leave(code: int, argv) -> int:
+    """The end of a program run (argv None: started from the command line). A multi-process run
+    leaves with os._exit once its files are closed: at interpreter teardown, gloo/DeepSpeed
+    threads have been seen to abort a finished rank ("terminate called without an active
+    exception", SIGABRT), which the launchers then report as a failed job. Called from Python
+    (argv given), it just returns the code."""
+    if argv is None and (_ran_distributed or dist.get_world_size() > 1):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+

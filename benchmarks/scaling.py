@@ -1,0 +1,72 @@
+"""Pretraining throughput at world size 1 and 2 on this machine:
+python benchmarks/scaling.py --data DATASET --json FILE [key=value ...]
+
+Each world size runs the real s3rec-pretrain (torchrun for 2 processes) for one epoch and reports
+samples/s = pretraining samples of the epoch / perf/epoch_s, with the same global batch
+(micro-batch halves at world size 2). CPU threads: world size 1 uses every core, world size 2
+one core per rank's share (torchrun sets OMP_NUM_THREADS=1; set it to cores/2 yourself).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(world: int, data: str, out: Path, overrides: list[str], threads: int) -> dict:
+    args = ["--data", data, "--out", str(out), "pretrain.epochs=1", "pretrain.save_epochs=[]",
+            "logging.every_steps=50", *overrides]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS=str(threads))
+    if world == 1:
+        cmd = [sys.executable, "-m", "s3rec.pretrain", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
+               "-m", "s3rec.pretrain", *args]
+    subprocess.run(cmd, check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(out), size_guidance={"scalars": 0})
+    acc.Reload()
+    epoch_s = acc.Scalars("perf/epoch_s")[-1].value
+    per_step = [e.value for e in acc.Scalars("perf/samples_per_s")]
+    return {"epoch_s": epoch_s, "median_window_samples_per_s": sorted(per_step)[len(per_step) // 2]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True)
+    p.add_argument("--json", required=True)
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(REPO))
+    from s3rec.config import load_config
+    from s3rec.data.pretrain_samples import PretrainSampler
+    from s3rec.data.reader import Dataset
+    cfg = load_config(None, args.overrides)
+    ds = Dataset(args.data)
+    items, offsets = ds.load_sequences()
+    av, ao = ds.item_attributes()
+    samples = PretrainSampler(items, offsets, av, ao, ds.num_items, cfg.model.max_seq_length,
+                              cfg.pretrain.mask_prob).num_samples
+    cores = os.cpu_count() or 1
+    root = Path(tempfile.mkdtemp(prefix="s3rec-scaling-"))
+    out = {"samples_per_epoch": samples, "cores": cores}
+    for world in (1, 2):
+        r = run(world, args.data, root / f"w{world}", args.overrides, max(1, cores // world))
+        out[f"world{world}"] = {**r, "samples_per_s": samples / r["epoch_s"]}
+    out["speedup"] = out["world2"]["samples_per_s"] / out["world1"]["samples_per_s"]
+    text = json.dumps(out, indent=2)
+    Path(args.json).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
