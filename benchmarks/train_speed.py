@@ -28,6 +28,9 @@ sys.path.insert(0, str(REPO))
 
 
 def epoch_seconds(run_dir: Path) -> float:
+    status = json.loads((run_dir / "run.json").read_text())["status"]
+    if status != "done":
+        raise SystemExit(f"{run_dir}: run status {status!r}, not done")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
@@ -146,6 +149,8 @@ def main(argv=None) -> int:
     from s3rec import finetune, pretrain
     dist.setup()
     root = Path(args.out or tempfile.mkdtemp(prefix="s3rec-bench-"))
+    if args.out and root.exists() and any(root.iterdir()):
+        raise SystemExit(f"--out {root} is not empty: the entries would resume, not measure")
     common = ["logging.every_steps=50", "checkpoint.keep_last=1", *args.overrides]
     figures: dict = {"data": str(Path(args.data).resolve()), "threads": None}
     import torch

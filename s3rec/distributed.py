@@ -150,7 +150,7 @@ def resolve(env: dict | None = None, local_rank_arg: int | None = None) -> tuple
             if world > 1:
                 raise LauncherError("RANK/WORLD_SIZE set but MASTER_PORT is not")
             env["MASTER_PORT"] = str(free_port())
-        local_world = int(env.get("LOCAL_WORLD_SIZE", "0") or 0)
+        local_world = int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or 0)  # torchrun | deepspeed
         single = local_world == world or _is_loopback(env["MASTER_ADDR"])
     elif launcher == "slurm":
         rank, local, world, single = _from_slurm(env)
@@ -199,7 +199,7 @@ def device_type() -> str:
 
 def _local_world(launcher: str, world: int) -> int:
     env = os.environ
-    for key in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
         if env.get(key, "").isdigit():
             return int(env[key])
     if launcher == "slurm":

@@ -44,9 +44,17 @@ def test_pretrain_writes_the_contract_files(pretrained, tiny_data):
     # events sit directly in RUN/ (no subfolders), HParams included
     assert not [p for p in pretrained.iterdir() if p.is_dir() and p.name != "checkpoints"]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
     acc = EventAccumulator(str(pretrained))
     acc.Reload()
-    assert "hparams" in acc.PluginTagToContent("hparams") or acc.PluginTagToContent("hparams")
+    content = acc.PluginTagToContent("hparams")
+    assert set(content) == {"_hparams_/experiment", "_hparams_/session_start_info",
+                            "_hparams_/session_end_info"}
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        content["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["variant"].string_value == "s3rec"
+    assert start.hparams["seed"].number_value == 42
+    assert start.hparams["dataset"].string_value == info["dataset"]["name"]
 
 
 def test_finetune_from_final_pt(pretrained, tiny_data, tmp_path):
@@ -108,3 +116,17 @@ def test_bad_init_and_variants_stop_with_a_message(pretrained, tiny_data, tmp_pa
     p = run(command("single", "s3rec.pretrain", train_args(
         tiny_data, tmp_path / "d", "variant=finetune-only")), expect=2)
     assert "finetune-only has no pretraining stage" in p.stderr
+
+
+def test_bf16_zero2_final_pt_holds_the_fp32_master_weights(tiny_data, tmp_path, shm_clean):
+    """bf16 (CPU: ZeRO >= 1): the module runs in bf16; final.pt must hold the fp32 masters."""
+    pre = tmp_path / "pre"
+    run(command("torchrun", "s3rec.pretrain", train_args(
+        tiny_data, pre, "pretrain.epochs=1", "deepspeed.zero_stage=2",
+        "deepspeed.precision=bf16")))
+    final = torch.load(pre / "final.pt", weights_only=True)["model"]
+    assert all(v.dtype == torch.float32 for v in final.values())
+    w = final["item_embeddings.weight"]
+    assert not torch.equal(w, w.to(torch.bfloat16).float())    # not merely bf16 values widened
+    losses = [v for _, v in scalars(pre)["loss/total"]]
+    assert all(v == v and v < 1e6 for v in losses)              # finite

@@ -110,6 +110,9 @@ class Trainer:
         self.resumed = False
         self.events: Events | None = None
         self.events_enabled = events_enabled
+        # DeepSpeed reports a gradient norm for ZeRO >= 1 and half precision; plain fp32 stage 0
+        # computes none (unless clipping), so we take it from the whole gradients at log steps.
+        self.manual_norm = engine.zero_optimization_stage() == 0 and precision == "fp32"
 
     # ------------------------------------------------------------------ resume / save
 
@@ -184,7 +187,7 @@ class Trainer:
                 if task.mean_loss:
                     scale *= den / max(global_denom, 1.0)
                 eng.backward(obj * scale)
-                if log_now and i == len(micro) - 1 and eng.zero_optimization_stage() == 0:
+                if log_now and i == len(micro) - 1 and self.manual_norm:
                     manual_norm = self._grad_norm()
                 eng.step()
                 w = (den if task.mean_loss else 1.0)

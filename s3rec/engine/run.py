@@ -22,7 +22,6 @@ from s3rec.engine.deepspeed_setup import build_ds_config, initialize
 from s3rec.runlog import RunJson, error_line
 
 USER_ERRORS = (ConfigError, DatasetError, ckpt.ResumeError, dist.LauncherError)
-_ran_distributed = False      # set once a multi-process run has torn its process group down
 
 
 def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -103,12 +102,6 @@ def guarded(prog: str, body, argv) -> int:
     holder: dict = {}
     try:
         status = body(argv, holder)
-        # Tear the process group down while every rank is alive: left to interpreter exit, gloo's
-        # threads can abort a rank ("terminate called without an active exception").
-        global _ran_distributed
-        _ran_distributed = dist.get_world_size() > 1
-        dist.barrier()
-        dist.cleanup()
         return 0 if status in ("done", "preempted") else 1
     except USER_ERRORS as e:
         _fail(holder, e)
@@ -133,17 +126,17 @@ def _fail(holder: dict, e: BaseException) -> None:
         rj.finish("failed", error_line(e))
 
 
-
-
 def leave(code: int, argv) -> int:
     """The end of a program run (argv None: started from the command line). A multi-process run
-    leaves with os._exit once its files are closed: at interpreter teardown, gloo/DeepSpeed
-    threads have been seen to abort a finished rank ("terminate called without an active
-    exception", SIGABRT), which the launchers then report as a failed job. Called from Python
-    (argv given), it just returns the code."""
-    if argv is None and (_ran_distributed or dist.get_world_size() > 1):
+    waits for every rank, then leaves with os._exit, its files closed: tearing down the process
+    group or the interpreter, gloo/DeepSpeed threads have been seen to abort a finished rank
+    ("terminate called without an active exception", SIGABRT), which launchers then report as a
+    failed job. Called from Python (argv given) it only returns the code, and the process group
+    stays up for the next call (DeepSpeed caches its groups; a destroyed group breaks it)."""
+    if argv is None and dist.get_world_size() > 1:
+        if code == 0:
+            dist.barrier()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
     return code
-
