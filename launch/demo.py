@@ -1,7 +1,8 @@
 """`s3rec-grid --demo --out DIR`: the README's one command, end to end on this machine.
 
-Makes a small synthetic dataset, runs a small grid (s3rec and s3rec-lowrank at ranks 4 and 16)
-with tiny epochs, then writes the report with `s3rec-report` when that command is installed.
+Makes a small synthetic dataset (DIR/data/synthetic), runs a small grid into DIR/runs/demo
+(s3rec and s3rec-lowrank at ranks 4 and 16, tiny epochs), then writes the report (DIR/report)
+with `s3rec-report` when that command is installed.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def demo_grid(out: Path, data: Path, executor: str = "local") -> Grid:
     return Grid(name="demo", data=[str(data)], variants=["s3rec", "s3rec-lowrank"],
                 ranks=[4, 16], seeds=[1], overrides=dict(DEMO_OVERRIDES),
                 executor={"kind": executor, "array_parallelism": 2, "timeout_min": 30},
-                out=str(out / "runs"), source="demo")
+                out=str(out / "runs" / "demo"), source="demo")   # runs/<grid>/...: s3rec-report's layout
 
 
 def run_demo(out: str | Path, executor: str = "local") -> int:
@@ -46,7 +47,7 @@ def run_demo(out: str | Path, executor: str = "local") -> int:
     data = make_demo_data(out)
     grid = demo_grid(out, data, executor)
     run = launch_grid(grid)
-    print(f"demo: {len(run.submitted)} cells submitted, {len(run.skipped)} already done", flush=True)
+    print(f"demo: {len(run.to_run)} cells to run, {len(run.skipped)} already done", flush=True)
     states = run.wait(on_change=lambda s: print(format_states(s), flush=True))
     failed = [k for k, s in states.items() if s.state == "failed"]
     for rec in run.records():

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{len(cells)} cells, executor {grid.executor.kind}, out {grid.out_path}")
         return 0
     run_ = launch_grid(grid)
-    print(f"grid {grid.name}: {len(run_.submitted)} cells submitted, {len(run_.skipped)} skipped "
+    print(f"grid {grid.name}: {len(run_.to_run)} cells submitted, {len(run_.skipped)} skipped "
           f"({grid.executor.kind}; out {grid.out_path})", flush=True)
     if args.no_wait and grid.executor.kind == "slurm":
         return 0

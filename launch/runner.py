@@ -91,8 +91,8 @@ def make_executor(grid: Grid) -> submitit.AutoExecutor:
             params["slurm_partition"] = ex.partition
         if ex.mem_gb:
             params["mem_gb"] = ex.mem_gb
-    else:
-        params["local_signal_delay_s"] = ex.signal_delay_s
+    # (AutoExecutor gives the local executor no signal delay: it sends USR2 30 s before
+    # timeout_min, which CellJob.checkpoint passes on to the training.)
     executor.update_parameters(**params)
     return executor
 
@@ -114,6 +114,11 @@ class GridRun:
         self._gone_since: dict[str, float] = {}
         self._executor: submitit.AutoExecutor | None = None
         self._exes: tuple[str, str] | None = None
+
+    @property
+    def to_run(self) -> list[str]:
+        """Keys this launch runs: submitted, or (local executor) waiting for a free slot."""
+        return self.submitted + [c.key for c in self.waiting]
 
     # ------------------------------------------------------------- submitting
     def submit(self) -> "GridRun":
