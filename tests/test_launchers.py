@@ -3,7 +3,8 @@ at every ZeRO stage: each run trains (fine-tuning from scratch, one short epoch)
 checkpoints, loads the best one back and evaluates it sharded over the two ranks."""
 import pytest
 
-from tests.train_helpers import command, read_json, run, scalars, shm_clean, tiny_data, train_args  # noqa: F401
+from tests.train_helpers import (REPO, command, read_json, run, scalars, shm_clean,  # noqa: F401
+                                 tiny_data, train_args)
 
 pytestmark = pytest.mark.multiproc
 
@@ -12,9 +13,12 @@ pytestmark = pytest.mark.multiproc
 @pytest.mark.parametrize("launcher", ["torchrun", "mpiexec", "deepspeed"])
 def test_two_processes_train_save_and_load(launcher, zero, tiny_data, tmp_path, shm_clean):
     out = tmp_path / "run"
+    # the deepspeed launcher's users pass a DeepSpeed JSON; the others the typed key
+    stage = ["--deepspeed", "--deepspeed_config", str(REPO / f"configs/deepspeed/zero{zero}.json")] \
+        if launcher == "deepspeed" else [f"deepspeed.zero_stage={zero}"]
     run(command(launcher, "s3rec.finetune", train_args(
         tiny_data, out, "variant=finetune-only", "finetune.epochs=1", "finetune.batch_size=64",
-        f"deepspeed.zero_stage={zero}", "logging.every_steps=1")))
+        "logging.every_steps=1", *stage)))
     info = read_json(out / "run.json")
     assert info["status"] == "done" and info["world_size"] == 2
     assert info["launcher"] == {"torchrun": "env", "deepspeed": "env", "mpiexec": "mpi"}[launcher]
@@ -36,7 +40,7 @@ def _cluster_up() -> bool:
     if not shutil.which("srun"):
         return False
     return subprocess.run(["bash", "slurm/local-cluster.sh", "status"], capture_output=True,
-                          cwd=str(__import__("tests.train_helpers").train_helpers.REPO)).returncode == 0
+                          cwd=REPO).returncode == 0
 
 
 @pytest.mark.cluster
