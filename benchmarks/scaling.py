@@ -3,8 +3,9 @@ python benchmarks/scaling.py --data DATASET --json FILE [key=value ...]
 
 Each world size runs the real s3rec-pretrain (torchrun for 2 processes) for one epoch and reports
 samples/s = pretraining samples of the epoch / perf/epoch_s, with the same global batch
-(micro-batch halves at world size 2). CPU threads: world size 1 uses every core, world size 2
-one core per rank's share (torchrun sets OMP_NUM_THREADS=1; set it to cores/2 yourself).
+(micro-batch halves at world size 2). CPU threads per rank: --threads (default cores / world
+size). On a machine shared with other jobs use --threads 1: OpenMP threads that outnumber the
+free cores spin and can make a step ten times slower (seen here).
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True)
     p.add_argument("--json", required=True)
+    p.add_argument("--threads", type=int, default=0, help="threads per rank (0: cores / world)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
@@ -59,8 +61,10 @@ def main(argv=None) -> int:
     root = Path(tempfile.mkdtemp(prefix="s3rec-scaling-"))
     out = {"samples_per_epoch": samples, "cores": cores}
     for world in (1, 2):
-        r = run(world, args.data, root / f"w{world}", args.overrides, max(1, cores // world))
-        out[f"world{world}"] = {**r, "samples_per_s": samples / r["epoch_s"]}
+        threads = args.threads or max(1, cores // world)
+        r = run(world, args.data, root / f"w{world}", args.overrides, threads)
+        out[f"world{world}"] = {**r, "threads_per_rank": threads,
+                                "samples_per_s": samples / r["epoch_s"]}
     out["speedup"] = out["world2"]["samples_per_s"] / out["world1"]["samples_per_s"]
     text = json.dumps(out, indent=2)
     Path(args.json).write_text(text + "\n")
