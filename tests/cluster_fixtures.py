@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -141,3 +142,14 @@ def local_run(data: Path, out: Path, nproc: int = 1, pretrain_args=PRETRAIN_ARGS
         res = subprocess.run(cmd, env=env, capture_output=True, text=True)
         assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}"
     return fine
+
+
+def seconds_per_epoch(data, tmp_path) -> float:
+    """Pretraining speed here and now (other work shares these 2 cores): 10 epochs, timed."""
+    res = subprocess.run([shutil.which("s3rec-pretrain"), "--data", str(data), "--out",
+                          str(tmp_path / "calibrate"), "--config", str(TINY), "pretrain.epochs=10",
+                          "pretrain.save_epochs=[]"], capture_output=True, text=True,
+                         env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_")})
+    assert res.returncode == 0, res.stderr[-2000:]
+    times = [float(t) for t in re.findall(r"\[pretrain\] epoch \d+/\d+ .*\(([\d.]+) s\)", res.stderr)]
+    return sum(times[1:]) / len(times[1:])

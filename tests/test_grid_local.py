@@ -10,7 +10,7 @@ from launch import grid_cli
 from launch.demo import demo_grid
 from launch.runner import launch_grid
 
-pytestmark = pytest.mark.multiproc
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
 
 def test_demo_end_to_end_and_rerun_is_a_no_op(tmp_path):

@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import threading
 import time
 
 import pytest
+import torch
 import yaml
+from submitit.core.utils import JobPaths
 
 from launch import grid_cli
 from launch.grid import Grid
 from launch.runner import launch_grid, open_grid
-from tests.cluster_fixtures import TINY, cluster, tiny_data  # noqa: F401
+from tests.cluster_fixtures import (TINY, cluster, final_metrics, local_run,  # noqa: F401
+                                    seconds_per_epoch, tiny_data)
 
 pytestmark = pytest.mark.cluster
 
@@ -102,3 +106,47 @@ def test_cancelled_job_is_reported_failed_quickly(cluster, tiny_data, tmp_path, 
     capsys.readouterr()
     assert grid_cli.main(["status", path]) == 1
     assert "failed=1" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_grid_cell_past_its_time_limit_requeues_and_resumes(cluster, tiny_data, tmp_path):
+    """submitit's USR2 (signal_delay_s before timeout_min) reaches the training, which saves;
+    CellJob.checkpoint requeues the cell, whose training resumes from latest and ends exactly as
+    an uninterrupted run of the same cell. (As in test_sbatch: sized to need >= 42 s, and the time
+    limit is lifted after the first requeue.)"""
+    per_epoch = seconds_per_epoch(tiny_data, tmp_path)
+    epochs = min(1000, max(40, int(42 / per_epoch) + 1))
+    spec = make_grid(tmp_path, tiny_data, name="timeout", variants=["s3rec"], ranks=[], seeds=[1],
+                     overrides={"pretrain.epochs": epochs, "pretrain.save_epochs": [],
+                                "finetune.epochs": 2},
+                     executor={"kind": "slurm", "array_parallelism": 1, "timeout_min": 1,
+                               "signal_delay_s": 50})
+    run = launch_grid(Grid(**spec))
+    cell = run.cells[0]
+    entry = run.registry[cell.key]
+    paths = JobPaths(entry["folder"], job_id=entry["job_id"], task_id=0)
+    log = paths.stdout          # submitit's INFO lines ("Requeued job ...") go to stdout
+    t0 = time.time()
+    # The same cell, uninterrupted, as plain processes at the same time.
+    ref = tmp_path / "ref"
+    reference = threading.Thread(target=local_run, args=(tiny_data, ref),
+                                 kwargs=dict(pretrain_args=cell.override_args(),
+                                             finetune_args=cell.override_args()))
+    reference.start()
+    while "Requeued job" not in (log.read_text() if log.exists() else ""):
+        st = run.states()[cell.key]
+        assert st.state != "done" and time.time() - t0 < 150, f"no time-limit requeue: {st}"
+        time.sleep(1)
+    subprocess.run(["scontrol", "update", f"JobId={entry['job_id']}", "TimeLimit=30"],
+                   env=cluster, check=True)
+    states = run.wait(poll_s=1, timeout_s=400)
+    reference.join()
+    assert states[cell.key].state == "done", states[cell.key]
+    text = log.read_text() + paths.stderr.read_text()
+    assert "Caught signal SIGUSR2" in text and "resumed from" in text
+    a = torch.load(cell.pretrain_dir / "final.pt", map_location="cpu", weights_only=False)["model"]
+    b = torch.load(ref / "pretrain" / "final.pt", map_location="cpu", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+    mine, theirs = final_metrics(cell.finetune_dir), final_metrics(ref / "finetune")
+    assert mine == pytest.approx(theirs, abs=1e-9)
+    print(f"grid time-limit cell: {epochs} epochs at {per_epoch:.2f} s, {time.time() - t0:.0f} s")

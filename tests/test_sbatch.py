@@ -19,6 +19,7 @@ import torch
 
 from tests.cluster_fixtures import (FINETUNE_ARGS, PRETRAIN_ARGS, TINY, cluster,  # noqa: F401
                                     job_state, local_run, run_json, sbatch, final_metrics,
+                                    seconds_per_epoch,
                                     tiny_data, wait_jobs)
 
 pytestmark = pytest.mark.cluster
@@ -63,17 +64,7 @@ def test_sbatch_matches_torchrun(cluster, tiny_data, tmp_path, torchrun_referenc
     assert_same_metrics(final_metrics(out / "finetune"), final_metrics(torchrun_reference))
 
 
-def seconds_per_epoch(data, tmp_path) -> float:
-    """Pretraining speed here and now (other work shares these 2 cores): 10 epochs, timed."""
-    res = subprocess.run([shutil.which("s3rec-pretrain"), "--data", str(data), "--out",
-                          str(tmp_path / "calibrate"), "--config", str(TINY), "pretrain.epochs=10",
-                          "pretrain.save_epochs=[]"], capture_output=True, text=True,
-                         env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_")})
-    assert res.returncode == 0, res.stderr[-2000:]
-    times = [float(t) for t in re.findall(r"\[pretrain\] epoch \d+/\d+ .*\(([\d.]+) s\)", res.stderr)]
-    return sum(times[1:]) / len(times[1:])
-
-
+@pytest.mark.slow
 def test_time_limit_requeues_and_resumes_to_same_result(cluster, tiny_data, tmp_path):
     """--time=1 with USR1 50 s before the end: the job checkpoints, requeues itself, resumes from
     checkpoints/latest and ends exactly where an uninterrupted run ends.
