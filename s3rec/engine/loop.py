@@ -122,6 +122,9 @@ class Trainer:
         if tag is None:
             return False
         saved = ckpt.load(self.engine, self.ckpt_dir, tag, self.world)
+        if saved.get("stage") != self.task.stage:
+            raise ckpt.ResumeError(f"{self.ckpt_dir / tag}: a {saved.get('stage')} checkpoint; "
+                                   f"this is {self.task.stage}: use another --out")
         self.state = TrainerState(**saved["trainer"])
         self.resumed = True
         dist.log_main(f"resumed from {self.ckpt_dir / tag}: epoch {self.state.epoch}, batch "
