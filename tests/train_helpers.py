@@ -93,7 +93,8 @@ def tiny_data(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def shm_clean():
-    """The deepspeed launcher's shared-memory all-reduce leaves 66 MB buffers in /dev/shm."""
+    """The deepspeed launcher's shared-memory all-reduce leaves 66 MB buffers in /dev/shm.
+    (MPICH's segments are removed by the runs themselves: they finalize MPI before leaving.)"""
     shm = Path("/dev/shm")
     before = set(shm.glob("deepspeed_allreduce_buffer_*")) if shm.is_dir() else set()
     yield

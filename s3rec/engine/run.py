@@ -136,6 +136,9 @@ def leave(code: int, argv) -> int:
     if argv is None and dist.get_world_size() > 1:
         if code == 0:
             dist.barrier()
+        mpi = sys.modules.get("mpi4py.MPI")       # started by mpirun: let MPI remove its
+        if mpi is not None and not mpi.Is_finalized():   # shared-memory segments
+            mpi.Finalize()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
