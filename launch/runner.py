@@ -125,8 +125,10 @@ class GridRun:
         check_data_exists(self.grid)
         self._exes = resolve_commands()
         todo = []
+        ids = [e["job_id"] for e in self.registry.values() if e["executor"] == "slurm"]
+        queued = slurm_state.queue_states(ids) if ids else {}   # one squeue call for all cells
         for cell in self.cells:
-            st = self.state_of(cell)
+            st = self.state_of(cell, queued)
             if st.state == "done":
                 self.skipped[cell.key] = "done"
             elif st.state in ("pending", "running") and cell.key in self.registry:
