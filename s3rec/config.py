@@ -103,12 +103,19 @@ class FinetuneConfig:
     patience: int = 10               # (int) early stopping: epochs without strict improvement
     protocol: str = "sampled"        # (str) sampled: answer + 99 negatives | full: every item
     eval_batch_size: int = 512       # (int) users per evaluation batch
+    length_chunks: int = 4           # (int) compute each batch as this many groups of rows of similar
+                                     #   length, each trimmed to its longest: same batch, same loss
+                                     #   mean, ~4x less padding (1 = the whole batch padded together)
+    bucket_by_length: bool = False   # (bool) length-bucketed batches (less padding, faster); off =
+                                     #   the original's plain random batches, which the published
+                                     #   numbers need (bucketing changes each batch's loss mean)
 
 
 @dataclass
 class DataConfig:
     num_workers: int = 0             # (int) DataLoader workers (each opens shards lazily)
-    bucket_by_length: bool = True    # (bool) length-bucketed batches (pretraining), trimmed padding
+    bucket_by_length: bool = True    # (bool) length-bucketed pretraining batches (same samples and
+                                     #   sums, less padding); fine-tuning has finetune.bucket_by_length
     bucket_size: int = 50            # (int) batches per shuffled length bucket
 
 

@@ -230,3 +230,34 @@ def finetune_batch_loss(model, input_ids: torch.Tensor, positions: torch.Tensor,
     target = pos_ids > 0                                                # [B, L]
     emb = model.item_embeddings
     return finetune_loss(hidden[target], emb(pos_ids[target]), emb(neg_ids[target]), form)
+
+
+def finetune_batch_loss_chunked(model, input_ids: torch.Tensor, positions: torch.Tensor,
+                                pos_ids: torch.Tensor, neg_ids: torch.Tensor, chunks: int,
+                                form: str = "original") -> torch.Tensor:
+    """`finetune_batch_loss` of the same batch, computed over `chunks` groups of rows of similar
+    length, each trimmed to its own longest row. Rows never attend to each other and positions
+    are absolute, so this is the same mean over the same positions with far less padding
+    (a random batch of 256 Beauty users is padded to ~50; its rows average ~8 items).
+    input_ids, positions, pos_ids, neg_ids [B, L]."""
+    if chunks <= 1 or input_ids.shape[0] <= 1:
+        return finetune_batch_loss(model, input_ids, positions, pos_ids, neg_ids, form)
+    lengths = (input_ids > 0).sum(1)                                    # [B]
+    order = torch.argsort(lengths, stable=True)
+    total_pos = (pos_ids > 0).sum().clamp(min=1)
+    L = input_ids.shape[1]
+    maxlen = lengths[order].tolist()                                    # one host read a batch
+    total = input_ids.new_zeros((), dtype=torch.float32)
+    B = input_ids.shape[0]
+    for c in range(chunks):
+        lo, hi = B * c // chunks, B * (c + 1) // chunks
+        if hi <= lo:
+            continue
+        rows = order[lo:hi]
+        keep = max(int(maxlen[hi - 1]), 1)                              # longest row of the chunk
+        sl = (rows, slice(L - keep, L))
+        part = finetune_batch_loss(model, input_ids[sl[0]][:, sl[1]], positions[sl[0]][:, sl[1]],
+                                   pos_ids[sl[0]][:, sl[1]], neg_ids[sl[0]][:, sl[1]], form)
+        n = (pos_ids[sl[0]][:, sl[1]] > 0).sum()
+        total = total + part * n                                        # back to a sum
+    return total / total_pos

@@ -293,3 +293,28 @@ def test_finetune_loss_equals_original_including_saturation():
     assert abs(big.item() - 2 * 24 * math.log(10)) < 1e-3
     assert abs(finetune_loss(h, torch.tensor([[-200.0]]), torch.tensor([[200.0]]), "logits").item()
                - 400.0) < 1e-3
+
+
+def test_finetune_chunked_loss_equals_the_whole_batch():
+    """Length chunks trim padding per group of rows; in eval mode the loss equals the padded
+    batch's exactly (rows do not interact, positions are absolute)."""
+    from s3rec.config import Config
+    from s3rec.model import build_model
+    from s3rec.objectives import finetune_batch_loss, finetune_batch_loss_chunked
+    torch.manual_seed(0)
+    cfg = Config()
+    model = build_model(cfg, 40, 9).eval()
+    B, L = 13, 50
+    lengths = torch.randint(1, L + 1, (B,))
+    items = torch.zeros(B, L, dtype=torch.long)
+    target = torch.zeros(B, L, dtype=torch.long)
+    neg = torch.zeros(B, L, dtype=torch.long)
+    for r, n in enumerate(lengths.tolist()):
+        items[r, L - n:] = torch.randint(1, 39, (n,))
+        target[r, L - n:] = torch.randint(1, 39, (n,))
+        neg[r, L - n:] = torch.randint(1, 39, (n,))
+    positions = torch.arange(L).expand(B, L)
+    whole = finetune_batch_loss(model, items, positions, target, neg)
+    for chunks in (2, 4, 13, 20):
+        part = finetune_batch_loss_chunked(model, items, positions, target, neg, chunks)
+        torch.testing.assert_close(part, whole, rtol=1e-5, atol=1e-6)
