@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from s3rec.data.pretrain_samples import (TAG_FINETUNE, check_csr, check_rank, check_start,
-                                         draw_excluding,
-                                         epoch_order, left_padded, make_rng, rank_slice)
+                                         draw_excluding, epoch_order, iterate_batches,
+                                         left_padded, make_rng, rank_slice)
 
 _ORDER, _NEG = 0, 1
 
@@ -90,13 +90,9 @@ class FinetuneSampler:
         check_start(start_batch, self.num_batches(batch_size))
         order, batch_ids = epoch_order(self.length, make_rng(seed, TAG_FINETUNE, epoch, _ORDER),
                                        batch_size, bucket_by_length, bucket_size)
-        return self._iter(order, batch_ids, seed, epoch, batch_size, rank, world_size, start_batch)
+        return iterate_batches(self.make_batch, order, batch_ids, seed, epoch, batch_size, rank,
+                               world_size, start_batch)
 
-    def _iter(self, order, batch_ids, seed, epoch, batch_size, rank, world_size, start_batch):
-        for k in range(start_batch, len(batch_ids)):
-            b = batch_ids[k]
-            ids = order[b * batch_size:(b + 1) * batch_size]
-            yield self.make_batch(ids, seed, epoch, k, rank_slice(len(ids), rank, world_size))
 
     def make_batch(self, ids: np.ndarray, seed: int, epoch: int, index: int,
                    rows: slice = slice(None)) -> FinetuneBatch:

@@ -74,6 +74,16 @@ def rank_slice(b: int, rank: int, world_size: int) -> slice:
     return slice(b * rank // world_size, b * (rank + 1) // world_size)
 
 
+
+def iterate_batches(make_batch, order, batch_ids, seed, epoch, batch_size, rank, world_size,
+                    start_batch):
+    """Global batches `batch_ids[start_batch:]` of an epoch's `order`, each cut to this rank's
+    rows by `make_batch(ids, seed, epoch, index, rows)` (shared by both samplers)."""
+    for k in range(start_batch, len(batch_ids)):
+        b = batch_ids[k]
+        ids = order[b * batch_size:(b + 1) * batch_size]
+        yield make_batch(ids, seed, epoch, k, rank_slice(len(ids), rank, world_size))
+
 def check_rank(batch_size: int, rank: int, world_size: int) -> None:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -231,13 +241,9 @@ class PretrainSampler:
         check_start(start_batch, self.num_batches(batch_size))
         order, batch_ids = epoch_order(self.sample_length, make_rng(seed, TAG_PRETRAIN, epoch, _ORDER),
                                        batch_size, bucket_by_length, bucket_size)
-        return self._iter(order, batch_ids, seed, epoch, batch_size, rank, world_size, start_batch)
+        return iterate_batches(self.make_batch, order, batch_ids, seed, epoch, batch_size, rank,
+                               world_size, start_batch)
 
-    def _iter(self, order, batch_ids, seed, epoch, batch_size, rank, world_size, start_batch):
-        for k in range(start_batch, len(batch_ids)):
-            b = batch_ids[k]
-            ids = order[b * batch_size:(b + 1) * batch_size]
-            yield self.make_batch(ids, seed, epoch, k, rank_slice(len(ids), rank, world_size))
 
     def make_batch(self, ids: np.ndarray, seed: int, epoch: int, index: int,
                    rows: slice = slice(None)) -> PretrainBatch:
