@@ -264,7 +264,8 @@ class GridRun:
         slurm_ids = [e["job_id"] for k, e in self.registry.items() if e["executor"] == "slurm"]
         slurm_state.cancel(slurm_ids)
         for job in self.jobs.values():
-            if job.state == "RUNNING" and not isinstance(job, submitit.SlurmJob):
+            # (SlurmJob.state would ask sacct, which the local cluster does not have.)
+            if not isinstance(job, submitit.SlurmJob) and job.state == "RUNNING":
                 job.cancel(check=False)
 
     # ------------------------------------------------------------- results
