@@ -13,7 +13,12 @@ if ((${#need_apt[@]})); then
 fi
 
 # torch is pinned to the CPU wheel this machine has on disk (see setup.py).
-if ! python3 -c "import s3rec, deepspeed, h5py, mpi4py, submitit, tensorboard, matplotlib" 2>/dev/null \
+# Reinstall also when the installed package is another checkout's (an editable install points at
+# one folder; CI clones the repository elsewhere).
+here=$(pwd -P)
+installed=$(cd / && python3 -c "import os, s3rec; print(os.path.dirname(os.path.dirname(os.path.realpath(s3rec.__file__))))" 2>/dev/null || true)
+if [ "$installed" != "$here" ] \
+   || ! (cd / && python3 -c "import deepspeed, h5py, mpi4py, submitit, tensorboard, matplotlib, data_prep, launch, analysis") 2>/dev/null \
    || ! command -v s3rec-prep >/dev/null || ! command -v mpiexec >/dev/null; then
   python3 -m pip install -q -e ".[dev]"
 fi
