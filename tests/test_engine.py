@@ -114,8 +114,20 @@ def tiny_loss(m, x):
 
 @pytest.fixture(scope="module")
 def single_process():
+    """A world of one in this pytest process. setup() writes RANK/WORLD_SIZE/MASTER_PORT into
+    os.environ and binds the port: undo both, or every later test's subprocess inherits them
+    and fails on the taken port (EADDRINUSE)."""
+    import os
+    import torch.distributed
     from s3rec import distributed as dist
-    return dist.setup()
+    saved = dict(os.environ)
+    try:
+        yield dist.setup()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _engine(stage=0):
