@@ -43,7 +43,7 @@ def _body(argv, holder) -> str:
     items, offsets = ds.load_sequences()
     attr_values, attr_offsets = ds.item_attributes()
     sampler = PretrainSampler(items, offsets, attr_values, attr_offsets, ds.num_items,
-                              cfg.model.max_seq_length, p.mask_prob)
+                              cfg.model.max_seq_length, p.mask_prob, p.sp_negatives)
     ckpt.seed_everything(cfg.seed)              # the same initial model on every rank
     model = build_model(cfg, ds.item_size, ds.attribute_size)
     ckpt.seed_everything(cfg.seed + 1000003 * info.rank)   # per-rank dropout streams
@@ -51,10 +51,13 @@ def _body(argv, holder) -> str:
     engine = run.make_engine(s, "pretrain", model, param_groups(model, cfg, p.weight_decay))
     precision = cfg.deepspeed.precision
     weights, info_ds = p.weights, run.dataset_info(ds)
+    # Objectives with weight 0 are neither computed nor logged (a flat 0 curve would read as a
+    # perfectly learned objective).
+    names = tuple(n for n in LOSS_NAMES if n == "total" or getattr(weights, n) > 0)
 
     def loss(m, b):
         out = pretrain_losses(m, b, weights, p.reduction, p.pair_form)
-        return out["total"], [out[n] for n in LOSS_NAMES]
+        return out["total"], [out[n] for n in names]
 
     def count(b):
         n = b.masked_items.shape[0]
@@ -72,7 +75,7 @@ def _body(argv, holder) -> str:
             save_weights(f"epoch-{done}.pt", tag)
 
     task = Task(stage="pretrain", epochs=p.epochs, num_batches=sampler.num_batches(p.batch_size),
-                log_names=LOSS_NAMES, count=count, loss=loss, on_epoch_end=on_epoch_end,
+                log_names=names, count=count, loss=loss, on_epoch_end=on_epoch_end,
                 batches=lambda epoch, start: sampler.batches(
                     cfg.seed, epoch, p.batch_size, cfg.data.bucket_by_length,
                     cfg.data.bucket_size, info.rank, info.world_size, start))
@@ -89,7 +92,7 @@ def _body(argv, holder) -> str:
         tag = trainer.save(trainer._new_acc())
     save_weights("final.pt", tag)
     trainer.events.hparams(run.hparams(s, "pretrain"),
-                           [f"epoch/loss_{n}" for n in LOSS_NAMES])
+                           [f"epoch/loss_{n}" for n in names])
     s.runjson.finish("done")
     dist.log_main(f"pretraining done: {s.run_dir / 'final.pt'}")
     return status

@@ -130,3 +130,20 @@ def test_bf16_zero2_final_pt_holds_the_fp32_master_weights(tiny_data, tmp_path, 
     assert not torch.equal(w, w.to(torch.bfloat16).float())    # not merely bf16 values widened
     losses = [v for _, v in scalars(pre)["loss/total"]]
     assert all(v == v and v < 1e6 for v in losses)              # finite
+
+
+def test_ablation_skips_and_does_not_log_a_zero_weight_objective(tiny_data, tmp_path):
+    """pretrain.weights.sp=0: SP is neither computed nor logged (no flat zero curve), the other
+    objectives are; pretrain.sp_negatives reaches the sampler (an unknown value is refused)."""
+    out = tmp_path / "no-sp"
+    run(command("single", "s3rec.pretrain",
+                train_args(tiny_data, out, "pretrain.weights.sp=0", "pretrain.epochs=1",
+                           "pretrain.sp_negatives=train")))
+    tags = scalars(out)
+    assert "loss/sp" not in tags and "epoch/loss_sp" not in tags
+    assert {"loss/aap", "loss/mip", "loss/map", "loss/total", "epoch/loss_total"} <= set(tags)
+    assert read_json(out / "run.json")["config"]["pretrain"]["sp_negatives"] == "train"
+    bad = run(command("single", "s3rec.pretrain",
+                      train_args(tiny_data, tmp_path / "bad", "pretrain.sp_negatives=test")),
+              expect=2)
+    assert "pretrain.sp_negatives" in bad.stderr + bad.stdout
