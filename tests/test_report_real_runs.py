@@ -34,6 +34,34 @@ def _raw_scalars(folder: Path) -> list[tuple[str, int, float]]:
     return out
 
 
+def _start_and_kill_a_finetune(data: Path, runs: Path, over: list[str], cwd: Path) -> Path:
+    """A real fine-tune (no pretraining, many epochs) killed with SIGKILL once its first
+    validation is logged: its run.json still says running and it has no results.json."""
+    import os
+    import signal
+    import time
+    folder = runs / "synth" / "finetune-only" / "rfull" / "s1" / "finetune"
+    proc = subprocess.Popen(["s3rec-finetune", "--data", str(data), "--out", str(folder),
+                             "--config", str(TINY), "variant=finetune-only", "seed=1",
+                             "finetune.epochs=500", "finetune.patience=500"], cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            rj = folder / "run.json"
+            if rj.exists() and json.loads(rj.read_text()).get("epoch", 0) >= 1:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the fine-tune to kill ended by itself"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert json.loads((folder / "run.json").read_text())["status"] == "running"
+    assert not (folder / "results.json").exists()
+    return folder
+
+
 @pytest.mark.slow
 def test_report_on_a_real_tiny_grid(tmp_path):
     data = tmp_path / "data" / "synth"
@@ -49,11 +77,17 @@ def test_report_on_a_real_tiny_grid(tmp_path):
         _run(["s3rec-finetune", "--data", str(data), "--out", str(cell / "finetune"),
               "--init", str(cell / "pretrain" / "final.pt"), "--config", str(TINY), *over,
               *extra], tmp_path)
+    killed = _start_and_kill_a_finetune(data, runs, over, tmp_path)
     out = tmp_path / "report"
     _run(["s3rec-report", str(runs), "--out", str(out)], tmp_path)
 
     with open(out / "runs.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+        every = list(csv.DictReader(f))
+    dead = [r for r in every if Path(r["path"]) == killed]
+    assert len(dead) == 1 and dead[0]["status"] == "unfinished"      # killed -9: never dropped
+    text = (out / "report.md").read_text()
+    assert "finetune-only" in text and "unfinished" in text       # listed, with its state
+    rows = [r for r in every if Path(r["path"]) != killed]
     assert len(rows) == 4 and {r["status"] for r in rows} == {"done"}
     for row in rows:
         folder = Path(row["path"])
