@@ -115,7 +115,7 @@ def test_grid_cell_past_its_time_limit_requeues_and_resumes(cluster, tiny_data, 
     an uninterrupted run of the same cell. (As in test_sbatch: sized to need >= 42 s, and the time
     limit is lifted after the first requeue.)"""
     per_epoch = seconds_per_epoch(tiny_data, tmp_path)
-    epochs = min(250, max(40, int(42 / per_epoch) + 1))   # capped: see test_sbatch
+    epochs = min(3000, max(40, int(60 / per_epoch) + 1))   # capped: see test_sbatch
     spec = make_grid(tmp_path, tiny_data, name="timeout", variants=["s3rec"], ranks=[], seeds=[1],
                      overrides={"pretrain.epochs": epochs, "pretrain.save_epochs": [],
                                 "finetune.epochs": 2},
