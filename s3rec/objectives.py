@@ -255,9 +255,7 @@ def finetune_batch_loss_chunked(model, input_ids: torch.Tensor, positions: torch
             continue
         rows = order[lo:hi]
         keep = max(int(maxlen[hi - 1]), 1)                              # longest row of the chunk
-        sl = (rows, slice(L - keep, L))
-        part = finetune_batch_loss(model, input_ids[sl[0]][:, sl[1]], positions[sl[0]][:, sl[1]],
-                                   pos_ids[sl[0]][:, sl[1]], neg_ids[sl[0]][:, sl[1]], form)
-        n = (pos_ids[sl[0]][:, sl[1]] > 0).sum()
-        total = total + part * n                                        # back to a sum
+        ids, pos, tgt, neg = (t[rows, L - keep:] for t in (input_ids, positions, pos_ids, neg_ids))
+        part = finetune_batch_loss(model, ids, pos, tgt, neg, form)
+        total = total + part * (tgt > 0).sum()                          # back to a sum
     return total / total_pos

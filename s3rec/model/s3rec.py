@@ -74,22 +74,6 @@ class S3RecModel(nn.Module):
     def head(self, name: str) -> nn.Module:
         return getattr(self, f"{name}_norm")
 
-    @property
-    def aap_head(self) -> nn.Module:
-        return self.aap_norm
-
-    @property
-    def mip_head(self) -> nn.Module:
-        return self.mip_norm
-
-    @property
-    def map_head(self) -> nn.Module:
-        return self.map_norm
-
-    @property
-    def sp_head(self) -> nn.Module:
-        return self.sp_norm
-
     def finetune_scores(self, last: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """last [U, d] (the last position's output), candidates [U, C] item ids -> [U, C] dot
         products with the item embeddings (the original's scores)."""
