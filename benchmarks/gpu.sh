@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A short check on one lent GPU (e.g. H100): NCCL, bf16, ZeRO 2; one Beauty pretraining epoch
-# timed, then a short fine-tune from it, then benchmarks/train_speed.py on the GPU.
+# timed, then a short fine-tune from it; then the step comparison of benchmarks/train_speed.py
+# (plain PyTorch vs DeepSpeed, ms and device syncs per step) for fp32/bf16/fp16 at ZeRO 0 and 2.
 #
 #   bash benchmarks/gpu.sh BEAUTY [OUT]
 #
@@ -34,8 +35,10 @@ t1=$(date +%s.%N)
 python -m s3rec.finetune --data "$DATA" --out "$OUT/finetune" --config configs/beauty.yaml \
   --init "$OUT/pretrain/final.pt" finetune.epochs=3 $GPU
 t2=$(date +%s.%N)
-python benchmarks/train_speed.py --data "$DATA" --json "$OUT/train_speed_bf16_zero2.json" \
-  --out "$OUT/speed" --overhead-steps 200 deepspeed.precision=bf16 deepspeed.zero_stage=2
+for v in fp32:0 bf16:0 bf16:2 fp16:2; do
+  python benchmarks/train_speed.py --data "$DATA" --json "$OUT/step_${v/:/_zero}.json" \
+    --overhead-only --overhead-steps 300 deepspeed.precision=${v%:*} deepspeed.zero_stage=${v#*:}
+done
 python - "$OUT" "$t0" "$t1" "$t2" <<'PY'
 import json, sys
 from pathlib import Path
@@ -47,7 +50,7 @@ def last(run, tag):
 res = {"pretrain_wall_s": t1 - t0, "pretrain_epoch_s": last("pretrain", "perf/epoch_s"),
        "finetune_wall_s": t2 - t1, "finetune_epoch_s": last("finetune", "perf/epoch_s"),
        "finetune_results": json.loads((Path(out) / "finetune/results.json").read_text()),
-       "train_speed": json.loads((Path(out) / "train_speed_bf16_zero2.json").read_text())}
+       "steps": {p.stem: json.loads(p.read_text()) for p in sorted(Path(out).glob("step_*.json"))}}
 (Path(out) / "gpu.json").write_text(json.dumps(res, indent=2) + "\n")
 print(json.dumps(res, indent=2))
 PY

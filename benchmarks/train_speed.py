@@ -8,7 +8,11 @@ Runs the real entries in this process (world size 1, DeepSpeed ZeRO 0, fp32 unle
   peak_rss_mb        peak resident memory of this process (all of the above)
 and, to see what DeepSpeed costs per step, the same N pretraining batches through a plain
 PyTorch loop (model + torch.optim.Adam) and through the engine:
-  plain_step_ms, deepspeed_step_ms, deepspeed_overhead_ms
+  plain_step_ms, deepspeed_step_ms, deepspeed_overhead_ms, plain_ops_per_step
+  plain_syncs_per_step, deepspeed_syncs_per_step   (CUDA: host waits on the device per step)
+--overhead-only runs just that comparison; with a tiny model (model.hidden_size=8
+model.inner_size=16 model.num_heads=1 pretrain.batch_size=4) the step's compute vanishes and what
+is left is the host's cost per step, which is what bounds this small model's step on a GPU.
 Extra `key=value` arguments override the config of every stage (e.g. deepspeed.zero_stage=2).
 """
 from __future__ import annotations
@@ -37,8 +41,31 @@ def epoch_seconds(run_dir: Path) -> float:
     return acc.Scalars("perf/epoch_s")[-1].value
 
 
+def _count_ops(step) -> int:
+    """ATen operators dispatched by one call of `step` (forward, backward and optimizer): what
+    the host pays for on a GPU, one launch or more each, whatever the tensor sizes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        step()
+    return Count.n
+
+
 def step_overhead(data: str, overrides: list[str], steps: int) -> dict:
-    """ms per pretraining step, plain PyTorch vs the DeepSpeed engine, on the same batches."""
+    """ms per pretraining step, plain PyTorch vs the DeepSpeed engine, on the same batches, each
+    taken from the host as the training loop does (index computed on the host, then `to`).
+    On CUDA also the device syncs per step (torch.cuda.set_sync_debug_mode warnings): each one
+    makes the host wait for the GPU to drain."""
+    import dataclasses
+    import warnings
+
     import torch
 
     from s3rec import distributed as dist
@@ -47,7 +74,7 @@ def step_overhead(data: str, overrides: list[str], steps: int) -> dict:
     from s3rec.data.reader import Dataset
     from s3rec.engine.deepspeed_setup import build_ds_config, initialize
     from s3rec.model import build_model, param_groups
-    from s3rec.objectives import pretrain_losses
+    from s3rec.objectives import pretrain_index, pretrain_losses
 
     cfg = load_config(None, overrides)
     ds = Dataset(data)
@@ -56,46 +83,64 @@ def step_overhead(data: str, overrides: list[str], steps: int) -> dict:
     sampler = PretrainSampler(items, offsets, av, ao, ds.num_items, cfg.model.max_seq_length,
                               cfg.pretrain.mask_prob)
     warm = 20
-    batches = list(itertools.islice(sampler.batches(cfg.seed, 0, cfg.pretrain.batch_size),
-                                    steps + warm))
+    batches = [dataclasses.replace(b, index=pretrain_index(b)) for b in itertools.islice(
+        sampler.batches(cfg.seed, 0, cfg.pretrain.batch_size), steps + warm)]
     device = dist.info().device
-    batches = [b.to(device) for b in batches]
     w = cfg.pretrain.weights
+    cuda = device.type == "cuda"
 
     def sync():
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
+
+    def timed(step) -> tuple[float, float | None]:
+        """(ms per step, device syncs per step or None off CUDA)"""
+        for b in batches[:warm]:
+            step(b)
+        sync()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if cuda:
+                torch.cuda.set_sync_debug_mode("warn")
+            t = time.perf_counter()
+            for b in batches[warm:]:
+                step(b)
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
+            sync()
+            ms = 1000 * (time.perf_counter() - t) / steps
+        syncs = sum("synchroniz" in str(c.message) for c in caught)
+        return ms, (syncs / steps if cuda else None)
 
     torch.manual_seed(0)
     model = build_model(cfg, ds.item_size, ds.attribute_size).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.pretrain.lr)
-    for i, b in enumerate(batches):
-        if i == warm:
-            sync()
-            t = time.perf_counter()
-        loss = pretrain_losses(model, b, w)["total"]
+
+    def plain_step(hb):
+        loss = pretrain_losses(model, hb.to(device), w)["total"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    sync()
-    plain = (time.perf_counter() - t) / steps
+
+    plain, plain_syncs = timed(plain_step)
+    ops = _count_ops(lambda: plain_step(batches[0]))
 
     torch.manual_seed(0)
     model = build_model(cfg, ds.item_size, ds.attribute_size).to(device)
     engine = initialize(model, param_groups(model, cfg),
                         build_ds_config(cfg, "pretrain", 1, device.type))
     fn = lambda m, b: pretrain_losses(m, b, w)["total"]
-    for i, b in enumerate(batches):
-        if i == warm:
-            sync()
-            t = time.perf_counter()
-        loss = engine(fn, b)
+
+    def ds_step(hb):
+        loss = engine(fn, hb.to(device))
         engine.backward(loss)
         engine.step()
-    sync()
-    ds_step = (time.perf_counter() - t) / steps
-    return {"plain_step_ms": 1000 * plain, "deepspeed_step_ms": 1000 * ds_step,
-            "deepspeed_overhead_ms": 1000 * (ds_step - plain), "overhead_steps": steps}
+
+    ds_ms, ds_syncs = timed(ds_step)
+    return {"plain_step_ms": plain, "deepspeed_step_ms": ds_ms,
+            "deepspeed_overhead_ms": ds_ms - plain, "overhead_steps": steps,
+            "plain_ops_per_step": ops, "plain_syncs_per_step": plain_syncs,
+            "deepspeed_syncs_per_step": ds_syncs}
 
 
 def eval_seconds(data: str, init: Path, overrides: list[str]) -> dict:
@@ -142,8 +187,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="run folders (default: a temporary folder)")
     p.add_argument("--overhead-steps", type=int, default=200,
                    help="pretraining steps timed for the DeepSpeed overhead (0 = skip)")
+    p.add_argument("--overhead-only", action="store_true",
+                   help="only the step comparison (with tiny model.* / batch overrides it measures "
+                        "the host's cost per step: what bounds a GPU step of this small model)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
+    if args.overhead_only and not args.overhead_steps:
+        raise SystemExit("--overhead-only needs --overhead-steps > 0")
 
     from s3rec import distributed as dist
     from s3rec import finetune, pretrain
@@ -156,6 +206,9 @@ def main(argv=None) -> int:
     import torch
     figures["threads"] = torch.get_num_threads()
 
+    if args.overhead_only:
+        figures.update(step_overhead(args.data, args.overrides, args.overhead_steps))
+        return _write(figures, args.json)
     t = time.perf_counter()
     rc = pretrain.main(["--data", args.data, "--out", str(root / "pretrain"), "pretrain.epochs=1",
                         "pretrain.save_epochs=[]", *common])
@@ -175,9 +228,15 @@ def main(argv=None) -> int:
     figures.update(eval_seconds(args.data, root / "pretrain" / "final.pt", args.overrides))
     if args.overhead_steps:
         figures.update(step_overhead(args.data, args.overrides, args.overhead_steps))
+    return _write(figures, args.json)
+
+
+def _write(figures: dict, path: str) -> int:
     figures["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     text = json.dumps(figures, indent=2)
-    Path(args.json).write_text(text + "\n")
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(text + "\n")
+    tmp.replace(path)
     print(text)
     return 0
 

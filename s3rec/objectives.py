@@ -12,7 +12,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from s3rec.data.batch import PretrainBatch
+from s3rec.data.batch import PretrainBatch, PretrainIndex
 
 OBJECTIVES = ("aap", "mip", "map", "sp")
 _BCE_EPS = 1e-12       # BCELoss backward divides by max(p (1 - p), 1e-12)
@@ -120,27 +120,39 @@ def _weight(weights, name: str) -> float:
     return float(weights[name] if isinstance(weights, Mapping) else getattr(weights, name))
 
 
-def _targets_at(select: torch.Tensor, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _targets_at(select: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
     """select [P] bool over flat positions; pairs [T, 2] (flat position, attribute) ->
-    (row among the selected positions, attribute) for the pairs at selected positions."""
+    [T', 2] (row among the selected positions, attribute) for the pairs at selected positions."""
     row_of = torch.full((select.numel(),), -1, dtype=torch.int64, device=select.device)
     row_of[select] = torch.arange(int(select.sum()), device=select.device)
     rows = row_of[pairs[:, 0]]
     keep = rows >= 0
-    return rows[keep], pairs[keep, 1]
+    return torch.stack([rows[keep], pairs[keep, 1]], dim=1)
 
 
-def _unique_pairs(pairs: torch.Tensor, num_cols: int) -> torch.Tensor:
+def _unique_pairs(pairs: torch.Tensor) -> torch.Tensor:
     """Drop repeated (position, attribute) pairs: the multi-hot target is a set (the release's
     attribute lists can repeat an id)."""
     if pairs.ndim != 2 or pairs.shape[1] != 2:
         raise ValueError(f"attr_index must be [T, 2] (flat position, attribute), got "
                          f"{list(pairs.shape)}")
-    if pairs.numel() and int(pairs[:, 1].max()) >= num_cols:
-        raise ValueError(f"attr_index holds attribute {int(pairs[:, 1].max())} but the model has "
-                         f"attribute_size {num_cols}")
-    key = torch.unique(pairs[:, 0] * num_cols + pairs[:, 1])
-    return torch.stack([key // num_cols, key % num_cols], dim=1)
+    if not pairs.numel():
+        return pairs
+    cols = int(pairs[:, 1].max()) + 1
+    key = torch.unique(pairs[:, 0] * cols + pairs[:, 1])
+    return torch.stack([key // cols, key % cols], dim=1)
+
+
+def pretrain_index(batch: PretrainBatch) -> PretrainIndex:
+    """Where the objectives of `batch` read (see PretrainIndex). Run on the host (the engine does,
+    before the batch goes to the device); on a device it is correct but reads back several times."""
+    masked = batch.masked.reshape(-1)                                   # [B*L]
+    unmasked = (batch.original_items.reshape(-1) != 0) & ~masked        # [B*L]
+    pairs = _unique_pairs(batch.attr_index)                             # [T, 2]
+    return PretrainIndex(
+        unmasked=unmasked.nonzero().squeeze(1), masked=masked.nonzero().squeeze(1),
+        aap_targets=_targets_at(unmasked, pairs), map_targets=_targets_at(masked, pairs),
+        max_attribute=int(pairs[:, 1].max()) if pairs.numel() else -1)
 
 
 def pretrain_losses(model, batch: PretrainBatch, weights, reduction: str = "sum",
@@ -151,8 +163,9 @@ def pretrain_losses(model, batch: PretrainBatch, weights, reduction: str = "sum"
     One encoder pass (bidirectional) over the masked input and, when SP counts, the three SP
     sequences stacked into [4B, L]. An objective whose weight is 0 is not computed (its entry is
     a zero tensor). Returns {"aap", "mip", "map", "sp", "total"}; with reduction "sum" (the
-    original) each is summed over the batch. `mask_id`, if given, checks that `masked` agrees
-    with the input."""
+    original) each is summed over the batch. Rows and targets are read through batch.index
+    (computed here when the batch has none), so a step with an index never waits on the
+    device. `mask_id`, if given, checks that `masked` agrees with the input."""
     w = {name: _weight(weights, name) for name in OBJECTIVES}
     B, L = batch.masked_items.shape
     need_main = w["aap"] > 0 or w["mip"] > 0 or w["map"] > 0
@@ -172,26 +185,28 @@ def pretrain_losses(model, batch: PretrainBatch, weights, reduction: str = "sum"
     d = hidden.shape[-1]
 
     if need_main:
+        idx = batch.index if batch.index is not None else pretrain_index(batch)
         flat = hidden[:B].reshape(B * L, d)                             # [B*L, d]
-        masked = batch.masked.reshape(-1)                               # [B*L]
         attr_table = model.attribute_embeddings.weight                  # [A, d]
-        pairs = None
-        if w["aap"] > 0 or w["map"] > 0:
-            pairs = _unique_pairs(batch.attr_index, attr_table.shape[0])
+        if (w["aap"] > 0 or w["map"] > 0) and idx.max_attribute >= attr_table.shape[0]:
+            raise ValueError(f"attr_index holds attribute {idx.max_attribute} but the model has "
+                             f"attribute_size {attr_table.shape[0]}")
+        at_masked = (flat.index_select(0, idx.masked)                   # [M, d]
+                     if w["map"] > 0 or w["mip"] > 0 else None)
         if w["aap"] > 0:
-            sel = (batch.original_items.reshape(-1) != 0) & ~masked
-            rows, cols = _targets_at(sel, pairs)
-            out["aap"] = attribute_loss(flat[sel], attr_table, model.aap_norm, rows, cols,
-                                        reduction)
+            t = idx.aap_targets                                         # [Ta, 2]
+            out["aap"] = attribute_loss(flat.index_select(0, idx.unmasked), attr_table,
+                                        model.aap_norm, t[:, 0], t[:, 1], reduction)
         if w["map"] > 0:
-            rows, cols = _targets_at(masked, pairs)
-            out["map"] = attribute_loss(flat[masked], attr_table, model.map_norm, rows, cols,
+            t = idx.map_targets                                         # [Tm, 2]
+            out["map"] = attribute_loss(at_masked, attr_table, model.map_norm, t[:, 0], t[:, 1],
                                         reduction)
         if w["mip"] > 0:
             emb = model.item_embeddings
-            out["mip"] = mip_loss(flat[masked], emb(batch.original_items.reshape(-1)[masked]),
-                                  emb(batch.mip_neg.reshape(-1)[masked]), model.mip_norm,
-                                  reduction, pair_form)
+            pos = batch.original_items.reshape(-1).index_select(0, idx.masked)   # [M]
+            neg = batch.mip_neg.reshape(-1).index_select(0, idx.masked)         # [M]
+            out["mip"] = mip_loss(at_masked, emb(pos), emb(neg), model.mip_norm, reduction,
+                                  pair_form)
     if need_sp:
         last = hidden[-3 * B:, -1]                                      # [3B, d]
         out["sp"] = sp_loss(last[:B], last[B:2 * B], last[2 * B:], model.sp_norm, reduction,

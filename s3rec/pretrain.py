@@ -7,6 +7,7 @@ Started again with the same --out, it resumes from RUN/checkpoints/latest.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from s3rec import distributed as dist
@@ -26,7 +27,7 @@ def get_args_parser():
 def _body(argv, holder) -> str:
     from s3rec.data.pretrain_samples import PretrainSampler
     from s3rec.model import build_model, param_groups, save_model_file
-    from s3rec.objectives import pretrain_losses
+    from s3rec.objectives import pretrain_index, pretrain_losses
 
     args = get_args_parser().parse_args(argv)
     cfg = run.load_cfg(args)
@@ -76,6 +77,7 @@ def _body(argv, holder) -> str:
 
     task = Task(stage="pretrain", epochs=p.epochs, num_batches=sampler.num_batches(p.batch_size),
                 log_names=names, count=count, loss=loss, on_epoch_end=on_epoch_end,
+                prepare=lambda b: dataclasses.replace(b, index=pretrain_index(b)),
                 batches=lambda epoch, start: sampler.batches(
                     cfg.seed, epoch, p.batch_size, cfg.data.bucket_by_length,
                     cfg.data.bucket_size, info.rank, info.world_size, start))

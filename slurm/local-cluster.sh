@@ -111,9 +111,16 @@ ensure_hosts() {
 
 ensure_default_conf() {
   local sys=/etc/slurm/slurm.conf
-  if [ ! -e "$sys" ] && [ -d /etc/slurm ] && [ -w /etc/slurm ]; then
-    ln -s "$CONF" "$sys"
-  fi
+  [ -d /etc/slurm ] && [ -w /etc/slurm ] || return 0
+  # A link left by a checkout that is gone (or stopped uncleanly) is replaced; a real file is
+  # the machine's own SLURM and is left alone (our commands pass SLURM_CONF anyway).
+  if [ -L "$sys" ] && [ ! -e "$sys" ]; then rm -f "$sys"; fi
+  if [ ! -e "$sys" ]; then ln -s "$CONF" "$sys"; fi
+}
+
+drop_default_conf() {  # only our own link
+  local sys=/etc/slurm/slurm.conf
+  if [ -L "$sys" ] && [ "$(readlink "$sys")" = "$CONF" ]; then rm -f "$sys"; fi
 }
 
 sinfo_ok() {  # both nodes answer: idle, mixed, allocated or completing (no '*' = not responding)
@@ -197,6 +204,7 @@ stop() {
     if pid="$(live_pid "$f" "$name")"; then die "could not stop $name (pid $pid)"; fi
     [ -f "$f" ] && stopped=1 && rm -f "$f"
   done
+  drop_default_conf
   echo "local-cluster: stopped"
 }
 

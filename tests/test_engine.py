@@ -150,6 +150,30 @@ def _steps(engine, n, seed):
     return out
 
 
+def test_packed_copy_keeps_every_tensor_cpu_stands_in_for_gpu():
+    """The one-copy-per-dtype transfer used for CUDA devices (pinned buffers need a GPU; the
+    packing and splitting are the same on the CPU)."""
+    from s3rec.data.batch import move_tensors
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randint(0, 9, (3, 4), generator=g), "m": torch.rand(3, 4, generator=g) > .5,
+               "e": torch.zeros(0, 2, dtype=torch.int64), "p": torch.randint(0, 9, (5, 2), generator=g),
+               "t": torch.randint(0, 9, (3, 4), generator=g).T}       # not contiguous
+    out = move_tensors(tensors, "cpu", pack=True)
+    for k, v in tensors.items():
+        assert out[k].dtype == v.dtype and out[k].shape == v.shape and torch.equal(out[k], v), k
+    # one buffer per dtype: the int64 tensors are views of the same storage
+    assert out["a"].untyped_storage().data_ptr() == out["p"].untyped_storage().data_ptr()
+
+
+def test_engine_runs_without_deepspeeds_synchronising_throughput_timer(single_process):
+    """DeepSpeed's throughput timer would synchronise the device at every forward and step; the
+    derived config turns it off (a file may turn it back on)."""
+    engine = _engine()
+    assert engine.tput_timer.config.enabled is False
+    cfg = load_config(None, ["pretrain.batch_size=4"])
+    assert build_ds_config(cfg, "pretrain", 1, "cpu")["timers"] == {"throughput": {"enabled": False}}
+
+
 def test_checkpoint_round_trip_restores_model_optimizer_and_rng(single_process, tmp_path):
     root = tmp_path / "checkpoints"
     a = _engine()

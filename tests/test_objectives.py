@@ -252,6 +252,38 @@ def test_mean_reduction_divides_by_positions_that_count():
     assert torch.allclose(m["sp"], s["sp"] / batch.masked_items.shape[0])
 
 
+def test_host_index_gives_the_same_losses_and_gradients_and_survives_the_copy():
+    """The engine computes batch.index on the host (so a GPU step has no device reads); with it,
+    after the batch's own copy (`to`), losses and gradients are bit-identical to the in-step
+    computation."""
+    import dataclasses
+    from s3rec.objectives import pretrain_index
+    model = small_model(2)
+    batch, _ = make_batch(2)
+    ref = pretrain_losses(model, batch, ObjectiveWeights())
+    g_ref = torch.autograd.grad(ref["total"], list(model.parameters()), allow_unused=True)
+    indexed = dataclasses.replace(batch, index=pretrain_index(batch)).to("cpu")
+    assert indexed.index is not None and indexed.index.max_attribute == int(batch.attr_index[:, 1].max())
+    assert indexed.index.masked.tolist() == batch.masked.reshape(-1).nonzero().squeeze(1).tolist()
+    got = pretrain_losses(model, indexed, ObjectiveWeights())
+    g_got = torch.autograd.grad(got["total"], list(model.parameters()), allow_unused=True)
+    for name in ("aap", "mip", "map", "sp", "total"):
+        assert torch.equal(got[name], ref[name]), name
+    for a, b in zip(g_got, g_ref):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_attribute_beyond_the_model_is_an_error_with_a_host_index():
+    import dataclasses
+    from s3rec.objectives import pretrain_index
+    model = small_model(0)
+    batch, _ = make_batch(0)
+    batch.attr_index = torch.cat([batch.attr_index, torch.tensor([[0, ATTR_SIZE]])])
+    with pytest.raises(ValueError, match=f"attribute {ATTR_SIZE} but the model has"):
+        pretrain_losses(model, dataclasses.replace(batch, index=pretrain_index(batch)),
+                        ObjectiveWeights())
+
+
 def test_duplicate_attribute_pairs_count_once():
     model = small_model(0)
     batch, _ = make_batch(0)

@@ -45,8 +45,8 @@ def command(launcher: str, module: str, args: list[str], nproc: int = 2) -> list
         # on CPU the launcher starts one process unless told --num_gpus
         return [shutil.which("deepspeed"), "--num_gpus", str(nproc), "--master_port", port,
                 "--module", module, *args]
-    if launcher == "mpiexec":
-        return [shutil.which("mpiexec"), "-n", str(nproc), sys.executable, "-m", module, *args]
+    if launcher in ("mpirun", "mpiexec"):      # MPICH's hydra answers to both names
+        return [shutil.which(launcher), "-n", str(nproc), sys.executable, "-m", module, *args]
     raise ValueError(launcher)
 
 

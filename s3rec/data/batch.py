@@ -7,6 +7,31 @@ from dataclasses import dataclass
 import torch
 
 
+def move_tensors(tensors: dict[str, torch.Tensor], device,
+                 pack: bool | None = None) -> dict[str, torch.Tensor]:
+    """`tensors` on `device`. To a GPU (pack=None: packed when the device is CUDA): per dtype,
+    one pinned host buffer and ONE asynchronous copy, split into views there. A copy from pageable
+    memory makes the host wait until the GPU has finished all queued work (a stream sync), and a
+    batch has ~13 tensors: per-tensor copies would serialise host and GPU on every step."""
+    device = torch.device(device)
+    if pack is None:
+        pack = device.type == "cuda"
+    if not pack:
+        return {k: v.to(device) for k, v in tensors.items()}
+    out: dict[str, torch.Tensor] = {}
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for k, v in tensors.items():
+        by_dtype.setdefault(v.dtype, []).append(k)
+    for dtype, names in by_dtype.items():
+        sizes = [tensors[k].numel() for k in names]
+        host = torch.empty(sum(sizes), dtype=dtype, pin_memory=device.type == "cuda")
+        torch.cat([tensors[k].reshape(-1) for k in names], out=host)
+        dev = host.to(device, non_blocking=True)
+        for k, part in zip(names, dev.split(sizes)):
+            out[k] = part.view(tensors[k].shape)
+    return out
+
+
 @dataclass
 class PretrainBatch:
     """One (micro-)batch of pretraining samples, left-padded with 0 and trimmed to its longest
@@ -21,7 +46,32 @@ class PretrainBatch:
     sp_neg: torch.Tensor           # int64 [B, L] the negative segment alone, same positions
     attr_index: torch.Tensor       # int64 [P, 2] (flat index into B*L, attribute id): sparse
                                    #   multi-hot of the original item at each non-padding position
+    index: "PretrainIndex | None" = None   # where the objectives read; computed on the host by
+                                   #   s3rec.objectives.pretrain_index (None: computed in the step)
 
     def to(self, device) -> "PretrainBatch":
-        return PretrainBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=True)
-                                for f in dataclasses.fields(self)})
+        tensors = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                   if f.name != "index"}
+        if self.index is not None:
+            tensors.update({f"index.{f.name}": getattr(self.index, f.name)
+                            for f in dataclasses.fields(PretrainIndex) if f.name != "max_attribute"})
+        moved = move_tensors(tensors, device)
+        index = None
+        if self.index is not None:
+            index = PretrainIndex(max_attribute=self.index.max_attribute,
+                                  **{k[6:]: v for k, v in moved.items() if k.startswith("index.")})
+        return PretrainBatch(index=index,
+                             **{k: v for k, v in moved.items() if not k.startswith("index.")})
+
+
+@dataclass
+class PretrainIndex:
+    """Where the pretraining objectives read in a PretrainBatch, computed on the host before the
+    batch goes to the device: selecting rows by boolean masks, deduplicating targets and checking
+    attribute ids on a GPU would each wait for the device (a host read), several times a step."""
+    unmasked: torch.Tensor      # int64 [N] flat positions (into B*L) neither padding nor masked: AAP
+    masked: torch.Tensor        # int64 [M] flat positions that were masked: MIP and MAP
+    aap_targets: torch.Tensor   # int64 [Ta, 2] (row among `unmasked`, attribute id), unique pairs
+    map_targets: torch.Tensor   # int64 [Tm, 2] (row among `masked`, attribute id), unique pairs
+    max_attribute: int          # largest attribute id among the targets (-1: none); checked
+                                #   against the model's attribute table without a device read

@@ -19,6 +19,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from s3rec.data.batch import move_tensors
 from s3rec.data.pretrain_samples import (TAG_FINETUNE, check_csr, check_rank, check_start,
                                          draw_excluding, epoch_order, iterate_batches,
                                          left_padded, make_rng, rank_slice)
@@ -36,8 +37,8 @@ class FinetuneBatch:
     target_neg: torch.Tensor   # int64 [B, L] one negative per non-padding position (0 = padding)
 
     def to(self, device) -> "FinetuneBatch":
-        return FinetuneBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=True)
-                                for f in dataclasses.fields(self)})
+        return FinetuneBatch(**move_tensors({f.name: getattr(self, f.name)
+                                             for f in dataclasses.fields(self)}, device))
 
 
 class UserItemSet:

@@ -127,6 +127,10 @@ def build_ds_config(cfg: Config, stage: str, world_size: int, device_type: str,
     out["fp16"] = {**out.get("fp16", {}), "enabled": ds.precision == "fp16"}
     out.setdefault("steps_per_print", 10 ** 9)      # DeepSpeed's own step logging: off
     out.setdefault("wall_clock_breakdown", False)
+    # DeepSpeed's throughput timer synchronises the device at every forward and every step
+    # (timers.throughput.synchronized defaults to true), so the host can never queue the next
+    # step while the GPU works. We log samples/s ourselves; a file may turn it back on.
+    out.setdefault("timers", {}).setdefault("throughput", {"enabled": False})
     # Our optimizer is torch's Adam (or DeepSpeed's Adam in Adam mode): tested with ZeRO, but
     # DeepSpeed only trusts its own fused classes unless told.
     out["zero_allow_untested_optimizer"] = True

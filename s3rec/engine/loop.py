@@ -13,8 +13,11 @@ grad_accum, the global count coming from one all-reduce of a scalar per step. Bo
 size 2 follow world size 1 up to float summation order (reduction "mean" of pretraining is a
 mean of micro-batch means: close, not exact).
 
-No host syncs per step: losses are accumulated as tensors and reduced/read every
-logging.every_steps steps; the preemption flag is all-reduced every signals.CHECK_EVERY steps.
+No host syncs per pretraining step: index work is done on the host before the copy
+(Task.prepare), the batch goes over in one pinned copy per dtype (s3rec.data.batch.move_tensors),
+losses are accumulated as tensors and reduced/read every logging.every_steps steps, and the
+preemption flag is all-reduced every signals.CHECK_EVERY steps. (The fine-tuning step reads the
+batch's row lengths once to cut its length groups.)
 """
 from __future__ import annotations
 
@@ -50,6 +53,8 @@ class Task:
     select_metric: str | None = None             # early stopping metric (strict improvement)
     patience: int = 0
     on_epoch_end: Callable[[int, str], None] | None = None   # (epochs done, checkpoint tag)
+    prepare: Callable[[object], object] | None = None   # CPU micro-batch -> CPU micro-batch, run
+                                                 # on the host just before the copy to the device
 
 
 @dataclass
@@ -184,6 +189,8 @@ class Trainer:
             log_now = (st.global_step + 1) % every == 0
             manual_norm = None
             for i, (m, (ns, nt, den)) in enumerate(zip(micro, counts)):
+                if task.prepare is not None:
+                    m = task.prepare(m)
                 m = m.to(self.device)
                 obj, logs = eng(task.loss, m)
                 scale = self.world * self.accum
