@@ -8,7 +8,8 @@ error naming the file. Folders outside that layout still count: their axes come 
 Two tables:
 - `runs`: one row per run and stage, with status done | unfinished | failed (unfinished = run.json
   says running or preempted, or a fine-tune without results.json: a killed run is never dropped),
-  final test metrics, best epoch, parameters, epochs reached, last losses, wall time.
+  final test metrics, best epoch, where a fine-tune started (the --init file, its pretraining
+  epochs, variant and rank), parameters, epochs reached, last losses, wall time.
 - `scalars`: long form (run, stage, tag, step, value, wall_time), every scalar of every event file,
   read with TensorBoard's own EventAccumulator with no sampling limit.
 """
@@ -302,7 +303,8 @@ def runs_table(runs: list[Run]) -> tuple[list[dict], list[str]]:
     modules = sorted({m for r in runs for m in (r.run_json.get("params") or {}) if m != "total"})
     cols = (["grid", "dataset", "variant", "rank", "seed", "stage", "status", "arm", "removed",
              *[f"w_{o}" for o in OBJECTIVES], "protocol", "world_size", "epochs_reached",
-             "best_epoch", *[f"test_{m}" for m in metrics], *[f"valid_{m}" for m in valid_metrics],
+             "best_epoch", "init", "init_epochs", "init_variant", "init_rank",
+             *[f"test_{m}" for m in metrics], *[f"valid_{m}" for m in valid_metrics],
              "params_total", *[f"params_{m}" for m in modules], "pretrain_params_total",
              "pretrain_head_params", *[f"last_loss_{n}" for n in losses], "wall_s", "wall_source",
              "error", "notes", "path"])
@@ -320,6 +322,7 @@ def runs_table(runs: list[Run]) -> tuple[list[dict], list[str]]:
                "pretrain_head_params": _blank(head_params(r.pretrain_params)),
                "error": rj.get("error") or "", "notes": "; ".join(r.notes), "path": str(r.path)}
         row.update({f"w_{o}": r.weights[o] for o in OBJECTIVES})
+        row.update(init_source(r))
         row.update({f"test_{m}": v for m, v in r.test_metrics().items()})
         if r.results:
             row.update({f"valid_{m}": float(v) for m, v in r.results["valid"].items()})
@@ -335,6 +338,42 @@ def runs_table(runs: list[Run]) -> tuple[list[dict], list[str]]:
 
 def _blank(v):
     return "" if v is None else v
+
+
+_EPOCH_FILE_RE = re.compile(r"^epoch-(\d+)\.pt$")
+
+
+def init_source(run: Run) -> dict:
+    """Where a fine-tune started: init (the --init path), init_epochs (N of an `epoch-N.pt`,
+    or the pretraining run's last epoch for any other file of a run folder), init_variant and
+    init_rank (from that run folder's run.json). Blank where unknown: a file outside a run
+    folder, or a run folder that is gone."""
+    out = {"init": "", "init_epochs": "", "init_variant": "", "init_rank": ""}
+    init = run.run_json.get("init")
+    if run.stage != "finetune" or not init:
+        return out
+    out["init"] = str(init)
+    path = Path(str(init))
+    m = _EPOCH_FILE_RE.match(path.name)
+    folder = path.parent if path.suffix == ".pt" else path.parent.parent   # DeepSpeed tag folder
+    rj_path = folder / "run.json"
+    pre = None
+    if rj_path.is_file():
+        try:
+            pre = json.loads(rj_path.read_text())
+        except json.JSONDecodeError:
+            pre = None
+    if m:
+        out["init_epochs"] = int(m.group(1))
+    elif pre and pre.get("stage") == "pretrain" and pre.get("epoch") is not None:
+        out["init_epochs"] = int(pre["epoch"])
+    if pre and pre.get("stage") == "pretrain" and "config" in pre:
+        try:
+            cfg = config_from_dict(pre["config"])
+        except ConfigError:
+            return out
+        out["init_variant"], out["init_rank"] = cfg.variant, _config_axes(cfg)
+    return out
 
 
 def _epochs_reached(r: Run):

@@ -17,8 +17,8 @@ from pathlib import Path
 from analysis.atomic import write_csv, write_text
 from analysis.figures import Figure, all_grid_figures
 from analysis.paper_numbers import PAPER_SOURCE, reference_for
-from analysis.read_runs import (SCALAR_COLUMNS, Run, read_runs, runs_table, scalars_table,
-                                sort_metrics)
+from analysis.read_runs import (SCALAR_COLUMNS, Run, init_source, read_runs, runs_table,
+                                scalars_table, sort_metrics)
 
 LOWRANK_TABLE_RANKS = (1, 2, 4, 8, 16, 32)
 
@@ -90,6 +90,30 @@ def results_section(runs: list[Run]) -> str:
     out.append(f"Ours: mean ± sample standard deviation over seeds of the test metrics at the "
                f"best validation epoch (results.json). Published: {PAPER_SOURCE}.\n")
     return "\n".join(out)
+
+
+def pretraining_section(runs: list[Run]) -> str:
+    """Finished fine-tunes by the pretraining they started from (variant, rank, epochs): the
+    table to read a pretraining run against its epochs."""
+    rows = []
+    for r in runs:
+        src = init_source(r)
+        if r.stage != "finetune" or r.status != "done" or src["init_epochs"] == "":
+            continue
+        pre = src["init_variant"] or "?"
+        if src["init_rank"] not in ("", "full"):
+            pre += f" r={src['init_rank']}"
+        m = r.test_metrics()
+        name = r.path.name if r.cell == "." else f"{r.cell}/{r.path.name}"
+        best = r.best_epoch()
+        rows.append(((pre, int(src["init_epochs"]), name),
+                     [pre, src["init_epochs"], *[f"{m[k]:.4f}" if k in m else ""
+                                                 for k in ("HR@10", "NDCG@10", "MRR")],
+                      "" if best is None else best, name]))
+    if not rows:
+        return ""
+    return _md_table(["pretraining", "epochs", "test HR@10", "test NDCG@10", "test MRR",
+                      "best epoch", "fine-tune run"], [row for _, row in sorted(rows)]) + "\n"
 
 
 def status_section(runs: list[Run]) -> str:
@@ -203,6 +227,8 @@ def build_report(runs_dir: Path, out: Path, checkpoint: Path | None = None,
              f"stage), [scalars.csv](scalars.csv) (every logged scalar).\n",
              "## Runs\n", status_section(runs),
              "## Results beside the paper\n", results_section(runs),
+             *(["## Fine-tunes by their pretraining epochs\n", pre]
+               if (pre := pretraining_section(runs)) else []),
              "## Figures of the grid\n", *[_figure_md(f) for f in figs]]
     if notes:
         parts += ["Figures not drawn (no data in this grid):\n",

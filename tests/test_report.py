@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis.report import main
+from analysis.report import build_report, main
 from tests.test_analysis_fixtures import FAILED, KILLED, fabricated_grid  # noqa: F401
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -119,3 +119,46 @@ def test_explicit_checkpoint_must_exist(fabricated_grid, tmp_path):  # noqa: F81
     with pytest.raises(CheckpointError, match="does not exist"):
         main([str(root), "--out", str(tmp_path / "r"), "--no-anatomy",
               "--checkpoint", str(tmp_path / "missing.pt")])
+
+
+def test_fine_tunes_are_tabled_by_the_pretraining_they_started_from(tmp_path):
+    """Fine-tunes started from RUN/epoch-N.pt and RUN/final.pt of pretraining runs (outside any
+    grid layout, as a user's hand-made runs): runs.csv names the init file, its pretraining epochs,
+    variant and rank; the report tables them by pretraining and epochs. FABRICATED logs."""
+    import json
+    from s3rec.config import load_config
+    from tests.test_analysis_fixtures import _run_json
+    root = tmp_path / "runs"
+    lowrank = load_config(None, ["variant=s3rec-lowrank", "model.head_rank=4"])
+    full = load_config(None, [])
+    for name, cfg, epochs in (("pt-lr4", lowrank, 30), ("pt-full", full, 150)):
+        (root / name).mkdir(parents=True)
+        (root / name / "run.json").write_text(json.dumps(
+            _run_json("pretrain", "running" if epochs == 30 else "done", cfg, "Beauty", 42, {},
+                      epochs)))
+    cases = {"ft-lr4-10": (root / "pt-lr4" / "epoch-10.pt", 0.51),
+             "ft-lr4-30": (root / "pt-lr4" / "epoch-30.pt", 0.53),
+             "ft-full": (root / "pt-full" / "final.pt", 0.56),
+             "ft-elsewhere": (tmp_path / "authors.pt", 0.55)}
+    for name, (init, hr) in cases.items():
+        (root / name).mkdir()
+        rj = _run_json("finetune", "done", full, "Beauty", 42, {}, 20)
+        rj["init"] = str(init)
+        (root / name / "run.json").write_text(json.dumps(rj))
+        test = {"HR@10": hr, "NDCG@10": hr / 1.5, "MRR": hr / 1.7}
+        (root / name / "results.json").write_text(json.dumps(
+            {"protocol": "sampled-99", "valid": test, "test": test, "best_epoch": 7}))
+    report = build_report(root, tmp_path / "out", anatomy=False)
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(open(tmp_path / "out" / "runs.csv"))}
+    assert (rows["ft-lr4-10"]["init_epochs"], rows["ft-lr4-10"]["init_variant"],
+            rows["ft-lr4-10"]["init_rank"]) == ("10", "s3rec-lowrank", "4")
+    assert (rows["ft-full"]["init_epochs"], rows["ft-full"]["init_rank"]) == ("150", "full")
+    assert rows["ft-elsewhere"]["init"] == str(tmp_path / "authors.pt")
+    assert rows["ft-elsewhere"]["init_epochs"] == "" and rows["ft-elsewhere"]["init_variant"] == ""
+    assert rows["pt-lr4"]["init"] == ""
+    text = report.read_text()
+    section = text[text.index("## Fine-tunes by their pretraining epochs"):]
+    lines = [line for line in section.splitlines() if line.startswith("| s3rec")]
+    assert lines == ["| s3rec | 150 | 0.5600 | 0.3733 | 0.3294 | 7 | ft-full |",
+                     "| s3rec-lowrank r=4 | 10 | 0.5100 | 0.3400 | 0.3000 | 7 | ft-lr4-10 |",
+                     "| s3rec-lowrank r=4 | 30 | 0.5300 | 0.3533 | 0.3118 | 7 | ft-lr4-30 |"]
