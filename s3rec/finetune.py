@@ -15,6 +15,7 @@ loss mean and, measured on Beauty from the authors' checkpoint, costs about .01 
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def _body(argv, holder) -> str:
     from s3rec.data.eval_views import EvalView
     from s3rec.data.finetune_samples import FinetuneSampler
     from s3rec.model import build_model, param_groups
-    from s3rec.objectives import finetune_batch_loss_chunked
+    from s3rec.objectives import finetune_batch_loss_chunked, finetune_plan
 
     args = get_args_parser().parse_args(argv)
     cfg = run.load_cfg(args)
@@ -104,7 +105,7 @@ def _body(argv, holder) -> str:
 
     def loss(m, b):
         out = finetune_batch_loss_chunked(m, b.items, b.positions, b.target_pos, b.target_neg,
-                                          f.length_chunks)
+                                          f.length_chunks, plan=b.plan)
         return out, [out]
 
     def count(b):
@@ -119,6 +120,8 @@ def _body(argv, holder) -> str:
                                                 f.eval_batch_size, info.device),
                 select_metric="MRR" if f.protocol == "sampled" else "NDCG@20",
                 patience=f.patience, on_epoch_end=on_epoch_end,
+                prepare=lambda b: dataclasses.replace(
+                    b, plan=finetune_plan(b.items, b.target_pos, f.length_chunks)),
                 batches=lambda epoch, start: sampler.batches(
                     cfg.seed, epoch, f.batch_size, info.rank, info.world_size, start,
                     f.bucket_by_length, cfg.data.bucket_size))

@@ -238,39 +238,69 @@ def finetune_loss(seq_out: torch.Tensor, pos_emb: torch.Tensor, neg_emb: torch.T
 
 def finetune_batch_loss(model, input_ids: torch.Tensor, positions: torch.Tensor,
                         pos_ids: torch.Tensor, neg_ids: torch.Tensor,
-                        form: str = "original") -> torch.Tensor:
+                        form: str = "original", targets: torch.Tensor | None = None
+                        ) -> torch.Tensor:
     """The fine-tuning loss of one batch: input_ids, positions, pos_ids (targets, 0 = padding),
-    neg_ids [B, L]; causal encoding, loss at positions whose target is not padding."""
+    neg_ids [B, L]; causal encoding, loss at positions whose target is not padding (`targets`:
+    their flat indices into B*L, if known on the host; else found here)."""
     hidden = model.encode(input_ids, positions, causal=True)           # [B, L, d]
-    target = pos_ids > 0                                                # [B, L]
+    if targets is None:
+        targets = (pos_ids > 0).reshape(-1).nonzero().squeeze(1)        # [N]
+    flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, targets)   # [N, d]
     emb = model.item_embeddings
-    return finetune_loss(hidden[target], emb(pos_ids[target]), emb(neg_ids[target]), form)
+    return finetune_loss(flat, emb(pos_ids.reshape(-1).index_select(0, targets)),
+                         emb(neg_ids.reshape(-1).index_select(0, targets)), form)
 
 
-def finetune_batch_loss_chunked(model, input_ids: torch.Tensor, positions: torch.Tensor,
-                                pos_ids: torch.Tensor, neg_ids: torch.Tensor, chunks: int,
-                                form: str = "original") -> torch.Tensor:
-    """`finetune_batch_loss` of the same batch, computed over `chunks` groups of rows of similar
-    length, each trimmed to its own longest row. Rows never attend to each other and positions
-    are absolute, so this is the same mean over the same positions with far less padding
-    (a random batch of 256 Beauty users is padded to ~50; its rows average ~8 items).
-    input_ids, positions, pos_ids, neg_ids [B, L]."""
-    if chunks <= 1 or input_ids.shape[0] <= 1:
-        return finetune_batch_loss(model, input_ids, positions, pos_ids, neg_ids, form)
-    lengths = (input_ids > 0).sum(1)                                    # [B]
-    order = torch.argsort(lengths, stable=True)
-    total_pos = (pos_ids > 0).sum().clamp(min=1)
-    L = input_ids.shape[1]
-    maxlen = lengths[order].tolist()                                    # one host read a batch
-    total = input_ids.new_zeros((), dtype=torch.float32)
-    B = input_ids.shape[0]
+def finetune_plan(input_ids: torch.Tensor, pos_ids: torch.Tensor, chunks: int):
+    """The length groups of a batch (FinetunePlan): rows sorted by length (stable), cut into
+    `chunks` groups, each trimmed to its longest row; target positions per group. Meant for the
+    host (the engine runs it before the copy); on a device it reads back once."""
+    from s3rec.data.finetune_samples import FinetunePlan
+    B, L = input_ids.shape
+    chunks = max(1, min(chunks, B))
+    if chunks == 1:
+        order = torch.arange(B, device=input_ids.device)
+        maxlen = [L] * B
+    else:
+        lengths = (input_ids > 0).sum(1)                                # [B]
+        order = torch.argsort(lengths, stable=True)
+        maxlen = lengths[order].tolist()
+    rows, keep, targets = [], [], []
     for c in range(chunks):
         lo, hi = B * c // chunks, B * (c + 1) // chunks
         if hi <= lo:
             continue
-        rows = order[lo:hi]
-        keep = max(int(maxlen[hi - 1]), 1)                              # longest row of the chunk
-        ids, pos, tgt, neg = (t[rows, L - keep:] for t in (input_ids, positions, pos_ids, neg_ids))
-        part = finetune_batch_loss(model, ids, pos, tgt, neg, form)
-        total = total + part * (tgt > 0).sum()                          # back to a sum
-    return total / total_pos
+        r = order[lo:hi]
+        k = max(int(maxlen[hi - 1]), 1)                                  # longest row of the group
+        rows.append(r)
+        keep.append(k)
+        targets.append((pos_ids[r, L - k:] > 0).reshape(-1).nonzero().squeeze(1))
+    return FinetunePlan(rows=rows, keep=keep, targets=targets,
+                        total=sum(int(t.numel()) for t in targets))
+
+
+def finetune_batch_loss_chunked(model, input_ids: torch.Tensor, positions: torch.Tensor,
+                                pos_ids: torch.Tensor, neg_ids: torch.Tensor, chunks: int,
+                                form: str = "original", plan=None) -> torch.Tensor:
+    """`finetune_batch_loss` of the same batch, computed over `chunks` groups of rows of similar
+    length, each trimmed to its own longest row. Rows never attend to each other and positions
+    are absolute, so this is the same mean over the same positions with far less padding
+    (a random batch of 256 Beauty users is padded to ~50; its rows average ~8 items).
+    input_ids, positions, pos_ids, neg_ids [B, L]; `plan` (FinetunePlan): the groups, cut on the
+    host (else cut here by finetune_plan)."""
+    if plan is None:
+        if chunks <= 1 or input_ids.shape[0] <= 1:
+            return finetune_batch_loss(model, input_ids, positions, pos_ids, neg_ids, form)
+        plan = finetune_plan(input_ids, pos_ids, chunks)
+    L = input_ids.shape[1]
+    if len(plan.rows) == 1 and plan.keep[0] == L:                      # one group: the whole batch
+        return finetune_batch_loss(model, input_ids, positions, pos_ids, neg_ids, form,
+                                   targets=plan.targets[0])
+    total = input_ids.new_zeros((), dtype=torch.float32)
+    for rows, keep, targets in zip(plan.rows, plan.keep, plan.targets):
+        ids, pos, tgt, neg = (t.index_select(0, rows)[:, L - keep:]
+                              for t in (input_ids, positions, pos_ids, neg_ids))
+        part = finetune_batch_loss(model, ids, pos, tgt, neg, form, targets=targets)
+        total = total + part * targets.numel()                         # back to a sum
+    return total / max(plan.total, 1)

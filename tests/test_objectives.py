@@ -350,3 +350,35 @@ def test_finetune_chunked_loss_equals_the_whole_batch():
     for chunks in (2, 4, 13, 20):
         part = finetune_batch_loss_chunked(model, items, positions, target, neg, chunks)
         torch.testing.assert_close(part, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_finetune_plan_cut_on_the_host_gives_the_same_loss_and_gradients():
+    """The engine cuts the length groups on the host (FinetunePlan) and sends them with the batch
+    (one packed copy); the loss and gradients are bit-identical to cutting them in the step."""
+    import dataclasses
+    from s3rec.config import Config
+    from s3rec.data.finetune_samples import FinetuneBatch
+    from s3rec.model import build_model
+    from s3rec.objectives import finetune_batch_loss_chunked, finetune_plan
+    torch.manual_seed(1)
+    model = build_model(Config(), 40, 9).eval()
+    B, L = 11, 20
+    lengths = torch.randint(0, L + 1, (B,))
+    items, target, neg = (torch.zeros(B, L, dtype=torch.long) for _ in range(3))
+    for r, n in enumerate(lengths.tolist()):
+        items[r, L - n:], target[r, L - n:], neg[r, L - n:] = (torch.randint(1, 39, (n,))
+                                                               for _ in range(3))
+    batch = FinetuneBatch(users=torch.arange(B), items=items, positions=torch.arange(L).expand(B, L),
+                          target_pos=target, target_neg=neg)
+    params = list(model.parameters())
+    for chunks in (1, 4, 20):
+        ref = finetune_batch_loss_chunked(model, items, batch.positions, target, neg, chunks)
+        g_ref = torch.autograd.grad(ref, params, allow_unused=True)
+        planned = dataclasses.replace(batch, plan=finetune_plan(items, target, chunks)).to("cpu")
+        assert planned.plan.total == int((target > 0).sum())
+        got = finetune_batch_loss_chunked(model, planned.items, planned.positions,
+                                          planned.target_pos, planned.target_neg, chunks,
+                                          plan=planned.plan)
+        g_got = torch.autograd.grad(got, params, allow_unused=True)
+        assert torch.equal(got, ref), chunks
+        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(g_got, g_ref))

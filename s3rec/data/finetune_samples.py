@@ -35,10 +35,35 @@ class FinetuneBatch:
     positions: torch.Tensor    # int64 [B, L] absolute positions max_len - L .. max_len - 1
     target_pos: torch.Tensor   # int64 [B, L] the next item at each position (0 = padding)
     target_neg: torch.Tensor   # int64 [B, L] one negative per non-padding position (0 = padding)
+    plan: "FinetunePlan | None" = None   # its length groups, cut on the host by
+                                         #   s3rec.objectives.finetune_plan (None: cut in the step)
 
     def to(self, device) -> "FinetuneBatch":
-        return FinetuneBatch(**move_tensors({f.name: getattr(self, f.name)
-                                             for f in dataclasses.fields(self)}, device))
+        tensors = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                   if f.name != "plan"}
+        if self.plan is not None:
+            for i, (rows, targets) in enumerate(zip(self.plan.rows, self.plan.targets)):
+                tensors[f"plan.rows.{i}"], tensors[f"plan.targets.{i}"] = rows, targets
+        moved = move_tensors(tensors, device)
+        plan = None
+        if self.plan is not None:
+            n = len(self.plan.rows)
+            plan = FinetunePlan(rows=[moved.pop(f"plan.rows.{i}") for i in range(n)],
+                                keep=list(self.plan.keep),
+                                targets=[moved.pop(f"plan.targets.{i}") for i in range(n)],
+                                total=self.plan.total)
+        return FinetuneBatch(plan=plan, **moved)
+
+
+@dataclass
+class FinetunePlan:
+    """The length groups of a fine-tuning batch (see objectives.finetune_batch_loss_chunked),
+    cut on the host before the copy: sorting rows by length and reading the group lengths, or
+    selecting target positions by a boolean mask, on a GPU would wait for the device."""
+    rows: list          # per group: int64 [B_g] rows of the batch (shortest rows first)
+    keep: list          # per group: int, the group's longest row (columns kept from the right)
+    targets: list       # per group: int64 [N_g] flat positions (into B_g x keep) with a target
+    total: int          # positions with a target in the whole batch
 
 
 class UserItemSet:

@@ -13,11 +13,11 @@ grad_accum, the global count coming from one all-reduce of a scalar per step. Bo
 size 2 follow world size 1 up to float summation order (reduction "mean" of pretraining is a
 mean of micro-batch means: close, not exact).
 
-No host syncs per pretraining step: index work is done on the host before the copy
-(Task.prepare), the batch goes over in one pinned copy per dtype (s3rec.data.batch.move_tensors),
-losses are accumulated as tensors and reduced/read every logging.every_steps steps, and the
-preemption flag is all-reduced every signals.CHECK_EVERY steps. (The fine-tuning step reads the
-batch's row lengths once to cut its length groups.)
+No host syncs per step: index work (pretraining: PretrainIndex; fine-tuning: the length groups,
+FinetunePlan) is done on the host before the copy (Task.prepare), the batch goes over in one
+pinned copy per dtype (s3rec.data.batch.move_tensors), losses are accumulated as tensors and
+reduced/read every logging.every_steps steps, and the preemption flag is all-reduced every
+signals.CHECK_EVERY steps.
 """
 from __future__ import annotations
 
