@@ -152,17 +152,38 @@ def _steps(engine, n, seed):
 
 def test_packed_copy_keeps_every_tensor_cpu_stands_in_for_gpu():
     """The one-copy-per-dtype transfer used for CUDA devices (pinned buffers need a GPU; the
-    packing and splitting are the same on the CPU)."""
-    from s3rec.data.batch import move_tensors
+    packing and splitting are the same on the CPU), through a real batch with its host plan
+    (nested dataclass, lists of tensors, ints)."""
+    import dataclasses
+    from s3rec.data.batch import move_batch
+    from s3rec.data.finetune_samples import FinetuneBatch
+    from s3rec.objectives import finetune_plan
     g = torch.Generator().manual_seed(0)
-    tensors = {"a": torch.randint(0, 9, (3, 4), generator=g), "m": torch.rand(3, 4, generator=g) > .5,
-               "e": torch.zeros(0, 2, dtype=torch.int64), "p": torch.randint(0, 9, (5, 2), generator=g),
-               "t": torch.randint(0, 9, (3, 4), generator=g).T}       # not contiguous
-    out = move_tensors(tensors, "cpu", pack=True)
-    for k, v in tensors.items():
-        assert out[k].dtype == v.dtype and out[k].shape == v.shape and torch.equal(out[k], v), k
+    items = torch.randint(0, 9, (4, 3), generator=g).T                  # not contiguous
+    target = torch.randint(0, 9, (3, 4), generator=g)
+    target[0] = 0                                                       # an empty target group
+    batch = FinetuneBatch(users=torch.arange(3), items=items,
+                          positions=torch.arange(4).expand(3, 4), target_pos=target,
+                          target_neg=torch.randint(0, 9, (3, 4), generator=g))
+    batch = dataclasses.replace(batch, plan=finetune_plan(items, target, 3))
+    out = move_batch(batch, "cpu", pack=True)
+    pairs = [(getattr(out, f.name), getattr(batch, f.name)) for f in dataclasses.fields(batch)
+             if f.name != "plan"]
+    pairs += list(zip(out.plan.rows + out.plan.targets, batch.plan.rows + batch.plan.targets))
+    for a, b in pairs:
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    assert (out.plan.keep, out.plan.total) == (batch.plan.keep, batch.plan.total)
     # one buffer per dtype: the int64 tensors are views of the same storage
-    assert out["a"].untyped_storage().data_ptr() == out["p"].untyped_storage().data_ptr()
+    assert out.items.untyped_storage().data_ptr() == out.plan.rows[0].untyped_storage().data_ptr()
+    # a pretraining batch: bool and int64 fields, nested index with an int
+    from s3rec.objectives import pretrain_index
+    from tests.test_objectives import make_batch
+    pb, _ = make_batch(0)
+    pb = dataclasses.replace(pb, index=pretrain_index(pb))
+    po = move_batch(pb, "cpu", pack=True)
+    assert po.masked.dtype == torch.bool and torch.equal(po.masked, pb.masked)
+    assert torch.equal(po.index.map_targets, pb.index.map_targets)
+    assert po.index.max_attribute == pb.index.max_attribute
 
 
 def test_engine_runs_without_deepspeeds_synchronising_throughput_timer(single_process):

@@ -7,29 +7,54 @@ from dataclasses import dataclass
 import torch
 
 
-def move_tensors(tensors: dict[str, torch.Tensor], device,
-                 pack: bool | None = None) -> dict[str, torch.Tensor]:
-    """`tensors` on `device`. To a GPU (pack=None: packed when the device is CUDA): per dtype,
-    one pinned host buffer and ONE asynchronous copy, split into views there. A copy from pageable
-    memory makes the host wait until the GPU has finished all queued work (a stream sync), and a
-    batch has ~13 tensors: per-tensor copies would serialise host and GPU on every step."""
+def move_batch(batch, device, pack: bool | None = None):
+    """A copy of `batch` (a dataclass whose fields are tensors, None, ints, nested dataclasses or
+    lists of those) with every tensor on `device`. To a GPU (pack=None: packed when the device is
+    CUDA): per dtype, one pinned host buffer and ONE asynchronous copy, split into views there. A
+    copy from pageable memory makes the host wait until the GPU has finished all queued work (a
+    stream sync), and a batch has ~13 tensors: per-tensor copies would serialise host and GPU on
+    every step."""
     device = torch.device(device)
     if pack is None:
         pack = device.type == "cuda"
-    if not pack:
-        return {k: v.to(device) for k, v in tensors.items()}
-    out: dict[str, torch.Tensor] = {}
-    by_dtype: dict[torch.dtype, list[str]] = {}
-    for k, v in tensors.items():
-        by_dtype.setdefault(v.dtype, []).append(k)
-    for dtype, names in by_dtype.items():
-        sizes = [tensors[k].numel() for k in names]
-        host = torch.empty(sum(sizes), dtype=dtype, pin_memory=device.type == "cuda")
-        torch.cat([tensors[k].reshape(-1) for k in names], out=host)
-        dev = host.to(device, non_blocking=True)
-        for k, part in zip(names, dev.split(sizes)):
-            out[k] = part.view(tensors[k].shape)
-    return out
+    tensors: list[torch.Tensor] = []
+
+    def collect(x):
+        if isinstance(x, torch.Tensor):
+            tensors.append(x)
+        elif dataclasses.is_dataclass(x):
+            for f in dataclasses.fields(x):
+                collect(getattr(x, f.name))
+        elif isinstance(x, list):
+            for v in x:
+                collect(v)
+
+    collect(batch)
+    if pack:
+        moved: list[torch.Tensor | None] = [None] * len(tensors)
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, t in enumerate(tensors):
+            by_dtype.setdefault(t.dtype, []).append(i)
+        for dtype, idx in by_dtype.items():
+            sizes = [tensors[i].numel() for i in idx]
+            host = torch.empty(sum(sizes), dtype=dtype, pin_memory=device.type == "cuda")
+            torch.cat([tensors[i].reshape(-1) for i in idx], out=host)
+            for i, part in zip(idx, host.to(device, non_blocking=True).split(sizes)):
+                moved[i] = part.view(tensors[i].shape)
+    else:
+        moved = [t.to(device) for t in tensors]
+    it = iter(moved)
+
+    def rebuild(x):
+        if isinstance(x, torch.Tensor):
+            return next(it)
+        if dataclasses.is_dataclass(x):
+            return type(x)(**{f.name: rebuild(getattr(x, f.name)) for f in dataclasses.fields(x)})
+        if isinstance(x, list):
+            return [rebuild(v) for v in x]
+        return x
+
+    return rebuild(batch)
 
 
 @dataclass
@@ -50,18 +75,7 @@ class PretrainBatch:
                                    #   s3rec.objectives.pretrain_index (None: computed in the step)
 
     def to(self, device) -> "PretrainBatch":
-        tensors = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                   if f.name != "index"}
-        if self.index is not None:
-            tensors.update({f"index.{f.name}": getattr(self.index, f.name)
-                            for f in dataclasses.fields(PretrainIndex) if f.name != "max_attribute"})
-        moved = move_tensors(tensors, device)
-        index = None
-        if self.index is not None:
-            index = PretrainIndex(max_attribute=self.index.max_attribute,
-                                  **{k[6:]: v for k, v in moved.items() if k.startswith("index.")})
-        return PretrainBatch(index=index,
-                             **{k: v for k, v in moved.items() if not k.startswith("index.")})
+        return move_batch(self, device)
 
 
 @dataclass

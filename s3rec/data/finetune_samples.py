@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from s3rec.data.batch import move_tensors
+from s3rec.data.batch import move_batch
 from s3rec.data.pretrain_samples import (TAG_FINETUNE, check_csr, check_rank, check_start,
                                          draw_excluding, epoch_order, iterate_batches,
                                          left_padded, make_rng, rank_slice)
@@ -39,20 +39,7 @@ class FinetuneBatch:
                                          #   s3rec.objectives.finetune_plan (None: cut in the step)
 
     def to(self, device) -> "FinetuneBatch":
-        tensors = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                   if f.name != "plan"}
-        if self.plan is not None:
-            for i, (rows, targets) in enumerate(zip(self.plan.rows, self.plan.targets)):
-                tensors[f"plan.rows.{i}"], tensors[f"plan.targets.{i}"] = rows, targets
-        moved = move_tensors(tensors, device)
-        plan = None
-        if self.plan is not None:
-            n = len(self.plan.rows)
-            plan = FinetunePlan(rows=[moved.pop(f"plan.rows.{i}") for i in range(n)],
-                                keep=list(self.plan.keep),
-                                targets=[moved.pop(f"plan.targets.{i}") for i in range(n)],
-                                total=self.plan.total)
-        return FinetuneBatch(plan=plan, **moved)
+        return move_batch(self, device)
 
 
 @dataclass

@@ -15,7 +15,7 @@ mean of micro-batch means: close, not exact).
 
 No host syncs per step: index work (pretraining: PretrainIndex; fine-tuning: the length groups,
 FinetunePlan) is done on the host before the copy (Task.prepare), the batch goes over in one
-pinned copy per dtype (s3rec.data.batch.move_tensors), losses are accumulated as tensors and
+pinned copy per dtype (s3rec.data.batch.move_batch), losses are accumulated as tensors and
 reduced/read every logging.every_steps steps, and the preemption flag is all-reduced every
 signals.CHECK_EVERY steps.
 """
