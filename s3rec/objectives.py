@@ -130,29 +130,28 @@ def _targets_at(select: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
     return torch.stack([rows[keep], pairs[keep, 1]], dim=1)
 
 
-def _unique_pairs(pairs: torch.Tensor) -> torch.Tensor:
-    """Drop repeated (position, attribute) pairs: the multi-hot target is a set (the release's
-    attribute lists can repeat an id)."""
-    if pairs.ndim != 2 or pairs.shape[1] != 2:
-        raise ValueError(f"attr_index must be [T, 2] (flat position, attribute), got "
-                         f"{list(pairs.shape)}")
-    if not pairs.numel():
-        return pairs
-    cols = int(pairs[:, 1].max()) + 1
-    key = torch.unique(pairs[:, 0] * cols + pairs[:, 1])
-    return torch.stack([key // cols, key % cols], dim=1)
+def _unique_pairs(pairs: torch.Tensor, num_cols: int) -> torch.Tensor:
+    """Drop repeated (position, attribute) pairs (attributes < num_cols): the multi-hot target is
+    a set (the release's attribute lists can repeat an id)."""
+    key = torch.unique(pairs[:, 0] * num_cols + pairs[:, 1])
+    return torch.stack([key // num_cols, key % num_cols], dim=1)
 
 
 def pretrain_index(batch: PretrainBatch) -> PretrainIndex:
     """Where the objectives of `batch` read (see PretrainIndex). Run on the host (the engine does,
     before the batch goes to the device); on a device it is correct but reads back several times."""
+    pairs = batch.attr_index                                            # [T, 2]
+    if pairs.ndim != 2 or pairs.shape[1] != 2:
+        raise ValueError(f"attr_index must be [T, 2] (flat position, attribute), got "
+                         f"{list(pairs.shape)}")
+    max_attribute = int(pairs[:, 1].max()) if pairs.numel() else -1
+    pairs = _unique_pairs(pairs, max_attribute + 1)
     masked = batch.masked.reshape(-1)                                   # [B*L]
     unmasked = (batch.original_items.reshape(-1) != 0) & ~masked        # [B*L]
-    pairs = _unique_pairs(batch.attr_index)                             # [T, 2]
     return PretrainIndex(
         unmasked=unmasked.nonzero().squeeze(1), masked=masked.nonzero().squeeze(1),
         aap_targets=_targets_at(unmasked, pairs), map_targets=_targets_at(masked, pairs),
-        max_attribute=int(pairs[:, 1].max()) if pairs.numel() else -1)
+        max_attribute=max_attribute)
 
 
 def pretrain_losses(model, batch: PretrainBatch, weights, reduction: str = "sum",
@@ -290,8 +289,6 @@ def finetune_batch_loss_chunked(model, input_ids: torch.Tensor, positions: torch
     input_ids, positions, pos_ids, neg_ids [B, L]; `plan` (FinetunePlan): the groups, cut on the
     host (else cut here by finetune_plan)."""
     if plan is None:
-        if chunks <= 1 or input_ids.shape[0] <= 1:
-            return finetune_batch_loss(model, input_ids, positions, pos_ids, neg_ids, form)
         plan = finetune_plan(input_ids, pos_ids, chunks)
     L = input_ids.shape[1]
     if len(plan.rows) == 1 and plan.keep[0] == L:                      # one group: the whole batch
