@@ -60,6 +60,8 @@ class Run:
     arm_suffix: str = ""            # " [grid]" when the same arm ran with other settings elsewhere
     weights: dict[str, float] = field(default_factory=dict)
     pretrain_params: dict[str, int] = field(default_factory=dict)  # the cell's pretraining model
+    init: dict = field(default_factory=dict)   # where a fine-tune started (init_source): init,
+                                               #   init_epochs, init_variant, init_rank
 
     @property
     def arm(self) -> str:
@@ -201,6 +203,7 @@ def read_run(folder: Path, root: Path) -> Run:
               notes=notes)
     run.weights = {o: float(getattr(cfg.pretrain.weights, o)) for o in OBJECTIVES}
     run.removed = tuple(o for o in OBJECTIVES if run.weights[o] == 0)
+    run.init = init_source(run)
     if not run.scalars:
         run.notes.append("no TensorBoard scalars")
     _cross_check_test(run, res_path)
@@ -322,7 +325,7 @@ def runs_table(runs: list[Run]) -> tuple[list[dict], list[str]]:
                "pretrain_head_params": _blank(head_params(r.pretrain_params)),
                "error": rj.get("error") or "", "notes": "; ".join(r.notes), "path": str(r.path)}
         row.update({f"w_{o}": r.weights[o] for o in OBJECTIVES})
-        row.update(init_source(r))
+        row.update(r.init)
         row.update({f"test_{m}": v for m, v in r.test_metrics().items()})
         if r.results:
             row.update({f"valid_{m}": float(v) for m, v in r.results["valid"].items()})

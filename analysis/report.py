@@ -17,8 +17,8 @@ from pathlib import Path
 from analysis.atomic import write_csv, write_text
 from analysis.figures import Figure, all_grid_figures
 from analysis.paper_numbers import PAPER_SOURCE, reference_for
-from analysis.read_runs import (SCALAR_COLUMNS, Run, init_source, read_runs, runs_table,
-                                scalars_table, sort_metrics)
+from analysis.read_runs import (SCALAR_COLUMNS, Run, read_runs, runs_table, scalars_table,
+                                sort_metrics)
 
 LOWRANK_TABLE_RANKS = (1, 2, 4, 8, 16, 32)
 
@@ -97,7 +97,7 @@ def pretraining_section(runs: list[Run]) -> str:
     table to read a pretraining run against its epochs."""
     rows = []
     for r in runs:
-        src = init_source(r)
+        src = r.init
         if r.stage != "finetune" or r.status != "done" or src["init_epochs"] == "":
             continue
         pre = src["init_variant"] or "?"
