@@ -232,12 +232,10 @@ def main(argv=None) -> int:
 
 
 def _write(figures: dict, path: str) -> int:
+    from s3rec.runlog import write_json_atomic
     figures["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    text = json.dumps(figures, indent=2)
-    tmp = Path(path).with_suffix(".tmp")
-    tmp.write_text(text + "\n")
-    tmp.replace(path)
-    print(text)
+    write_json_atomic(Path(path), figures)
+    print(json.dumps(figures, indent=2))
     return 0
 
 
