@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from s3rec.data.batch import PretrainBatch, PretrainIndex
+from s3rec.data.finetune_samples import FinetunePlan
 
 OBJECTIVES = ("aap", "mip", "map", "sp")
 _BCE_EPS = 1e-12       # BCELoss backward divides by max(p (1 - p), 1e-12)
@@ -251,11 +252,10 @@ def finetune_batch_loss(model, input_ids: torch.Tensor, positions: torch.Tensor,
                          emb(neg_ids.reshape(-1).index_select(0, targets)), form)
 
 
-def finetune_plan(input_ids: torch.Tensor, pos_ids: torch.Tensor, chunks: int):
+def finetune_plan(input_ids: torch.Tensor, pos_ids: torch.Tensor, chunks: int) -> FinetunePlan:
     """The length groups of a batch (FinetunePlan): rows sorted by length (stable), cut into
     `chunks` groups, each trimmed to its longest row; target positions per group. Meant for the
     host (the engine runs it before the copy); on a device it reads back once."""
-    from s3rec.data.finetune_samples import FinetunePlan
     B, L = input_ids.shape
     chunks = max(1, min(chunks, B))
     if chunks == 1:
@@ -281,7 +281,8 @@ def finetune_plan(input_ids: torch.Tensor, pos_ids: torch.Tensor, chunks: int):
 
 def finetune_batch_loss_chunked(model, input_ids: torch.Tensor, positions: torch.Tensor,
                                 pos_ids: torch.Tensor, neg_ids: torch.Tensor, chunks: int,
-                                form: str = "original", plan=None) -> torch.Tensor:
+                                form: str = "original", plan: FinetunePlan | None = None
+                                ) -> torch.Tensor:
     """`finetune_batch_loss` of the same batch, computed over `chunks` groups of rows of similar
     length, each trimmed to its own longest row. Rows never attend to each other and positions
     are absolute, so this is the same mean over the same positions with far less padding
