@@ -39,6 +39,10 @@ for v in fp32:0 bf16:0 bf16:2 fp16:2; do
   python benchmarks/train_speed.py --data "$DATA" --json "$OUT/step_${v/:/_zero}.json" \
     --overhead-only --overhead-steps 300 deepspeed.precision=${v%:*} deepspeed.zero_stage=${v#*:}
 done
+# what DeepSpeed's per-step bf16 inf/NaN test costs (off by default: deepspeed.bf16_skip_nonfinite)
+python benchmarks/train_speed.py --data "$DATA" --json "$OUT/step_bf16_zero2_skipcheck.json" \
+  --overhead-only --overhead-steps 300 deepspeed.precision=bf16 deepspeed.zero_stage=2 \
+  deepspeed.bf16_skip_nonfinite=true
 python - "$OUT" "$t0" "$t1" "$t2" <<'PY'
 import json, sys
 from pathlib import Path

@@ -8,7 +8,8 @@ Runs the real entries in this process (world size 1, DeepSpeed ZeRO 0, fp32 unle
   peak_rss_mb        peak resident memory of this process (all of the above)
 and, to see what DeepSpeed costs per step, the same N pretraining batches through a plain
 PyTorch loop (model + torch.optim.Adam) and through the engine:
-  plain_step_ms, deepspeed_step_ms, deepspeed_overhead_ms, plain_ops_per_step
+  plain_step_ms, deepspeed_step_ms, deepspeed_overhead_ms, plain_ops_per_step,
+  deepspeed_ops_per_step
   plain_syncs_per_step, deepspeed_syncs_per_step   (CUDA: host waits on the device per step)
 --overhead-only runs just that comparison; with a tiny model (model.hidden_size=8
 model.inner_size=16 model.num_heads=1 pretrain.batch_size=4) the step's compute vanishes and what
@@ -137,9 +138,11 @@ def step_overhead(data: str, overrides: list[str], steps: int) -> dict:
         engine.step()
 
     ds_ms, ds_syncs = timed(ds_step)
+    ds_ops = _count_ops(lambda: ds_step(batches[0]))
     return {"plain_step_ms": plain, "deepspeed_step_ms": ds_ms,
             "deepspeed_overhead_ms": ds_ms - plain, "overhead_steps": steps,
-            "plain_ops_per_step": ops, "plain_syncs_per_step": plain_syncs,
+            "plain_ops_per_step": ops, "deepspeed_ops_per_step": ds_ops,
+            "plain_syncs_per_step": plain_syncs,
             "deepspeed_syncs_per_step": ds_syncs}
 
 

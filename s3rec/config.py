@@ -127,6 +127,11 @@ class DeepSpeedConfig:
     config_file: str = ""            # (str) a DeepSpeed JSON merged under the derived settings
     torch_adam: bool = True          # (bool) torch's Adam (no C++ build) instead of DeepSpeed's fused one
     gradient_clipping: float = 0.0   # (float) 0 = off (the original does not clip)
+    bf16_skip_nonfinite: bool = False  # (bool) bf16, ZeRO 1-2: test every gradient for inf/NaN
+                                     #   each step and skip such steps (DeepSpeed's
+                                     #   bf16.check_grad_overflow). Off: bf16 needs no loss
+                                     #   scale, and the test costs ~9 kernels per parameter
+                                     #   and a device sync every step
 
 
 @dataclass

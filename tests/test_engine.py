@@ -195,6 +195,44 @@ def test_engine_runs_without_deepspeeds_synchronising_throughput_timer(single_pr
     assert build_ds_config(cfg, "pretrain", 1, "cpu")["timers"] == {"throughput": {"enabled": False}}
 
 
+def test_bf16_nonfinite_check_is_a_config_key_and_a_file_may_not_contradict_it(tmp_path):
+    """DeepSpeed's per-step bf16 inf/NaN test (~9 kernels a parameter and a device sync) is off
+    unless deepspeed.bf16_skip_nonfinite asks for it; a file saying otherwise names the key."""
+    base = ["deepspeed.precision=bf16", "deepspeed.zero_stage=2"]
+    c = build_ds_config(load_config(None, base), "pretrain", 1, "cpu")
+    assert c["bf16"] == {"enabled": True, "check_grad_overflow": False}
+    c = build_ds_config(load_config(None, base + ["deepspeed.bf16_skip_nonfinite=true"]),
+                        "pretrain", 1, "cpu")
+    assert c["bf16"]["check_grad_overflow"] is True
+    f = tmp_path / "ds.json"
+    f.write_text(json.dumps({"bf16": {"enabled": True, "check_grad_overflow": True}}))
+    with pytest.raises(ConfigError, match="check_grad_overflow.*deepspeed.bf16_skip_nonfinite"):
+        build_ds_config(load_config(None, [f"deepspeed.config_file={f}", "deepspeed.zero_stage=2"]),
+                        "pretrain", 1, "cpu")
+
+
+@pytest.mark.parametrize("skip", [True, False], ids=["skip_nonfinite", "default"])
+def test_bf16_zero2_step_on_a_nan_gradient_skips_only_when_asked(single_process, skip):
+    """A real bf16 ZeRO-2 engine on CPU, one step whose loss is NaN: with the check the weights
+    stay as they were; without it (the default) the NaN reaches them, which the loss log shows."""
+    torch.manual_seed(0)
+    m = Tiny()
+    cfg = load_config(None, ["pretrain.batch_size=4", "deepspeed.zero_stage=2",
+                             "deepspeed.precision=bf16", f"deepspeed.bf16_skip_nonfinite={skip}"])
+    engine = initialize(m, [{"params": list(m.parameters())}],
+                        build_ds_config(cfg, "pretrain", 1, "cpu"))
+    _steps(engine, 2, seed=1)
+    before = [p.detach().float().clone() for p in engine.module.parameters()]
+    loss = engine(tiny_loss, torch.randint(0, 30, (4,))) * float("nan")
+    engine.backward(loss)
+    engine.step()
+    after = [p.detach().float() for p in engine.module.parameters()]
+    if skip:
+        assert all(torch.equal(a, b) for a, b in zip(after, before))
+    else:
+        assert any(a.isnan().any() for a in after)
+
+
 def test_checkpoint_round_trip_restores_model_optimizer_and_rng(single_process, tmp_path):
     root = tmp_path / "checkpoints"
     a = _engine()
