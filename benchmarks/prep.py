@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from s3rec.data.reader import Dataset, UserSequences  # noqa: E402
+from s3rec.runlog import write_json_atomic  # noqa: E402
 
 
 def timed_child(cmd: list[str]) -> dict:
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
                                         "loadavg_at_end": [round(x, 2) for x in load]},
               "targets": {"10M_prep_s": 180, "10M_peak_rss_mb": 2048, "read_seq_per_s": 200_000}}
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1) + "\n")
+    write_json_atomic(args.json, result)
     print(f"load average at end: {load}; wrote {args.json}")
     return 0
 

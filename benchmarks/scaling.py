@@ -29,15 +29,17 @@ def run(world: int, data: str, out: Path, overrides: list[str], threads: int) ->
     if world == 1:
         cmd = [sys.executable, "-m", "s3rec.pretrain", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
-               "-m", "s3rec.pretrain", *args]
+        # --standalone: a free local port, not 29500 (which another job on the node may hold)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               str(world), "-m", "s3rec.pretrain", *args]
     subprocess.run(cmd, check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(out), size_guidance={"scalars": 0})
     acc.Reload()
     epoch_s = acc.Scalars("perf/epoch_s")[-1].value
     per_step = [e.value for e in acc.Scalars("perf/samples_per_s")]
-    return {"epoch_s": epoch_s, "median_window_samples_per_s": sorted(per_step)[len(per_step) // 2]}
+    median = sorted(per_step)[len(per_step) // 2] if per_step else None   # None: epoch < 1 window
+    return {"epoch_s": epoch_s, "median_window_samples_per_s": median}
 
 
 def main(argv=None) -> int:
@@ -51,6 +53,7 @@ def main(argv=None) -> int:
     from s3rec.config import load_config
     from s3rec.data.pretrain_samples import PretrainSampler
     from s3rec.data.reader import Dataset
+    from s3rec.runlog import write_json_atomic
     cfg = load_config(None, args.overrides)
     ds = Dataset(args.data)
     items, offsets = ds.load_sequences()
@@ -66,9 +69,8 @@ def main(argv=None) -> int:
         out[f"world{world}"] = {**r, "threads_per_rank": threads,
                                 "samples_per_s": samples / r["epoch_s"]}
     out["speedup"] = out["world2"]["samples_per_s"] / out["world1"]["samples_per_s"]
-    text = json.dumps(out, indent=2)
-    Path(args.json).write_text(text + "\n")
-    print(text)
+    write_json_atomic(Path(args.json), out)
+    print(json.dumps(out, indent=2))
     return 0
 
 
