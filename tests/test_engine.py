@@ -211,6 +211,21 @@ def test_bf16_nonfinite_check_is_a_config_key_and_a_file_may_not_contradict_it(t
                         "pretrain", 1, "cpu")
 
 
+def test_zero_per_step_grad_norm_is_off_only_where_deepspeed_does_not_need_it():
+    """ZeRO 1-2 without clipping: no per-step norm (the loop takes it at log steps); kept for
+    clipping, ZeRO 1 with bf16 (DeepSpeed's BF16 optimizer) and stage 0 (no such key)."""
+    def zo(*keys):
+        return build_ds_config(load_config(None, list(keys)), "pretrain", 1, "cpu")[
+            "zero_optimization"]
+    assert zo("deepspeed.zero_stage=2")["compute_grad_norm"] is False
+    assert zo("deepspeed.zero_stage=1")["compute_grad_norm"] is False
+    assert zo("deepspeed.zero_stage=2", "deepspeed.precision=bf16")["compute_grad_norm"] is False
+    assert "compute_grad_norm" not in zo("deepspeed.zero_stage=1", "deepspeed.precision=bf16")
+    assert "compute_grad_norm" not in zo("deepspeed.zero_stage=2", "deepspeed.gradient_clipping=1")
+    assert "compute_grad_norm" not in zo("deepspeed.zero_stage=0")
+    assert "compute_grad_norm" not in zo("deepspeed.zero_stage=3")
+
+
 @pytest.mark.parametrize("skip", [True, False], ids=["skip_nonfinite", "default"])
 def test_bf16_zero2_step_on_a_nan_gradient_skips_only_when_asked(single_process, skip):
     """A real bf16 ZeRO-2 engine on CPU, one step whose loss is NaN: with the check the weights

@@ -122,6 +122,13 @@ def build_ds_config(cfg: Config, stage: str, world_size: int, device_type: str,
     out.update(derived)
     zo = dict(out.get("zero_optimization", {}))
     zo["stage"] = ds.zero_stage
+    # ZeRO 1-2 compute the global gradient norm at every step; without clipping it is only
+    # reported (~2 kernels a parameter each step), so the training loop takes it at its log
+    # steps instead (Trainer._grad_norm). Not where DeepSpeed needs it: clipping, optimizer
+    # offload, and ZeRO 1 with bf16 (its own BF16 optimizer). A file may set it back to true.
+    if (ds.gradient_clipping == 0 and "offload_optimizer" not in zo
+            and (ds.zero_stage == 2 or (ds.zero_stage == 1 and ds.precision != "bf16"))):
+        zo.setdefault("compute_grad_norm", False)
     out["zero_optimization"] = zo
     out["bf16"] = {**out.get("bf16", {}), "enabled": ds.precision == "bf16"}
     # DeepSpeed tests every bf16 gradient for inf/NaN before each ZeRO 1-2 step (9 kernels a

@@ -115,9 +115,13 @@ class Trainer:
         self.resumed = False
         self.events: Events | None = None
         self.events_enabled = events_enabled
-        # DeepSpeed reports a gradient norm for ZeRO >= 1 and half precision; plain fp32 stage 0
-        # computes none (unless clipping), so we take it from the whole gradients at log steps.
-        self.manual_norm = engine.zero_optimization_stage() == 0 and precision == "fp32"
+        # DeepSpeed reports a gradient norm for ZeRO >= 1 and half precision, except where it is
+        # told not to compute one each step (zero_optimization.compute_grad_norm=false, see
+        # deepspeed_setup); plain fp32 stage 0 computes none (unless clipping). In those two
+        # cases we take it ourselves at log steps, before the optimizer step.
+        self.zero_norm = getattr(engine.optimizer, "compute_grad_norm", True) is False
+        self.manual_norm = self.zero_norm or (engine.zero_optimization_stage() == 0
+                                              and precision == "fp32")
 
     # ------------------------------------------------------------------ resume / save
 
@@ -272,7 +276,13 @@ class Trainer:
         return "preempted"
 
     def _grad_norm(self) -> float:
-        """Stage 0: DeepSpeed computes no norm unless clipping; the gradients are whole here."""
+        """The global gradient norm of this step, before the optimizer step. ZeRO 1-2 without a
+        per-step norm: DeepSpeed's own computation over the reduced partitions (a collective:
+        every rank is at the same log step), unscaled as its step would. Stage 0: the gradients
+        are whole here."""
+        if self.zero_norm:
+            opt = self.engine.optimizer
+            return float(opt.scaled_global_norm() / opt.loss_scale)
         norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters()
                  if p.grad is not None]
         return float(torch.stack(norms).norm()) if norms else 0.0
