@@ -133,9 +133,8 @@ def build_ds_config(cfg: Config, stage: str, world_size: int, device_type: str,
     out["bf16"] = {**out.get("bf16", {}), "enabled": ds.precision == "bf16"}
     # DeepSpeed tests every bf16 gradient for inf/NaN before each ZeRO 1-2 step (9 kernels a
     # parameter, ~600 ATen ops a step for this model, and a read of the verdict that waits for
-    # the device): the
-    # host cost of a whole forward. bf16 has fp32's range and no loss scale, so it is ours to
-    # turn on (deepspeed.bf16_skip_nonfinite), not on by default.
+    # the device): the host cost of a whole forward. bf16 has fp32's range and no loss scale,
+    # so it is ours to turn on (deepspeed.bf16_skip_nonfinite), not on by default.
     check = out["bf16"].get("check_grad_overflow", ds.bf16_skip_nonfinite)
     if check != ds.bf16_skip_nonfinite:
         raise ConfigError(f"deepspeed config {ds.config_file}: 'bf16.check_grad_overflow' = "
