@@ -120,7 +120,7 @@ class Trainer:
         # deepspeed_setup); plain fp32 stage 0 computes none (unless clipping). In those two
         # cases we take it ourselves at log steps, before the optimizer step.
         self.zero_norm = getattr(engine.optimizer, "compute_grad_norm", True) is False
-        self.manual_norm = self.zero_norm or (engine.zero_optimization_stage() == 0
+        self.norm_at_log_step = self.zero_norm or (engine.zero_optimization_stage() == 0
                                               and precision == "fp32")
 
     # ------------------------------------------------------------------ resume / save
@@ -201,7 +201,7 @@ class Trainer:
                 if task.mean_loss:
                     scale *= den / max(global_denom, 1.0)
                 eng.backward(obj * scale)
-                if log_now and i == len(micro) - 1 and self.manual_norm:
+                if log_now and i == len(micro) - 1 and self.norm_at_log_step:
                     manual_norm = self._grad_norm()
                 eng.step()
                 w = (den if task.mean_loss else 1.0)
