@@ -9,6 +9,9 @@
 # Beauty_item2attributes.json (prepared here first). Only the repository travels to the GPU
 # machine: pass the data along with it. Writes OUT/gpu.json (default OUT=bench-results/gpu),
 # updated after every part, so a run cut short still leaves what it measured.
+# On a lent machine (the repository travels, plus wheels and data in git-ignored .whl/ .gpu/):
+#   pip install -q --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+#   bash benchmarks/gpu.sh .gpu/beauty /tmp/g > $OUT/gpu.log 2>&1; cp /tmp/g/gpu.json /tmp/g/*.txt $OUT/
 #
 # Why fp32 ZeRO 0 first: this 0.9M-parameter model's step is bound by the host launching kernels,
 # not by arithmetic. On an H100 (session 4) a DeepSpeed step took 13.5 ms at fp32 ZeRO 0 and
@@ -62,8 +65,10 @@ part() {  # part SECONDS CMD...: a part that fails or overruns is reported, and 
 
 FAST="deepspeed.precision=fp32 deepspeed.zero_stage=0 logging.every_steps=100"
 # 1. one pretraining epoch at fp32 ZeRO 0, then at bf16 ZeRO 2 (NCCL, bf16)
+#    (steps 300-329 profiled: where the time outside the bare step goes, OUT/profile_fp32_zero0.txt)
 part 150 python -m s3rec.pretrain --data "$DATA" --out "$OUT/pretrain" --config configs/beauty.yaml \
-  pretrain.epochs=1 pretrain.save_epochs=[] $FAST
+  pretrain.epochs=1 pretrain.save_epochs=[] $FAST logging.profile_steps=[300,330]
+cp "$OUT"/pretrain/profile/steps-300-330.rank0.txt "$OUT/profile_fp32_zero0.txt" || true
 part 150 python -m s3rec.pretrain --data "$DATA" --out "$OUT/pretrain_bf16_zero2" \
   --config configs/beauty.yaml pretrain.epochs=1 pretrain.save_epochs=[] logging.every_steps=100 \
   deepspeed.precision=bf16 deepspeed.zero_stage=2

@@ -144,6 +144,10 @@ class CheckpointConfig:
 class LoggingConfig:
     tensorboard: bool = True         # (bool) write TensorBoard events (rank 0 only)
     every_steps: int = 50            # (int) scalar logging interval in optimizer steps
+    profile_steps: list = field(default_factory=list)   # (list) [START, STOP]: torch.profiler
+                                     #   over optimizer steps START..STOP-1 (whole loop
+                                     #   iterations), trace and operator table per rank in
+                                     #   RUN/profile/ (s3rec.engine.profile); [] = off
 
 
 @dataclass
@@ -276,6 +280,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'finetune.protocol': expected sampled|full, "
                           f"got {cfg.finetune.protocol!r}")
     d = cfg.deepspeed
+    w = cfg.logging.profile_steps
+    if w and (len(w) != 2 or not all(isinstance(x, int) for x in w) or not 0 <= w[0] < w[1]):
+        raise ConfigError(f"config key 'logging.profile_steps': expected [] or [START, STOP] "
+                          f"with 0 <= START < STOP (optimizer steps), got {w!r}")
     if d.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"config key 'deepspeed.zero_stage': expected 0..3, got {d.zero_stage}")
     if d.precision not in ("fp32", "bf16", "fp16"):

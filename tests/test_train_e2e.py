@@ -169,3 +169,27 @@ def test_zero_grad_norm_at_log_steps_equals_deepspeeds_per_step_norm(tiny_data, 
     assert len(norms["at_log"]) >= 2 and norms["at_log"] == norms["every_step"]
     a, b = (torch.load(v / "final.pt", weights_only=True)["model"] for v in runs.values())
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_profile_window_writes_a_trace_and_a_table_per_rank(tiny_data, tmp_path, shm_clean):
+    """logging.profile_steps=[1, 3] under torchrun, world size 2: each rank writes a Chrome trace
+    that parses and holds the model's operators, and a table whose first line gives the wall ms
+    per step; nothing half-written is left. A malformed window stops the run naming the key."""
+    import json
+    out = tmp_path / "prof"
+    run(command("torchrun", "s3rec.pretrain",
+                train_args(tiny_data, out, "pretrain.epochs=1", "logging.profile_steps=[1,3]")))
+    names = sorted(p.name for p in (out / "profile").iterdir())
+    assert names == [f"steps-1-3.rank{r}.{ext}" for r in (0, 1) for ext in ("pt.trace.json", "txt")]
+    for r in (0, 1):
+        events = json.loads((out / "profile" / f"steps-1-3.rank{r}.pt.trace.json").read_text())
+        ops = {e.get("name") for e in events["traceEvents"]}
+        assert {"aten::mm", "aten::embedding"} <= ops
+        table = (out / "profile" / f"steps-1-3.rank{r}.txt").read_text()
+        first = table.splitlines()[0]
+        assert first.startswith(f"steps 1..2 (optimizer steps), rank {r}, cpu: ")
+        assert float(first.split(": ")[1].split()[0]) > 0 and "aten::mm" in table
+    bad = run(command("single", "s3rec.pretrain",
+                      train_args(tiny_data, tmp_path / "bad", "logging.profile_steps=[3,1]")),
+              expect=2)
+    assert "logging.profile_steps" in bad.stderr

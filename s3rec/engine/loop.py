@@ -35,6 +35,7 @@ import torch
 from s3rec import distributed as dist
 from s3rec.engine import checkpoint as ckpt
 from s3rec.engine import signals
+from s3rec.engine.profile import StepProfiler
 from s3rec.runlog import Events
 
 
@@ -115,6 +116,8 @@ class Trainer:
         self.resumed = False
         self.events: Events | None = None
         self.events_enabled = events_enabled
+        self.profiler = StepProfiler(cfg.logging.profile_steps, self.run_dir, self.rank,
+                                     self.device)
         # DeepSpeed reports a gradient norm for ZeRO >= 1 and half precision, except where it is
         # told not to compute one each step (zero_optimization.compute_grad_norm=false, see
         # deepspeed_setup); plain fp32 stage 0 computes none (unless clipping). In those two
@@ -184,6 +187,7 @@ class Trainer:
         every_ckpt = self.cfg.checkpoint.every_steps
         eng.train()
         for batch in task.batches(st.epoch, st.batch):
+            self.profiler.before(st.global_step)
             micro = split_rows(batch, self.accum)
             counts = [task.count(m) for m in micro]
             global_denom = None
@@ -204,8 +208,10 @@ class Trainer:
                 if log_now and i == len(micro) - 1 and self.norm_at_log_step:
                     manual_norm = self._grad_norm()
                 eng.step()
-                w = (den if task.mean_loss else 1.0)
-                vals = torch.stack([l.detach().double() * w for l in logs])
+                # 3 launches for all the logged losses (float() is free on fp32 ones)
+                vals = torch.stack([l.detach().float() for l in logs]).double()
+                if task.mean_loss:
+                    vals *= den
                 win_acc[:self.n] += vals
                 wc[0] += ns                  # counts stay on the host until they are read
                 wc[1] += nt
@@ -221,6 +227,7 @@ class Trainer:
             if every_ckpt and st.global_step % every_ckpt == 0 and st.batch < task.num_batches:
                 st.epoch_time = time.perf_counter() - t0
                 self.save(self._fold(epoch_acc, win_acc))
+            self.profiler.after(st.global_step)
             if st.global_step % signals.CHECK_EVERY == 0 and signals.should_stop():
                 return self._preempt(epoch_acc, win_acc, t0)
         # epoch end
@@ -338,5 +345,6 @@ class Trainer:
         return False
 
     def close(self) -> None:
+        self.profiler.close()
         if self.events is not None:
             self.events.close()
