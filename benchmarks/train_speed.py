@@ -42,23 +42,6 @@ def epoch_seconds(run_dir: Path) -> float:
     return acc.Scalars("perf/epoch_s")[-1].value
 
 
-def _count_ops(step) -> int:
-    """ATen operators dispatched by one call of `step` (forward, backward and optimizer): what
-    the host pays for on a GPU, one launch or more each, whatever the tensor sizes."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += 1
-            return func(*args, **(kwargs or {}))
-
-    with Count():
-        step()
-    return Count.n
-
-
 def step_overhead(data: str, overrides: list[str], steps: int) -> dict:
     """ms per pretraining step, plain PyTorch vs the DeepSpeed engine, on the same batches, each
     taken from the host as the training loop does (index computed on the host, then `to`).
@@ -74,6 +57,7 @@ def step_overhead(data: str, overrides: list[str], steps: int) -> dict:
     from s3rec.data.pretrain_samples import PretrainSampler
     from s3rec.data.reader import Dataset
     from s3rec.engine.deepspeed_setup import build_ds_config, initialize
+    from s3rec.engine.profile import count_ops
     from s3rec.model import build_model, param_groups
     from s3rec.objectives import pretrain_index, pretrain_losses
 
@@ -124,7 +108,7 @@ def step_overhead(data: str, overrides: list[str], steps: int) -> dict:
         opt.step()
 
     plain, plain_syncs = timed(plain_step)
-    ops = _count_ops(lambda: plain_step(batches[0]))
+    ops = count_ops(lambda: plain_step(batches[0]))
 
     torch.manual_seed(0)
     model = build_model(cfg, ds.item_size, ds.attribute_size).to(device)
@@ -138,7 +122,7 @@ def step_overhead(data: str, overrides: list[str], steps: int) -> dict:
         engine.step()
 
     ds_ms, ds_syncs = timed(ds_step)
-    ds_ops = _count_ops(lambda: ds_step(batches[0]))
+    ds_ops = count_ops(lambda: ds_step(batches[0]))
     return {"plain_step_ms": plain, "deepspeed_step_ms": ds_ms,
             "deepspeed_overhead_ms": ds_ms - plain, "overhead_steps": steps,
             "plain_ops_per_step": ops, "deepspeed_ops_per_step": ds_ops,

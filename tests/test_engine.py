@@ -14,6 +14,7 @@ from s3rec.data.batch import PretrainBatch
 from s3rec.engine import checkpoint as ckpt
 from s3rec.engine.deepspeed_setup import build_ds_config, initialize
 from s3rec.engine.loop import split_rows
+from s3rec.engine.profile import count_ops
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
 
@@ -254,21 +255,6 @@ class TinyWithUnused(Tiny):
         self.unused = nn.Linear(3, 3)      # never in the loss: its gradient stays None
 
 
-def _count_ops(fn) -> int:
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += 1
-            return func(*args, **(kwargs or {}))
-
-    with Count():
-        fn()
-    return Count.n
-
-
 def test_world1_zero0_skips_the_allreduce_with_identical_weights(single_process):
     """World size 1, ZeRO 0: our engine skips DeepSpeed's all-reduce of the gradients with
     themselves. Against DeepSpeed's own path (the override removed) on the same batches, with
@@ -297,7 +283,7 @@ def test_world1_zero0_skips_the_allreduce_with_identical_weights(single_process)
                 e.backward(e(tiny_loss, x))
                 e.step()
             if i == 5:                                 # an accumulation boundary
-                ops.append(_count_ops(micro))
+                ops.append(count_ops(micro))
             else:
                 micro()
     skip, ds = engines

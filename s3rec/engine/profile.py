@@ -21,6 +21,23 @@ from pathlib import Path
 import torch
 
 
+def count_ops(fn) -> int:
+    """ATen operators dispatched by one call of `fn` (forward, backward, optimizer...): what the
+    host pays for on a GPU, one launch or more each, whatever the tensor sizes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
 class StepProfiler:
     """Call `before(step)` at the top of every loop iteration and `after(step)` at its end, with
     the global optimizer step count at that point (steps done so far)."""
