@@ -294,6 +294,44 @@ def test_world1_zero0_skips_the_allreduce_with_identical_weights(single_process)
     assert ops[0] < ops[1] - 10, ops
 
 
+@pytest.mark.parametrize("stage,precision", [(1, "fp32"), (2, "fp32"), (1, "bf16"), (2, "bf16")])
+def test_world1_zero_without_contiguous_gradients_has_identical_weights(single_process, stage,
+                                                                         precision):
+    """World size 1, ZeRO 1-2: contiguous_gradients defaults to off (nothing to reduce, the
+    buffer is a copy per parameter for nothing). Against DeepSpeed's default (on), with
+    accumulation: bit-identical weights, fewer operators per step."""
+    cfg = load_config(None, ["pretrain.batch_size=4", "deepspeed.grad_accum=2",
+                             f"deepspeed.zero_stage={stage}", f"deepspeed.precision={precision}"])
+    assert build_ds_config(cfg, "pretrain", 2, "cpu")["zero_optimization"].get(
+        "contiguous_gradients") is None                # DeepSpeed's default where ranks reduce
+    engines, ops = [], []
+    for contiguous in (False, True):
+        ds_config = build_ds_config(cfg, "pretrain", 1, "cpu")
+        assert ds_config["zero_optimization"]["contiguous_gradients"] is False
+        ds_config["zero_optimization"]["contiguous_gradients"] = contiguous
+        torch.manual_seed(0)
+        m = Tiny()
+        e = initialize(m, [{"params": list(m.parameters())}], ds_config)
+        torch.manual_seed(1)
+        g = torch.Generator().manual_seed(2)
+        for i in range(6):
+            x = torch.randint(0, 30, (2,), generator=g)
+
+            def micro():
+                e.backward(e(tiny_loss, x))
+                e.step()
+            if i == 5:
+                ops.append(count_ops(micro))
+            else:
+                micro()
+        engines.append(e)
+    for (name, a), b in zip(engines[0].module.named_parameters(), engines[1].module.parameters()):
+        assert torch.equal(a, b), name
+    masters = [e.optimizer.single_partition_of_fp32_groups for e in engines]   # fp32 masters
+    assert all(torch.equal(a, b) for a, b in zip(*masters))
+    assert ops[0] < ops[1], ops
+
+
 def test_checkpoint_round_trip_restores_model_optimizer_and_rng(single_process, tmp_path):
     root = tmp_path / "checkpoints"
     a = _engine()

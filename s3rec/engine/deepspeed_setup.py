@@ -129,6 +129,13 @@ def build_ds_config(cfg: Config, stage: str, world_size: int, device_type: str,
     if (ds.gradient_clipping == 0 and "offload_optimizer" not in zo
             and (ds.zero_stage == 2 or (ds.zero_stage == 1 and ds.precision != "bf16"))):
         zo.setdefault("compute_grad_norm", False)
+    # ZeRO 1-2 copy each gradient, as backward produces it, into one contiguous buffer (against
+    # fragmentation while buckets are reduced), then again into the partition. With one
+    # data-parallel rank there is nothing to reduce: ~8 ATen ops a parameter each step for
+    # nothing (bit-identical weights without, tests/test_engine.py::
+    # test_world1_zero_without_contiguous_gradients_has_identical_weights). A file may set it.
+    if world_size == 1 and ds.zero_stage in (1, 2):
+        zo.setdefault("contiguous_gradients", False)
     out["zero_optimization"] = zo
     out["bf16"] = {**out.get("bf16", {}), "enabled": ds.precision == "bf16"}
     # DeepSpeed tests every bf16 gradient for inf/NaN before each ZeRO 1-2 step (9 kernels a
