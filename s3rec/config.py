@@ -113,7 +113,10 @@ class FinetuneConfig:
 
 @dataclass
 class DataConfig:
-    num_workers: int = 0             # (int) DataLoader workers (each opens shards lazily)
+    # No DataLoader workers: a Beauty pretraining batch (masks, negatives, segments, and the
+    # objectives' index) is made vectorised in ~0.5 ms; receiving the same batch, already made,
+    # from a DataLoader worker cost the main process 4-5 ms (its ~17 tensors through shared
+    # memory; measured on the 2-core machine, session 4).
     bucket_by_length: bool = True    # (bool) length-bucketed pretraining batches (same samples and
                                      #   sums, less padding); fine-tuning has finetune.bucket_by_length
     bucket_size: int = 50            # (int) batches per shuffled length bucket
@@ -200,8 +203,17 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"config key '{key}': unsupported type {_type_name(tp)}")
 
 
-def _apply(obj: Any, data: dict, prefix: str = "") -> None:
-    """Recursively set fields of dataclass `obj` from nested dict `data`."""
+# Keys that earlier versions had and stored configs (run.json, checkpoints) may still hold: a
+# stored config drops them; a YAML file or an override naming one is refused with the reason.
+RETIRED_KEYS = {
+    "data.num_workers": "removed: it was never used (samples are made in the training process, "
+                        "see DataConfig)",
+}
+
+
+def _apply(obj: Any, data: dict, prefix: str = "", stored: bool = False) -> None:
+    """Recursively set fields of dataclass `obj` from nested dict `data` (`stored`: a config
+    written by this program, possibly by an earlier version: retired keys are dropped)."""
     if not isinstance(data, dict):
         raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, "
                           f"got {data!r}")
@@ -210,10 +222,14 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
     for k, v in data.items():
         key = prefix + str(k)
         if k not in names:
+            if key in RETIRED_KEYS:
+                if stored:
+                    continue
+                raise ConfigError(f"config key '{key}': {RETIRED_KEYS[key]}")
             raise ConfigError(f"unknown config key '{key}' (known here: {', '.join(sorted(names))})")
         tp = hints[k]
         if dataclasses.is_dataclass(tp):
-            _apply(getattr(obj, k), v, key + ".")
+            _apply(getattr(obj, k), v, key + ".", stored)
         else:
             setattr(obj, k, _coerce(key, v, tp))
 
@@ -322,9 +338,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
 
 
 def config_from_dict(data: dict) -> Config:
-    """Rebuild a Config stored in a checkpoint or run.json."""
+    """Rebuild a Config stored in a checkpoint or run.json (retired keys dropped)."""
     cfg = Config()
-    _apply(cfg, data)
+    _apply(cfg, data, stored=True)
     validate(cfg)
     return cfg
 

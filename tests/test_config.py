@@ -57,3 +57,18 @@ def test_bad_yaml_key_names_file_and_key(tmp_path):
 def test_round_trip_through_dict():
     c = load_config(None, ["variant=s3rec-lowrank", "seed=3"])
     assert config_from_dict(c.to_dict()) == c
+
+
+def test_retired_key_is_dropped_from_stored_configs_and_refused_from_users(tmp_path):
+    """data.num_workers (never used) is gone: a run.json or checkpoint written before keeps
+    loading, while a YAML file or an override naming it stops with the reason."""
+    c = load_config(None, ["seed=3"])
+    old = c.to_dict()
+    old["data"] = {"num_workers": 0, **old["data"]}          # as earlier versions stored it
+    assert config_from_dict(old) == c
+    with pytest.raises(ConfigError, match=r"'data\.num_workers': removed: it was never used"):
+        load_config(None, ["data.num_workers=2"])
+    f = tmp_path / "old.yaml"
+    f.write_text("data:\n  num_workers: 2\n")
+    with pytest.raises(ConfigError, match=r"old\.yaml: config key 'data\.num_workers': removed"):
+        load_config(f)
