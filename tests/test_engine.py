@@ -255,6 +255,25 @@ class TinyWithUnused(Tiny):
         self.unused = nn.Linear(3, 3)      # never in the loss: its gradient stays None
 
 
+def _accumulated_steps(engine, micro_batches: int = 6) -> int:
+    """Run `micro_batches` micro-batches of 2 (grad_accum=2: an optimizer step every second)
+    with fixed data and dropout; returns the ATen operators of the last one, a boundary."""
+    torch.manual_seed(1)
+    g = torch.Generator().manual_seed(2)
+    ops = 0
+    for i in range(micro_batches):
+        x = torch.randint(0, 30, (2,), generator=g)
+
+        def micro():
+            engine.backward(engine(tiny_loss, x))
+            engine.step()
+        if i == micro_batches - 1:
+            ops = count_ops(micro)
+        else:
+            micro()
+    return ops
+
+
 def test_world1_zero0_skips_the_allreduce_with_identical_weights(single_process):
     """World size 1, ZeRO 0: our engine skips DeepSpeed's all-reduce of the gradients with
     themselves. Against DeepSpeed's own path (the override removed) on the same batches, with
@@ -272,20 +291,7 @@ def test_world1_zero0_skips_the_allreduce_with_identical_weights(single_process)
         if not skip:
             del e.allreduce_gradients                  # DeepSpeed's own method again
         engines.append(e)
-    ops = []
-    for e in engines:
-        torch.manual_seed(1)
-        g = torch.Generator().manual_seed(2)
-        for i in range(6):
-            x = torch.randint(0, 30, (2,), generator=g)
-
-            def micro():
-                e.backward(e(tiny_loss, x))
-                e.step()
-            if i == 5:                                 # an accumulation boundary
-                ops.append(count_ops(micro))
-            else:
-                micro()
+    ops = [_accumulated_steps(e) for e in engines]
     skip, ds = engines
     unused_before = TinyWithUnused().unused.weight        # seed differs: just not all zeros
     assert not torch.equal(skip.module.model.unused.weight, unused_before)
@@ -312,18 +318,7 @@ def test_world1_zero_without_contiguous_gradients_has_identical_weights(single_p
         torch.manual_seed(0)
         m = Tiny()
         e = initialize(m, [{"params": list(m.parameters())}], ds_config)
-        torch.manual_seed(1)
-        g = torch.Generator().manual_seed(2)
-        for i in range(6):
-            x = torch.randint(0, 30, (2,), generator=g)
-
-            def micro():
-                e.backward(e(tiny_loss, x))
-                e.step()
-            if i == 5:
-                ops.append(count_ops(micro))
-            else:
-                micro()
+        ops.append(_accumulated_steps(e))
         engines.append(e)
     for (name, a), b in zip(engines[0].module.named_parameters(), engines[1].module.parameters()):
         assert torch.equal(a, b), name
