@@ -52,7 +52,8 @@ def run_demo(out: str | Path, executor: str = "local") -> int:
     failed = [k for k, s in states.items() if s.state == "failed"]
     for rec in run.records():
         metrics = {k: v for k, v in rec.items() if k.startswith(("HR@", "NDCG@", "MRR"))}
-        print(f"{rec['variant']:>14} r={rec['rank']} s={rec['seed']}: "
+        rank = "full" if rec["rank"] is None else rec["rank"]      # full heads have no rank
+        print(f"{rec['variant']:>14} r={rank} s={rec['seed']}: "
               + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     if shutil.which("s3rec-report"):
         _run(["s3rec-report", str(out / "runs"), "--out", str(out / "report")])
