@@ -11,7 +11,8 @@ Each rank writes into RUN/profile/:
   steps-START-STOP.rankR.txt             operators by self host time (and device time on CUDA),
                                          with the window's wall ms per step in the first line
 Both are written under a temporary name and renamed. Steps count optimizer steps, as
-`logging.every_steps` does; a run resumed past START profiles nothing.
+`logging.every_steps` does; a run resumed past START profiles nothing, and a window across an
+epoch end includes that epoch's evaluation and checkpoint.
 """
 from __future__ import annotations
 
