@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A short check on one lent GPU (e.g. H100): NCCL, one Beauty pretraining epoch at fp32 ZeRO 0 and
-# one at bf16 ZeRO 2, a short fine-tune, then the step comparison of benchmarks/train_speed.py
-# (plain PyTorch vs DeepSpeed: ms, ATen operators and device syncs per step).
+# one at bf16 ZeRO 2, a short fine-tune, a step's launch-free floor (benchmarks/graph_step.py: the
+# step in a CUDA graph), then the step comparison of benchmarks/train_speed.py (plain PyTorch vs
+# DeepSpeed: ms, ATen operators and device syncs per step).
 #
 #   bash benchmarks/gpu.sh BEAUTY [OUT]
 #
@@ -51,6 +52,9 @@ res = {"epoch_s": {p.name: epochs(p) for p in sorted(out.iterdir()) if (p / "run
 r = out / "finetune/results.json"
 if r.exists():
     res["finetune_results"] = json.loads(r.read_text())
+g = out / "graph_step.json"
+if g.exists():
+    res["graph_step"] = json.loads(g.read_text())
 tmp = out / "gpu.json.tmp"
 tmp.write_text(json.dumps(res, indent=2) + "\n"); tmp.replace(out / "gpu.json")
 print(json.dumps(res["epoch_s"]), {k: round(v["deepspeed_step_ms"], 2) for k, v in res["steps"].items()})
@@ -75,7 +79,9 @@ part 150 python -m s3rec.pretrain --data "$DATA" --out "$OUT/pretrain_bf16_zero2
 # 2. a short fine-tune from it
 part 120 python -m s3rec.finetune --data "$DATA" --out "$OUT/finetune" --config configs/beauty.yaml \
   --init "$OUT/pretrain/final.pt" finetune.epochs=3 $FAST
-# 3. ms, ATen operators and device syncs per step: plain PyTorch vs DeepSpeed
+# 3. the floor: one step's device time, its launches captured in a CUDA graph (graph_step.py)
+part 120 python benchmarks/graph_step.py --data "$DATA" --json "$OUT/graph_step.json"
+# 4. ms, ATen operators and device syncs per step: plain PyTorch vs DeepSpeed
 for v in fp32:0 bf16:2 fp16:2; do
   part 100 python benchmarks/train_speed.py --data "$DATA" --json "$OUT/step_${v/:/_zero}.json" \
     --overhead-only --overhead-steps 300 deepspeed.precision=${v%:*} deepspeed.zero_stage=${v#*:}

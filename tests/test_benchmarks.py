@@ -40,3 +40,16 @@ def test_scaling_runs_world_sizes_one_and_two(tiny_data, tmp_path):
         assert f[world]["samples_per_s"] > 0 and f[world]["threads_per_rank"] == 1
         assert f[world]["median_window_samples_per_s"] > 0
     assert f["speedup"] == pytest.approx(f["world2"]["samples_per_s"] / f["world1"]["samples_per_s"])
+
+
+def test_graph_step_times_the_eager_step_and_says_where_no_graph_ran(tiny_data, tmp_path):
+    """benchmarks/graph_step.py on CPU: the eager step is timed and the epoch projected from the
+    real batch count; the CUDA-graph figures are null (no CUDA here), not invented."""
+    out = tmp_path / "graph.json"
+    run([sys.executable, "benchmarks/graph_step.py", "--data", str(tiny_data), "--json", str(out),
+         "--steps", "3", *TINY_MODEL], timeout=200)
+    f = read_json(out)
+    assert f["device"] == "cpu" and f["graph_step_ms"] is None and f["graph_epoch_s"] is None
+    assert f["eager_step_ms"] > 0 and f["steps_per_epoch"] > 0
+    assert f["eager_epoch_s"] == pytest.approx(f["steps_per_epoch"] * f["eager_step_ms"] / 1000)
+    assert 1 <= f["batch_rows"] <= 64 and 1 <= f["batch_length"] <= 20
