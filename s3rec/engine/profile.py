@@ -16,10 +16,13 @@ epoch end includes that epoch's evaluation and checkpoint.
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import torch
+
+from s3rec.engine.checkpoint import write_atomic
 
 
 def count_ops(fn) -> int:
@@ -59,7 +62,7 @@ class StepProfiler:
             acts.append(ProfilerActivity.CUDA)
         self._sync()
         self.prof = profile(activities=acts)
-        self.prof.__enter__()
+        self.prof.start()
         self.t0 = time.perf_counter()
 
     def after(self, step: int) -> None:
@@ -69,13 +72,13 @@ class StepProfiler:
         self._sync()
         ms = 1000 * (time.perf_counter() - self.t0) / (self.stop - self.start)
         prof, self.prof = self.prof, None
-        prof.__exit__(None, None, None)
+        prof.stop()
         self._write(prof, ms)
 
     def close(self) -> None:
         """A run that ends (or is preempted) inside the window: drop the partial profile."""
         if self.prof is not None:
-            self.prof.__exit__(None, None, None)
+            self.prof.stop()
             self.prof = None
 
     def _sync(self) -> None:
@@ -86,9 +89,9 @@ class StepProfiler:
         self.dir.mkdir(parents=True, exist_ok=True)
         stem = f"steps-{self.start}-{self.stop}.rank{self.rank}"
         trace = self.dir / f"{stem}.pt.trace.json"
-        tmp = self.dir / f".{stem}.pt.trace.json.tmp"
+        tmp = trace.with_name(f".{trace.name}.tmp-{os.getpid()}")   # the profiler writes a path
         prof.export_chrome_trace(str(tmp))
-        tmp.replace(trace)
+        os.replace(tmp, trace)
         ops = prof.key_averages()
         text = (f"steps {self.start}..{self.stop - 1} (optimizer steps), rank {self.rank}, "
                 f"{self.device}: {ms:.2f} ms per step wall\n\nby self host time:\n"
@@ -96,6 +99,4 @@ class StepProfiler:
         if self.device.type == "cuda":
             text += ("\nby self device time:\n"
                      + ops.table(sort_by="self_device_time_total", row_limit=30) + "\n")
-        tmp = self.dir / f".{stem}.txt.tmp"
-        tmp.write_text(text)
-        tmp.replace(self.dir / f"{stem}.txt")
+        write_atomic(self.dir / f"{stem}.txt", text)
