@@ -295,11 +295,11 @@ def validate(cfg: Config) -> None:
     if cfg.finetune.protocol not in ("sampled", "full"):
         raise ConfigError(f"config key 'finetune.protocol': expected sampled|full, "
                           f"got {cfg.finetune.protocol!r}")
-    d = cfg.deepspeed
     w = cfg.logging.profile_steps
     if w and (len(w) != 2 or not all(isinstance(x, int) for x in w) or not 0 <= w[0] < w[1]):
         raise ConfigError(f"config key 'logging.profile_steps': expected [] or [START, STOP] "
                           f"with 0 <= START < STOP (optimizer steps), got {w!r}")
+    d = cfg.deepspeed
     if d.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"config key 'deepspeed.zero_stage': expected 0..3, got {d.zero_stage}")
     if d.precision not in ("fp32", "bf16", "fp16"):

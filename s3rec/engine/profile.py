@@ -47,7 +47,7 @@ class StepProfiler:
     the global optimizer step count at that point (steps done so far)."""
 
     def __init__(self, window: list, run_dir: Path, rank: int, device: torch.device):
-        self.start, self.stop = (int(window[0]), int(window[1])) if window else (-1, -1)
+        self.start, self.stop = window if window else (-1, -1)   # validated by s3rec.config
         self.dir = Path(run_dir) / "profile"
         self.rank, self.device = rank, device
         self.prof = None
