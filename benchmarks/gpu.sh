@@ -1,32 +1,42 @@
 #!/usr/bin/env bash
-# A short check on one lent GPU (e.g. H100): NCCL, one Beauty pretraining epoch at fp32 ZeRO 0 and
-# one at bf16 ZeRO 2, a short fine-tune, a step's launch-free floor (benchmarks/graph_step.py: the
-# step in a CUDA graph), then the step comparison of benchmarks/train_speed.py (plain PyTorch vs
-# DeepSpeed: ms, ATen operators and device syncs per step).
+# A short check on one lent GPU (e.g. H100): two Beauty pretraining epochs each at fp32 ZeRO 0
+# (eager, then fixed shapes compiled into CUDA graphs: pretrain.static_shapes, pretrain.compile)
+# and at bf16 ZeRO 2 (NCCL, compiled), a short fine-tune, the step comparison of
+# benchmarks/train_speed.py (plain PyTorch vs DeepSpeed: ms, ATen operators and device syncs per
+# step), and the eager step's launch-free floor (benchmarks/graph_step.py).
 #
-#   bash benchmarks/gpu.sh BEAUTY [OUT]
+#   bash benchmarks/gpu.sh BEAUTY [OUT [COPY_TO]]
 #
 # BEAUTY: a prepared dataset folder (s3rec-prep output) or the release folder with Beauty.txt and
 # Beauty_item2attributes.json (prepared here first). Only the repository travels to the GPU
 # machine: pass the data along with it. Writes OUT/gpu.json (default OUT=bench-results/gpu),
-# updated after every part, so a run cut short still leaves what it measured.
+# updated after every part, so a run cut short still leaves what it measured; COPY_TO, if given,
+# receives a copy of gpu.json and of the profile tables after every part (runs stay in OUT).
 # On a lent machine (the repository travels, plus wheels and data in git-ignored .whl/ .gpu/):
 #   pip install -q --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-#   bash benchmarks/gpu.sh .gpu/beauty /tmp/g > $OUT/gpu.log 2>&1; cp /tmp/g/gpu.json /tmp/g/*.txt $OUT/
+#   bash benchmarks/gpu.sh .gpu/beauty /tmp/g $OUT > $OUT/gpu.log 2>&1
 #
 # Why fp32 ZeRO 0 first: this 0.9M-parameter model's step is bound by the host launching kernels,
 # not by arithmetic. On an H100 (session 4) a DeepSpeed step took 13.5 ms at fp32 ZeRO 0 and
 # 24.2 ms at bf16 ZeRO 2 (plain PyTorch 12.1 ms), and an epoch 28.7 s against 37.6 s: bf16 and
-# ZeRO add kernels and buy nothing at this size. torch.compile of the loss (dynamic shapes) was
-# slower still: 56.9 s for its second epoch.
+# ZeRO add kernels and buy nothing at this size. torch.compile of the loss with the batches' own
+# shapes was slower still (56.9 s for its second epoch: every new shape compiles); hence fixed
+# shapes (s3rec/static_objectives.py), under which one graph serves every step.
 set -o pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:?usage: benchmarks/gpu.sh BEAUTY_DATASET_OR_RELEASE_DIR [OUT]}
 OUT=${2:-bench-results/gpu}
-mkdir -p "$OUT" || exit 2
+COPY_TO=${3:-}
+mkdir -p "$OUT" ${COPY_TO:+"$COPY_TO"} || exit 2
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device visible to torch'; print('torch', torch.__version__, torch.cuda.get_device_name(0))" || exit 2
+# GPU_SH_ON_CPU=1: run every part on the CPU (tests/test_benchmarks.py checks each command there
+# before a lent machine's minutes are spent on it; the figures then mean nothing), with
+# GPU_SH_EXTRA="key=value ..." appended to every command (there: a tiny model)
+X=${GPU_SH_EXTRA:-}
+if [ "${GPU_SH_ON_CPU:-0}" != 1 ]; then
+  python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device visible to torch'; print('torch', torch.__version__, torch.cuda.get_device_name(0))" || exit 2
+fi
 
 if [ ! -f "$DATA/manifest.json" ]; then
   if [ -f "$DATA/Beauty.txt" ]; then
@@ -59,30 +69,44 @@ tmp = out / "gpu.json.tmp"
 tmp.write_text(json.dumps(res, indent=2) + "\n"); tmp.replace(out / "gpu.json")
 print(json.dumps(res["epoch_s"]), {k: round(v["deepspeed_step_ms"], 2) for k, v in res["steps"].items()})
 PY
+[ -z "$COPY_TO" ] || cp "$OUT/gpu.json" "$OUT"/*.txt "$COPY_TO"/ 2>/dev/null || true
 }
 
 part() {  # part SECONDS CMD...: a part that fails or overruns is reported, and the rest still run
   local limit=$1; shift
-  timeout "$limit" "$@" || echo "gpu.sh: part failed or ran past ${limit}s (exit $?): $*" >&2
+  timeout "$limit" "$@" || { echo "gpu.sh: part failed or ran past ${limit}s (exit $?): $*" >&2
+                             FAILED=$((FAILED + 1)); }
   summary
 }
+FAILED=0
 
 FAST="deepspeed.precision=fp32 deepspeed.zero_stage=0 logging.every_steps=100"
-# 1. one pretraining epoch at fp32 ZeRO 0, then at bf16 ZeRO 2 (NCCL, bf16)
-#    (steps 300-329 profiled: where the time outside the bare step goes, OUT/profile_fp32_zero0.txt)
-part 150 python -m s3rec.pretrain --data "$DATA" --out "$OUT/pretrain" --config configs/beauty.yaml \
-  pretrain.epochs=1 pretrain.save_epochs=[] $FAST logging.profile_steps=[300,330]
+STATIC="pretrain.static_shapes=true pretrain.compile=reduce-overhead"
+EPOCHS="pretrain.epochs=2 pretrain.save_epochs=[]"   # epoch 1 warms up (compiles); epoch 2 is the figure
+# Parts in order of what they tell, each time-limited (a lent machine gives ~10 minutes).
+# 1. two Beauty pretraining epochs, fp32 ZeRO 0, the default (eager) step; steps 300-329 profiled:
+#    where the time outside the bare step goes (OUT/profile_fp32_zero0.txt)
+part 120 python -m s3rec.pretrain --data "$DATA" --out "$OUT/pretrain" --config configs/beauty.yaml \
+  $EPOCHS $FAST logging.profile_steps=[300,330] $X
 cp "$OUT"/pretrain/profile/steps-300-330.rank0.txt "$OUT/profile_fp32_zero0.txt" || true
-part 150 python -m s3rec.pretrain --data "$DATA" --out "$OUT/pretrain_bf16_zero2" \
-  --config configs/beauty.yaml pretrain.epochs=1 pretrain.save_epochs=[] logging.every_steps=100 \
-  deepspeed.precision=bf16 deepspeed.zero_stage=2
-# 2. a short fine-tune from it
-part 120 python -m s3rec.finetune --data "$DATA" --out "$OUT/finetune" --config configs/beauty.yaml \
-  --init "$OUT/pretrain/final.pt" finetune.epochs=3 $FAST
-# 3. the floor: one step's device time, its launches captured in a CUDA graph (graph_step.py)
-part 120 python benchmarks/graph_step.py --data "$DATA" --json "$OUT/graph_step.json"
-# 4. ms, ATen operators and device syncs per step: plain PyTorch vs DeepSpeed
-for v in fp32:0 bf16:2 fp16:2; do
+# 2. the same at fixed shapes, compiled and replayed as CUDA graphs (perf_hints: why a graph was
+#    not used, if it was not)
+TORCH_LOGS=perf_hints part 200 python -m s3rec.pretrain --data "$DATA" --out "$OUT/pretrain_static" \
+  --config configs/beauty.yaml $EPOCHS $FAST $STATIC $X
+# 3. the issue's configuration: bf16, ZeRO 2 (NCCL), fixed shapes and compiled
+TORCH_LOGS=perf_hints part 200 python -m s3rec.pretrain --data "$DATA" \
+  --out "$OUT/pretrain_static_bf16_zero2" --config configs/beauty.yaml $EPOCHS \
+  logging.every_steps=100 deepspeed.precision=bf16 deepspeed.zero_stage=2 $STATIC $X
+# 4. a short fine-tune from part 1's model
+part 60 python -m s3rec.finetune --data "$DATA" --out "$OUT/finetune" --config configs/beauty.yaml \
+  --init "$OUT/pretrain/final.pt" finetune.epochs=2 $FAST $X
+# 5. ms, ATen operators and device syncs per step: plain PyTorch vs DeepSpeed, eager and compiled
+for v in fp32:0 bf16:2; do
   part 100 python benchmarks/train_speed.py --data "$DATA" --json "$OUT/step_${v/:/_zero}.json" \
-    --overhead-only --overhead-steps 300 deepspeed.precision=${v%:*} deepspeed.zero_stage=${v#*:}
+    --overhead-only --overhead-steps 300 deepspeed.precision=${v%:*} deepspeed.zero_stage=${v#*:} $X
 done
+part 150 python benchmarks/train_speed.py --data "$DATA" --json "$OUT/step_fp32_zero0_static.json" \
+  --overhead-only --overhead-steps 300 $STATIC $X
+# 6. the floor of the eager step: its launches captured in one CUDA graph (graph_step.py)
+part 120 python benchmarks/graph_step.py --data "$DATA" --json "$OUT/graph_step.json" $X
+[ "$FAILED" = 0 ] || { echo "gpu.sh: $FAILED part(s) failed (above)" >&2; exit 1; }

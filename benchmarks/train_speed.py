@@ -47,7 +47,6 @@ def step_overhead(data: str, overrides: list[str], steps: int) -> dict:
     taken from the host as the training loop does (index computed on the host, then `to`).
     On CUDA also the device syncs per step (torch.cuda.set_sync_debug_mode warnings): each one
     makes the host wait for the GPU to drain."""
-    import dataclasses
     import warnings
 
     import torch
@@ -59,7 +58,7 @@ def step_overhead(data: str, overrides: list[str], steps: int) -> dict:
     from s3rec.engine.deepspeed_setup import build_ds_config, initialize
     from s3rec.engine.profile import count_ops
     from s3rec.model import build_model, param_groups
-    from s3rec.objectives import pretrain_index, pretrain_losses
+    from s3rec.pretrain import build_loss
 
     cfg = load_config(None, overrides)
     ds = Dataset(data)
@@ -67,11 +66,18 @@ def step_overhead(data: str, overrides: list[str], steps: int) -> dict:
     av, ao = ds.item_attributes()
     sampler = PretrainSampler(items, offsets, av, ao, ds.num_items, cfg.model.max_seq_length,
                               cfg.pretrain.mask_prob)
-    warm = 20
-    batches = [dataclasses.replace(b, index=pretrain_index(b)) for b in itertools.islice(
-        sampler.batches(cfg.seed, 0, cfg.pretrain.batch_size), steps + warm)]
     device = dist.info().device
-    w = cfg.pretrain.weights
+    # the entry's own step: index on the host, or padded to a fixed shape and compiled
+    # (pretrain.static_shapes / pretrain.compile: the warm-up steps compile)
+    prepare, losses = build_loss(cfg, sampler, ds.item_size, ds.attribute_size,
+                                 cfg.pretrain.batch_size, device, cfg.deepspeed.zero_stage)
+    warm = 20
+    batches: list = []
+    for epoch in itertools.count():             # as many epochs as a small dataset needs
+        batches += [prepare(b) for b in itertools.islice(
+            sampler.batches(cfg.seed, epoch, cfg.pretrain.batch_size), steps + warm - len(batches))]
+        if len(batches) == steps + warm:
+            break
     cuda = device.type == "cuda"
 
     def sync():
@@ -102,19 +108,22 @@ def step_overhead(data: str, overrides: list[str], steps: int) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.pretrain.lr)
 
     def plain_step(hb):
-        loss = pretrain_losses(model, hb.to(device), w)["total"]
+        loss = losses(model, hb.to(device))["total"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     plain, plain_syncs = timed(plain_step)
-    ops = count_ops(lambda: plain_step(batches[0]))
+    # Operators are counted under a dispatch mode, in which compiled code does not run: a
+    # compiled step (pretrain.compile) has no count (its launches: the profile table of gpu.sh)
+    compiled = cfg.pretrain.compile != "none"
+    ops = None if compiled else count_ops(lambda: plain_step(batches[0]))
 
     torch.manual_seed(0)
     model = build_model(cfg, ds.item_size, ds.attribute_size).to(device)
     engine = initialize(model, param_groups(model, cfg),
                         build_ds_config(cfg, "pretrain", 1, device.type))
-    fn = lambda m, b: pretrain_losses(m, b, w)["total"]
+    fn = lambda m, b: losses(m, b)["total"]
 
     def ds_step(hb):
         loss = engine(fn, hb.to(device))
@@ -122,7 +131,7 @@ def step_overhead(data: str, overrides: list[str], steps: int) -> dict:
         engine.step()
 
     ds_ms, ds_syncs = timed(ds_step)
-    ds_ops = count_ops(lambda: ds_step(batches[0]))
+    ds_ops = None if compiled else count_ops(lambda: ds_step(batches[0]))
     return {"plain_step_ms": plain, "deepspeed_step_ms": ds_ms,
             "deepspeed_overhead_ms": ds_ms - plain, "overhead_steps": steps,
             "plain_ops_per_step": ops, "deepspeed_ops_per_step": ds_ops,

@@ -21,6 +21,7 @@ import yaml
 VARIANTS = ("s3rec", "s3rec-lowrank", "finetune-only")
 HEAD_NAMES = ("aap", "mip", "map", "sp")
 OBJECTIVES = ("aap", "mip", "map", "sp")
+COMPILE_MODES = ("none", "default", "reduce-overhead")
 
 
 class ConfigError(ValueError):
@@ -90,6 +91,16 @@ class PretrainConfig:
                                      #   logits: BCE on logits (a positive, b negative)
     save_epochs: list = field(default_factory=lambda: [10, 30, 50, 100, 150])
                                      # (list[int]) epochs whose weights are kept as epoch-N checkpoints
+    static_shapes: bool = False      # (bool) pad every micro-batch to [micro batch, model.max_seq_length]
+                                     #   and weight the objectives at every position
+                                     #   (s3rec.static_objectives): one shape for the whole run,
+                                     #   which pretrain.compile needs. Same losses; more device work
+                                     #   (a GPU absorbs it, a CPU does not); other dropout draws
+    compile: str = "none"            # (str) none | default | reduce-overhead: torch.compile the
+                                     #   pretraining losses (reduce-overhead: replayed as a CUDA
+                                     #   graph, one launch for the forward and one for the
+                                     #   backward). Needs static_shapes and ZeRO 0-2; the first
+                                     #   steps compile (minutes)
 
 
 @dataclass
@@ -287,6 +298,17 @@ def validate(cfg: Config) -> None:
     if p.sp_negatives not in ("full", "train"):
         raise ConfigError(f"config key 'pretrain.sp_negatives': expected full|train, "
                           f"got {p.sp_negatives!r}")
+    if p.compile not in COMPILE_MODES:
+        raise ConfigError(f"config key 'pretrain.compile': expected one of "
+                          f"{'|'.join(COMPILE_MODES)}, got {p.compile!r}")
+    if p.compile != "none" and not p.static_shapes:
+        raise ConfigError(f"config key 'pretrain.compile': {p.compile} needs "
+                          f"pretrain.static_shapes=true (with the batches' own shapes every new "
+                          f"length and count would compile again)")
+    if p.compile != "none" and cfg.deepspeed.zero_stage == 3:
+        raise ConfigError("config key 'pretrain.compile': not with deepspeed.zero_stage 3 (its "
+                          "hooks gather and release parameters around every module's forward, "
+                          "which a compiled graph cannot hold); use ZeRO 0-2")
     if not 0.0 <= p.mask_prob <= 1.0:
         raise ConfigError(f"config key 'pretrain.mask_prob': expected 0..1, got {p.mask_prob}")
     for o in OBJECTIVES:

@@ -166,6 +166,9 @@ def pretrain_losses(model, batch: PretrainBatch, weights, reduction: str = "sum"
     original) each is summed over the batch. Rows and targets are read through batch.index
     (computed here when the batch has none), so a step with an index never waits on the
     device. `mask_id`, if given, checks that `masked` agrees with the input."""
+    if batch.rows_real is not None:
+        raise ValueError("pretrain_losses: a batch padded to a fixed shape (rows_real set) has "
+                         "no attribute pairs; use s3rec.static_objectives.pretrain_losses_static")
     w = {name: _weight(weights, name) for name in OBJECTIVES}
     B, L = batch.masked_items.shape
     need_main = w["aap"] > 0 or w["mip"] > 0 or w["map"] > 0

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.train_helpers import REPO, read_json, run, tiny_data  # noqa: F401 (fixture)
+from tests.train_helpers import REPO, clean_env, read_json, run, tiny_data  # noqa: F401 (fixture)
 
 TINY_MODEL = ["model.hidden_size=16", "model.num_layers=1", "model.num_heads=2",
               "model.inner_size=32", "model.max_seq_length=20", "model.head_rank=4",
@@ -53,3 +53,27 @@ def test_graph_step_times_the_eager_step_and_says_where_no_graph_ran(tiny_data, 
     assert f["eager_step_ms"] > 0 and f["steps_per_epoch"] > 0
     assert f["eager_epoch_s"] == pytest.approx(f["steps_per_epoch"] * f["eager_step_ms"] / 1000)
     assert 1 <= f["batch_rows"] <= 64 and 1 <= f["batch_length"] <= 20
+
+
+@pytest.mark.slow
+def test_gpu_sh_runs_every_part_on_cpu(tiny_data, tmp_path):
+    """benchmarks/gpu.sh with GPU_SH_ON_CPU=1 and a tiny model: every command a lent GPU machine
+    will run (eager and compiled fixed-shape pretraining, bf16 ZeRO 2, fine-tune, step table,
+    graph floor) is valid and finishes, and gpu.json gathers each part. The figures are CPU ones
+    and not asserted: the GPU figures come from a lent machine (README)."""
+    import subprocess
+    out = tmp_path / "gpu"
+    p = subprocess.run(["bash", "benchmarks/gpu.sh", str(tiny_data), str(out),
+                        str(tmp_path / "copy")], cwd=REPO,
+                       capture_output=True, text=True, timeout=600,
+                       env=clean_env(GPU_SH_ON_CPU=1, GPU_SH_EXTRA=" ".join(TINY_MODEL)))
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert "part failed" not in p.stderr
+    f = read_json(out / "gpu.json")
+    assert set(f["epoch_s"]) == {"pretrain", "pretrain_static", "pretrain_static_bf16_zero2",
+                                 "finetune"}
+    assert all(len(v) == 2 and min(v) > 0 for v in f["epoch_s"].values())
+    assert set(f["steps"]) == {"step_fp32_zero0", "step_bf16_zero2", "step_fp32_zero0_static"}
+    assert f["steps"]["step_fp32_zero0_static"]["deepspeed_ops_per_step"] is None   # compiled
+    assert f["graph_step"]["graph_step_ms"] is None and f["finetune_results"]["test"]
+    assert read_json(tmp_path / "copy" / "gpu.json") == f          # the copy for a lent machine

@@ -72,3 +72,16 @@ def test_retired_key_is_dropped_from_stored_configs_and_refused_from_users(tmp_p
     f.write_text("data:\n  num_workers: 2\n")
     with pytest.raises(ConfigError, match=r"old\.yaml: config key 'data\.num_workers': removed"):
         load_config(f)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["pretrain.compile=max"], r"'pretrain\.compile': expected one of none\|default\|reduce-overhead"),
+    (["pretrain.compile=default"], r"needs pretrain\.static_shapes=true"),
+    (["pretrain.static_shapes=true", "pretrain.compile=reduce-overhead",
+      "deepspeed.zero_stage=3"], r"'pretrain\.compile': not with deepspeed\.zero_stage 3"),
+])
+def test_compile_needs_static_shapes_and_zero_below_3(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+    ok = load_config(None, ["pretrain.static_shapes=true", "pretrain.compile=default"])
+    assert ok.pretrain.compile == "default" and Config().pretrain.compile == "none"

@@ -193,3 +193,29 @@ def test_profile_window_writes_a_trace_and_a_table_per_rank(tiny_data, tmp_path,
                       train_args(tiny_data, tmp_path / "bad", "logging.profile_steps=[3,1]")),
               expect=2)
     assert "logging.profile_steps" in bad.stderr
+
+
+def test_static_shapes_follow_the_default_path_and_compile_under_torchrun(tiny_data, tmp_path,
+                                                                           shm_clean):
+    """pretrain.static_shapes: with dropout off (so both paths draw nothing) the epoch losses equal
+    the default path's up to float summation order. pretrain.compile=reduce-overhead (no CUDA
+    graph on CPU: the compiled graph alone) trains under torchrun, world size 2, ZeRO 1, with
+    finite losses, and its final.pt fine-tunes."""
+    no_drop = ("model.hidden_dropout=0", "model.attention_dropout=0", "pretrain.epochs=1")
+    losses = {}
+    for name, extra in (("default", ()), ("static", ("pretrain.static_shapes=true",))):
+        out = tmp_path / name
+        run(command("single", "s3rec.pretrain", train_args(tiny_data, out, *no_drop, *extra)))
+        losses[name] = {k: v[-1][1] for k, v in scalars(out).items() if k.startswith("epoch/")}
+    assert set(losses["static"]) == set(losses["default"]) and len(losses["default"]) == 5
+    for k, v in losses["default"].items():
+        assert abs(losses["static"][k] - v) <= 1e-4 * abs(v), (k, losses["static"][k], v)
+    out = tmp_path / "compiled"
+    run(command("torchrun", "s3rec.pretrain", train_args(
+        tiny_data, out, "pretrain.static_shapes=true", "pretrain.compile=reduce-overhead",
+        "deepspeed.zero_stage=1")), timeout=480)
+    assert read_json(out / "run.json")["config"]["pretrain"]["compile"] == "reduce-overhead"
+    total = [v for _, v in scalars(out)["epoch/loss_total"]]
+    assert len(total) == 2 and all(v == v for v in total) and total[1] < total[0]
+    run(command("single", "s3rec.finetune", train_args(
+        tiny_data, tmp_path / "ft", "--init", str(out / "final.pt"), "finetune.epochs=1")))

@@ -73,9 +73,42 @@ class PretrainBatch:
                                    #   multi-hot of the original item at each non-padding position
     index: "PretrainIndex | None" = None   # where the objectives read; computed on the host by
                                    #   s3rec.objectives.pretrain_index (None: computed in the step)
+    rows_real: torch.Tensor | None = None   # bool [B]: set only on a batch padded to a fixed
+                                   #   shape (pad_pretrain_batch), False on the added rows; such a
+                                   #   batch is for s3rec.static_objectives (attr_index is empty)
 
     def to(self, device) -> "PretrainBatch":
         return move_batch(self, device)
+
+
+def pad_pretrain_batch(batch: PretrainBatch, rows: int, length: int) -> PretrainBatch:
+    """`batch` [B, L] padded to [rows, length] on the host, for fixed-shape steps
+    (pretrain.static_shapes): `length - L` padding columns on the left (positions stay absolute:
+    the newest item keeps the last position), then `rows - B` rows that copy row 0 (a real
+    sequence: a row of padding alone would leave its attention no visible key, which fp16
+    turns into NaN) marked False in `rows_real`. attr_index is dropped (empty): the fixed-shape
+    objectives read attribute targets from a table (s3rec.static_objectives.attribute_table)."""
+    B, L = batch.masked_items.shape
+    if not (1 <= B <= rows and 1 <= L <= length):
+        raise ValueError(f"pad_pretrain_batch: a [{B}, {L}] batch does not fit [{rows}, {length}]")
+    newest = int(batch.positions[0, -1])
+    if newest - length + 1 < 0:
+        raise ValueError(f"pad_pretrain_batch: length {length} is longer than the position window "
+                         f"(the newest item is at position {newest})")
+    fields = {}
+    for name in ("masked_items", "original_items", "mip_neg", "masked", "sp_masked", "sp_pos",
+                 "sp_neg"):
+        t = getattr(batch, name)
+        out = t.new_zeros((rows, length))
+        out[:B, length - L:] = t
+        out[B:] = out[0]
+        fields[name] = out
+    fields["positions"] = torch.arange(newest - length + 1, newest + 1,
+                                       dtype=batch.positions.dtype).expand(rows, length)
+    real = torch.zeros(rows, dtype=torch.bool)
+    real[:B] = True
+    return PretrainBatch(**fields, attr_index=batch.attr_index.new_zeros((0, 2)), index=None,
+                         rows_real=real)
 
 
 @dataclass

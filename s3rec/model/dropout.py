@@ -10,7 +10,8 @@ generator, so `torch.manual_seed` makes masks reproducible.
 
 The autograd Function stores the mask as bool (1 byte an element) and applies
 out = x * mask * 1/(1-p); backward is grad * mask * 1/(1-p). On CUDA the native fused dropout is
-already cheap, so the packed path is used on CPU tensors only (same distribution either way).
+already cheap, so the packed path is used on CPU tensors only (same distribution either way),
+and not under torch.compile, which traces no `random_` and fuses torch's own mask into its kernels.
 """
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tens
         return x
     if p == 1.0:
         return x * 0.0
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
         return F.dropout(x, p, training)
     mask = keep_mask(x.shape, p, x.device)
     return _MaskedScale.apply(x, mask, 1.0 / (1.0 - p))
