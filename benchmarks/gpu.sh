@@ -74,9 +74,11 @@ PY
 
 part() {  # part SECONDS CMD...: a part that fails or overruns is reported, and the rest still run
   local limit=$1; shift
-  timeout "$limit" "$@" || { echo "gpu.sh: part failed or ran past ${limit}s (exit $?): $*" >&2
+  local rc=0
+  timeout "$limit" "$@" || { rc=$?; echo "gpu.sh: part failed or ran past ${limit}s (exit $rc): $*" >&2
                              FAILED=$((FAILED + 1)); }
   summary
+  return $rc
 }
 FAILED=0
 
@@ -91,8 +93,12 @@ part 120 python -m s3rec.pretrain --data "$DATA" --out "$OUT/pretrain" --config 
 cp "$OUT"/pretrain/profile/steps-300-330.rank0.txt "$OUT/profile_fp32_zero0.txt" || true
 # 2. the same at fixed shapes, compiled and replayed as CUDA graphs (perf_hints: why a graph was
 #    not used, if it was not)
-TORCH_LOGS=perf_hints part 200 python -m s3rec.pretrain --data "$DATA" --out "$OUT/pretrain_static" \
-  --config configs/beauty.yaml $EPOCHS $FAST $STATIC $X
+#    If that fails, the compiled step without CUDA graphs (fused kernels, still launched one by one)
+if ! TORCH_LOGS=perf_hints part 200 python -m s3rec.pretrain --data "$DATA" \
+    --out "$OUT/pretrain_static" --config configs/beauty.yaml $EPOCHS $FAST $STATIC $X; then
+  part 200 python -m s3rec.pretrain --data "$DATA" --out "$OUT/pretrain_static_nograph" \
+    --config configs/beauty.yaml $EPOCHS $FAST $STATIC pretrain.compile=default $X
+fi
 # 3. the configuration: bf16, ZeRO 2 (NCCL), fixed shapes and compiled
 TORCH_LOGS=perf_hints part 200 python -m s3rec.pretrain --data "$DATA" \
   --out "$OUT/pretrain_static_bf16_zero2" --config configs/beauty.yaml $EPOCHS \
