@@ -49,8 +49,11 @@ def test_finetune_world2_matches_world1(zero, accum, reference_finetune, tiny_da
         assert r2[split] == pytest.approx(r1[split], rel=1e-12, abs=1e-12)
 
 
-def test_pretrain_world2_matches_world1(tiny_data, tmp_path, shm_clean):
-    args = ("pretrain.epochs=1", *NO_DROPOUT)
+@pytest.mark.parametrize("static", ["false", "true"])
+def test_pretrain_world2_matches_world1(static, tiny_data, tmp_path, shm_clean):
+    """static=true: pretrain.static_shapes, each rank's half padded to the same fixed shape (the
+    epoch's short last batch with filler rows on both ranks)."""
+    args = ("pretrain.epochs=1", f"pretrain.static_shapes={static}", *NO_DROPOUT)
     one, two = tmp_path / "w1", tmp_path / "w2"
     run(command("single", "s3rec.pretrain", train_args(tiny_data, one, *args)))
     run(command("torchrun", "s3rec.pretrain", train_args(tiny_data, two, *args)))
