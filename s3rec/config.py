@@ -22,6 +22,7 @@ VARIANTS = ("s3rec", "s3rec-lowrank", "finetune-only")
 HEAD_NAMES = ("aap", "mip", "map", "sp")
 OBJECTIVES = ("aap", "mip", "map", "sp")
 COMPILE_MODES = ("none", "default", "reduce-overhead")
+ADAM_KERNELS = ("fused", "foreach", "loop")
 
 
 class ConfigError(ValueError):
@@ -140,6 +141,11 @@ class DeepSpeedConfig:
     grad_accum: int = 1              # (int) gradient accumulation steps
     config_file: str = ""            # (str) a DeepSpeed JSON merged under the derived settings
     torch_adam: bool = True          # (bool) torch's Adam (no C++ build) instead of DeepSpeed's fused one
+    adam_kernel: str = "fused"       # (str) torch's Adam as: fused (one kernel for every parameter,
+                                     #   CPU and GPU) | foreach (a kernel per operation over all
+                                     #   parameters) | loop (per parameter: torch's CPU default).
+                                     #   The same update up to float rounding; a resumed run keeps
+                                     #   the kernel it started with (it is in the optimizer state)
     gradient_clipping: float = 0.0   # (float) 0 = off (the original does not clip)
     bf16_skip_nonfinite: bool = False  # (bool) bf16, ZeRO 1-2: test every gradient for inf/NaN
                                      #   each step and skip such steps (DeepSpeed's
@@ -324,6 +330,9 @@ def validate(cfg: Config) -> None:
     d = cfg.deepspeed
     if d.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"config key 'deepspeed.zero_stage': expected 0..3, got {d.zero_stage}")
+    if d.adam_kernel not in ADAM_KERNELS:
+        raise ConfigError(f"config key 'deepspeed.adam_kernel': expected one of "
+                          f"{'|'.join(ADAM_KERNELS)}, got {d.adam_kernel!r}")
     if d.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"config key 'deepspeed.precision': expected fp32|bf16|fp16, "
                           f"got {d.precision!r}")

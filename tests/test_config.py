@@ -40,6 +40,7 @@ def test_lowrank_variant_makes_aap_and_map_lowrank():
     ("model.head_rank=100", "model.head_rank"),
     ("variant=bert4rec", "variant"),
     ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
+    ("deepspeed.adam_kernel=adamw", "deepspeed.adam_kernel"),
     ("nonsense.key=1", "nonsense"),
 ])
 def test_bad_override_names_the_key(override, named):

@@ -6,7 +6,8 @@ Layers, lowest first:
      the typed config is then updated to what the file says (so run.json records what ran).
   2. the derived settings, always ours: batch sizes (train_batch_size = micro x accumulation x
      world size, from cfg.<stage>.batch_size), the optimizer (plain Adam, as the reference:
-     `adam_w_mode: false`; `torch_adam` avoids DeepSpeed's C++ build), gradient clipping,
+     `adam_w_mode: false`; `torch_adam` avoids DeepSpeed's C++ build; deepspeed.adam_kernel
+     picks torch's fused, foreach or loop implementation), gradient clipping,
      and the zero stage / precision of the typed config when the file does not set them.
 A file that sets a derived key (batch sizes, optimizer, scheduler) to anything else is an error
 naming the file and the config key to use instead.
@@ -33,6 +34,14 @@ DERIVED_KEYS = {
     "scheduler": "(none: the reference uses a constant learning rate)",
     "gradient_clipping": "deepspeed.gradient_clipping",
 }
+
+
+# deepspeed.adam_kernel -> torch.optim.Adam's arguments (DeepSpeed passes them on with
+# torch_adam). The default implementation on CPU is the per-parameter loop: for this model's 45
+# tensors a step took 7.8 ms there against 1.0 ms fused; on a GPU, fused is one launch against
+# ~a dozen (foreach) for the whole update.
+_ADAM_KERNEL_ARGS = {"fused": {"fused": True}, "foreach": {"foreach": True},
+                     "loop": {"foreach": False}}
 
 
 class StageModule(nn.Module):
@@ -102,7 +111,8 @@ def build_ds_config(cfg: Config, stage: str, world_size: int, device_type: str,
         "gradient_accumulation_steps": ds.grad_accum,
         "optimizer": {"type": "Adam", "params": {
             "lr": st.lr, "betas": [st.adam_beta1, st.adam_beta2], "eps": 1e-8,
-            "weight_decay": st.weight_decay, "adam_w_mode": False, "torch_adam": ds.torch_adam}},
+            "weight_decay": st.weight_decay, "adam_w_mode": False, "torch_adam": ds.torch_adam,
+            **(_ADAM_KERNEL_ARGS[ds.adam_kernel] if ds.torch_adam else {})}},
         "gradient_clipping": ds.gradient_clipping,
     }
     for k, v in derived.items():
