@@ -7,7 +7,7 @@ Runs the real entries in this process (world size 1, DeepSpeed ZeRO 0, fp32 unle
   eval_full_s        one full-ranking pass over every user
   peak_rss_mb        peak resident memory of this process (all of the above)
 and, to see what DeepSpeed costs per step, the same N pretraining batches through a plain
-PyTorch loop (model + torch.optim.Adam) and through the engine:
+PyTorch loop (model + torch.optim.Adam, the engine's implementation) and through the engine:
   plain_step_ms, deepspeed_step_ms, deepspeed_overhead_ms, plain_ops_per_step,
   deepspeed_ops_per_step
   plain_syncs_per_step, deepspeed_syncs_per_step   (CUDA: host waits on the device per step)
@@ -55,7 +55,7 @@ def step_overhead(data: str, overrides: list[str], steps: int) -> dict:
     from s3rec.config import load_config
     from s3rec.data.pretrain_samples import PretrainSampler
     from s3rec.data.reader import Dataset
-    from s3rec.engine.deepspeed_setup import build_ds_config, initialize
+    from s3rec.engine.deepspeed_setup import ADAM_KERNEL_ARGS, build_ds_config, initialize
     from s3rec.engine.profile import count_ops
     from s3rec.model import build_model, param_groups
     from s3rec.pretrain import build_loss
@@ -105,7 +105,9 @@ def step_overhead(data: str, overrides: list[str], steps: int) -> dict:
 
     torch.manual_seed(0)
     model = build_model(cfg, ds.item_size, ds.attribute_size).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.pretrain.lr)
+    # the engine's Adam implementation (deepspeed.adam_kernel), so the difference is DeepSpeed's
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.pretrain.lr,
+                           **ADAM_KERNEL_ARGS[cfg.deepspeed.adam_kernel])
 
     def plain_step(hb):
         loss = losses(model, hb.to(device))["total"]
