@@ -107,8 +107,11 @@ def _body(argv, holder) -> str:
         return out["total"], [out[n] for n in names]
 
     def count(b):
+        # (samples, tokens, denominator). reduction "sum": each loss is a sum over the
+        # micro-batch, logged per sample. "mean": each is already a mean over its micro-batch,
+        # logged as the mean of those means (denominator: one per micro-batch)
         n = b.masked_items.shape[0]
-        return n, int((b.original_items > 0).sum()), n
+        return n, int((b.original_items > 0).sum()), (1 if p.reduction == "mean" else n)
 
     def save_weights(name: str, tag: str) -> None:
         sd = ckpt.full_state_dict(engine, precision, trainer.ckpt_dir, tag)
@@ -123,6 +126,7 @@ def _body(argv, holder) -> str:
 
     task = Task(stage="pretrain", epochs=p.epochs, num_batches=sampler.num_batches(p.batch_size),
                 log_names=names, count=count, loss=loss, on_epoch_end=on_epoch_end,
+                log_per_denominator=p.reduction == "mean",
                 prepare=prepare,
                 batches=lambda epoch, start: sampler.batches(
                     cfg.seed, epoch, p.batch_size, cfg.data.bucket_by_length,

@@ -149,6 +149,21 @@ def test_ablation_skips_and_does_not_log_a_zero_weight_objective(tiny_data, tmp_
     assert "pretrain.sp_negatives" in bad.stderr + bad.stdout
 
 
+def test_mean_reduction_logs_the_mean_of_the_batch_means(tiny_data, tmp_path):
+    """pretrain.reduction=mean: each loss is a mean over its batch, and the log is the mean of
+    those means (not their sum divided by the samples, 64x smaller here): SP starts at ln 2 per
+    row, and the logged total is the weighted sum of the logged objectives."""
+    import math
+    out = tmp_path / "mean"
+    run(command("single", "s3rec.pretrain", train_args(tiny_data, out, "pretrain.epochs=1",
+                                                       "pretrain.reduction=mean")))
+    e = {k.split("_")[-1]: v[-1][1] for k, v in scalars(out).items() if k.startswith("epoch/")}
+    assert e["sp"] == pytest.approx(math.log(2), abs=0.02)
+    assert e["mip"] == pytest.approx(math.log(2), abs=0.05)      # per masked position
+    assert e["total"] == pytest.approx(0.2 * e["aap"] + e["mip"] + e["map"] + 0.5 * e["sp"],
+                                       rel=1e-5)
+
+
 @pytest.mark.parametrize("zero", ["zero_stage=1", "zero_stage=2", "zero_stage=2 precision=bf16"])
 def test_zero_grad_norm_at_log_steps_equals_deepspeeds_per_step_norm(tiny_data, tmp_path, zero,
                                                                      shm_clean):

@@ -50,6 +50,9 @@ class Task:
     count: Callable[[object], tuple]             # CPU batch -> (samples, tokens, denominator)
     loss: Callable                               # (model, batch) -> (objective, [log tensors])
     mean_loss: bool = False                      # objective is a mean over `denominator` units
+    log_per_denominator: bool = False            # logged losses: summed over micro-batches, then
+                                                 # divided by the summed denominators (True) or
+                                                 # by the samples (False); implied by mean_loss
     evaluate: Callable[[str], dict] | None = None   # split -> metrics (all ranks call it)
     select_metric: str | None = None             # early stopping metric (strict improvement)
     patience: int = 0
@@ -111,6 +114,7 @@ class Trainer:
         self.device, self.rank, self.world = info.device, info.rank, info.world_size
         self.accum = cfg.deepspeed.grad_accum
         self.n = len(task.log_names)
+        self._per_denominator = task.mean_loss or task.log_per_denominator
         self.state = TrainerState()
         self._wc = [0.0, 0.0, 0.0]
         self.resumed = False
@@ -238,7 +242,7 @@ class Trainer:
         epoch_time = time.perf_counter() - t0
         done = st.epoch + 1
         totals = self._global(epoch_acc)
-        per = totals[self.n + 2] if task.mean_loss else totals[self.n]
+        per = totals[self.n + 2] if self._per_denominator else totals[self.n]
         self.events.scalars({f"epoch/loss_{name}": totals[i] / max(per, 1.0)
                              for i, name in enumerate(task.log_names)}, done)
         self.events.scalar("perf/epoch_s", epoch_time, done)
@@ -302,7 +306,7 @@ class Trainer:
         if not write:
             return local
         g = self._global(win_acc)
-        per = g[self.n + 2] if self.task.mean_loss else g[self.n]
+        per = g[self.n + 2] if self._per_denominator else g[self.n]
         step = self.state.global_step
         prefix = "loss/"
         for i, name in enumerate(self.task.log_names):
