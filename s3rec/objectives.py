@@ -138,6 +138,28 @@ def _unique_pairs(pairs: torch.Tensor, num_cols: int) -> torch.Tensor:
     return torch.stack([key // num_cols, key % num_cols], dim=1)
 
 
+def zero_losses(model) -> dict[str, torch.Tensor]:
+    """{"aap", "mip", "map", "sp", "total"}: all a zero scalar, in the model's dtype and device
+    (the entry of an objective that is not computed)."""
+    zero = model.item_embeddings.weight.new_zeros(())
+    return {name: zero for name in (*OBJECTIVES, "total")}
+
+
+def stacked_encoding(model, batch: PretrainBatch, w: dict[str, float]):
+    """The step's one encoder pass (bidirectional): the masked input when AAP, MIP or MAP count
+    and the three SP sequences when SP counts, stacked into [kB, L]. Returns (hidden [kB, L, d],
+    or None when no objective counts; need_main; need_sp)."""
+    need_main = w["aap"] > 0 or w["mip"] > 0 or w["map"] > 0
+    need_sp = w["sp"] > 0
+    seqs = ([batch.masked_items] if need_main else []) + \
+           ([batch.sp_masked, batch.sp_pos, batch.sp_neg] if need_sp else [])
+    if not seqs:
+        return None, need_main, need_sp
+    items = torch.cat(seqs, 0)                                          # [kB, L]
+    positions = batch.positions.repeat(len(seqs), 1)                   # [kB, L]
+    return model.encode(items, positions, causal=False), need_main, need_sp   # [kB, L, d]
+
+
 def pretrain_index(batch: PretrainBatch) -> PretrainIndex:
     """Where the objectives of `batch` read (see PretrainIndex). Run on the host (the engine does,
     before the batch goes to the device); on a device it is correct but reads back several times."""
@@ -171,20 +193,12 @@ def pretrain_losses(model, batch: PretrainBatch, weights, reduction: str = "sum"
                          "no attribute pairs; use s3rec.static_objectives.pretrain_losses_static")
     w = {name: _weight(weights, name) for name in OBJECTIVES}
     B, L = batch.masked_items.shape
-    need_main = w["aap"] > 0 or w["mip"] > 0 or w["map"] > 0
-    need_sp = w["sp"] > 0
     if mask_id is not None and not torch.equal(batch.masked, batch.masked_items == mask_id):
         raise ValueError("PretrainBatch: `masked` disagrees with masked_items == mask_id")
-    seqs = ([batch.masked_items] if need_main else []) + \
-           ([batch.sp_masked, batch.sp_pos, batch.sp_neg] if need_sp else [])
-    zero = model.item_embeddings.weight.new_zeros(())
-    out = {name: zero for name in OBJECTIVES}
-    if not seqs:
-        out["total"] = zero
+    out = zero_losses(model)
+    hidden, need_main, need_sp = stacked_encoding(model, batch, w)
+    if hidden is None:
         return out
-    items = torch.cat(seqs, 0)                                          # [kB, L]
-    positions = batch.positions.repeat(len(seqs), 1)                   # [kB, L]
-    hidden = model.encode(items, positions, causal=False)               # [kB, L, d]
     d = hidden.shape[-1]
 
     if need_main:

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from s3rec.data.batch import PretrainBatch
-from s3rec.objectives import _BCE_EPS, OBJECTIVES, _weight, pair_loss
+from s3rec.objectives import (_BCE_EPS, OBJECTIVES, _weight, pair_loss, stacked_encoding,
+                              zero_losses)
 
 
 def attribute_table(attr_values: np.ndarray, attr_offsets: np.ndarray, item_size: int,
@@ -98,18 +99,10 @@ def pretrain_losses_static(model, batch: PretrainBatch, attr_table: torch.Tensor
                          "rows_real); use s3rec.objectives.pretrain_losses for an unpadded one")
     w = {name: _weight(weights, name) for name in OBJECTIVES}
     B, L = batch.masked_items.shape
-    need_main = w["aap"] > 0 or w["mip"] > 0 or w["map"] > 0
-    need_sp = w["sp"] > 0
-    seqs = ([batch.masked_items] if need_main else []) + \
-           ([batch.sp_masked, batch.sp_pos, batch.sp_neg] if need_sp else [])
-    zero = model.item_embeddings.weight.new_zeros(())
-    out = {name: zero for name in OBJECTIVES}
-    if not seqs:
-        out["total"] = zero
+    out = zero_losses(model)
+    hidden, need_main, need_sp = stacked_encoding(model, batch, w)     # [kB, L, d]
+    if hidden is None:
         return out
-    items = torch.cat(seqs, 0)                                          # [kB, L]
-    positions = batch.positions.repeat(len(seqs), 1)                   # [kB, L]
-    hidden = model.encode(items, positions, causal=False)               # [kB, L, d]
     d, dt = hidden.shape[-1], hidden.dtype
     real = batch.rows_real                                              # [B] bool
 
