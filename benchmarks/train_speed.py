@@ -58,7 +58,7 @@ def step_overhead(data: str, overrides: list[str], steps: int) -> dict:
     from s3rec.engine.deepspeed_setup import ADAM_KERNEL_ARGS, build_ds_config, initialize
     from s3rec.engine.profile import count_ops
     from s3rec.model import build_model, param_groups
-    from s3rec.pretrain import build_loss
+    from s3rec.pretrain_step import build_loss
 
     cfg = load_config(None, overrides)
     ds = Dataset(data)
