@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     import torch
 
     from s3rec.config import load_config
-    from s3rec.data.pretrain_samples import PretrainSampler
+    from s3rec.pretrain_step import pretrain_sampler
     from s3rec.data.reader import Dataset
     from s3rec.model import build_model
     from s3rec.objectives import pretrain_index, pretrain_losses
@@ -51,10 +51,7 @@ def main(argv=None) -> int:
     cfg = load_config(REPO / "configs/beauty.yaml", args.overrides)
     pc = cfg.pretrain
     ds = Dataset(args.data)
-    items, offsets = ds.load_sequences()
-    av, ao = ds.item_attributes()
-    sampler = PretrainSampler(items, offsets, av, ao, ds.num_items, cfg.model.max_seq_length,
-                              pc.mask_prob, pc.sp_negatives)
+    sampler = pretrain_sampler(cfg, ds)
     first = itertools.islice(sampler.batches(cfg.seed, 0, pc.batch_size,
                                              cfg.data.bucket_by_length, cfg.data.bucket_size), 300)
     batch = max(first, key=lambda b: b.masked_items.shape[1])

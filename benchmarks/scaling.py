@@ -51,15 +51,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
     from s3rec.config import load_config
-    from s3rec.data.pretrain_samples import PretrainSampler
+    from s3rec.pretrain_step import pretrain_sampler
     from s3rec.data.reader import Dataset
     from s3rec.runlog import write_json_atomic
     cfg = load_config(None, args.overrides)
     ds = Dataset(args.data)
-    items, offsets = ds.load_sequences()
-    av, ao = ds.item_attributes()
-    samples = PretrainSampler(items, offsets, av, ao, ds.num_items, cfg.model.max_seq_length,
-                              cfg.pretrain.mask_prob).num_samples
+    samples = pretrain_sampler(cfg, ds).num_samples
     cores = os.cpu_count() or 1
     root = Path(tempfile.mkdtemp(prefix="s3rec-scaling-"))
     out = {"samples_per_epoch": samples, "cores": cores}

@@ -53,19 +53,15 @@ def step_overhead(data: str, overrides: list[str], steps: int) -> dict:
 
     from s3rec import distributed as dist
     from s3rec.config import load_config
-    from s3rec.data.pretrain_samples import PretrainSampler
     from s3rec.data.reader import Dataset
     from s3rec.engine.deepspeed_setup import ADAM_KERNEL_ARGS, build_ds_config, initialize
     from s3rec.engine.profile import count_ops
     from s3rec.model import build_model, param_groups
-    from s3rec.pretrain_step import build_loss
+    from s3rec.pretrain_step import build_loss, pretrain_sampler
 
     cfg = load_config(None, overrides)
     ds = Dataset(data)
-    items, offsets = ds.load_sequences()
-    av, ao = ds.item_attributes()
-    sampler = PretrainSampler(items, offsets, av, ao, ds.num_items, cfg.model.max_seq_length,
-                              cfg.pretrain.mask_prob)
+    sampler = pretrain_sampler(cfg, ds)
     device = dist.info().device
     # the entry's own step: index on the host, or padded to a fixed shape and compiled
     # (pretrain.static_shapes / pretrain.compile: the warm-up steps compile)

@@ -24,9 +24,8 @@ def get_args_parser():
 
 
 def _body(argv, holder) -> str:
-    from s3rec.data.pretrain_samples import PretrainSampler
     from s3rec.model import build_model, param_groups, save_model_file
-    from s3rec.pretrain_step import build_loss
+    from s3rec.pretrain_step import build_loss, pretrain_sampler
 
     args = get_args_parser().parse_args(argv)
     cfg = run.load_cfg(args)
@@ -40,10 +39,7 @@ def _body(argv, holder) -> str:
     holder["runjson"] = s.runjson
     cfg, info, ds = s.cfg, s.info, s.ds
 
-    items, offsets = ds.load_sequences()
-    attr_values, attr_offsets = ds.item_attributes()
-    sampler = PretrainSampler(items, offsets, attr_values, attr_offsets, ds.num_items,
-                              cfg.model.max_seq_length, p.mask_prob, p.sp_negatives)
+    sampler = pretrain_sampler(cfg, ds)
     ckpt.seed_everything(cfg.seed)              # the same initial model on every rank
     model = build_model(cfg, ds.item_size, ds.attribute_size)
     ckpt.seed_everything(cfg.seed + 1000003 * info.rank)   # per-rank dropout streams

@@ -10,8 +10,19 @@ import torch
 
 from s3rec.config import Config, ConfigError
 from s3rec.data.batch import pad_pretrain_batch
+from s3rec.data.pretrain_samples import PretrainSampler
 from s3rec.objectives import pretrain_index, pretrain_losses
 from s3rec.static_objectives import attribute_table, pretrain_losses_static
+
+
+def pretrain_sampler(cfg: Config, ds) -> PretrainSampler:
+    """The pretraining sampler of dataset `ds` (s3rec.data.reader.Dataset) under `cfg`: window
+    model.max_seq_length, pretrain.mask_prob, pretrain.sp_negatives."""
+    items, offsets = ds.load_sequences()
+    attr_values, attr_offsets = ds.item_attributes()
+    return PretrainSampler(items, offsets, attr_values, attr_offsets, ds.num_items,
+                           cfg.model.max_seq_length, cfg.pretrain.mask_prob,
+                           cfg.pretrain.sp_negatives)
 
 
 def build_loss(cfg: Config, sampler, item_size: int, attribute_size: int, micro: int, device,
