@@ -42,10 +42,10 @@ def main(argv=None) -> int:
     import torch
 
     from s3rec.config import load_config
-    from s3rec.pretrain_step import pretrain_sampler
     from s3rec.data.reader import Dataset
     from s3rec.model import build_model
     from s3rec.objectives import pretrain_index, pretrain_losses
+    from s3rec.pretrain_step import pretrain_sampler
     from s3rec.runlog import write_json_atomic
 
     cfg = load_config(REPO / "configs/beauty.yaml", args.overrides)

@@ -51,8 +51,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
     from s3rec.config import load_config
-    from s3rec.pretrain_step import pretrain_sampler
     from s3rec.data.reader import Dataset
+    from s3rec.pretrain_step import pretrain_sampler
     from s3rec.runlog import write_json_atomic
     cfg = load_config(None, args.overrides)
     ds = Dataset(args.data)

@@ -66,14 +66,11 @@ def step_overhead(data: str, overrides: list[str], steps: int) -> dict:
     # the entry's own step: index on the host, or padded to a fixed shape and compiled
     # (pretrain.static_shapes / pretrain.compile: the warm-up steps compile)
     prepare, losses = build_loss(cfg, sampler, ds.item_size, ds.attribute_size,
-                                 cfg.pretrain.batch_size, device, cfg.deepspeed.zero_stage)
+                                 cfg.pretrain.batch_size, device)
     warm = 20
-    batches: list = []
-    for epoch in itertools.count():             # as many epochs as a small dataset needs
-        batches += [prepare(b) for b in itertools.islice(
-            sampler.batches(cfg.seed, epoch, cfg.pretrain.batch_size), steps + warm - len(batches))]
-        if len(batches) == steps + warm:
-            break
+    every_epoch = itertools.chain.from_iterable(     # as many epochs as a small dataset needs
+        sampler.batches(cfg.seed, e, cfg.pretrain.batch_size) for e in itertools.count())
+    batches = [prepare(b) for b in itertools.islice(every_epoch, steps + warm)]
     cuda = device.type == "cuda"
 
     def sync():

@@ -19,10 +19,14 @@ OBJECTIVES = ("aap", "mip", "map", "sp")
 _BCE_EPS = 1e-12       # BCELoss backward divides by max(p (1 - p), 1e-12)
 
 
-def _reduce(total: torch.Tensor, count: int, reduction: str) -> torch.Tensor:
+def _reduce(total: torch.Tensor, count: int | torch.Tensor, reduction: str) -> torch.Tensor:
+    """sum: as is; mean: over `count` units, at least 1 (a device tensor count is clamped on the
+    device: no read back, as the fixed-shape objectives need)."""
     if reduction == "sum":
         return total
     if reduction == "mean":
+        if isinstance(count, torch.Tensor):
+            return total / count.clamp(min=1).to(total.dtype)
         return total / max(count, 1)
     raise ValueError(f"reduction must be sum|mean, got {reduction!r}")
 

@@ -53,7 +53,7 @@ def _body(argv, holder) -> str:
 
     micro = p.batch_size // (cfg.deepspeed.grad_accum * info.world_size)
     prepare, losses = build_loss(cfg, sampler, ds.item_size, ds.attribute_size, micro,
-                                 info.device, engine.zero_optimization_stage())
+                                 info.device)
 
     def loss(m, b):
         out = losses(m, b)

@@ -8,7 +8,7 @@ import dataclasses
 
 import torch
 
-from s3rec.config import Config, ConfigError
+from s3rec.config import Config
 from s3rec.data.batch import pad_pretrain_batch
 from s3rec.data.pretrain_samples import PretrainSampler
 from s3rec.objectives import pretrain_index, pretrain_losses
@@ -25,8 +25,7 @@ def pretrain_sampler(cfg: Config, ds) -> PretrainSampler:
                            cfg.pretrain.sp_negatives)
 
 
-def build_loss(cfg: Config, sampler, item_size: int, attribute_size: int, micro: int, device,
-               zero_stage: int):
+def build_loss(cfg: Config, sampler, item_size: int, attribute_size: int, micro: int, device):
     """(prepare, losses) of a pretraining step: `prepare` turns a CPU micro-batch into what
     `losses(model, batch) -> {"aap", "mip", "map", "sp", "total"}` reads, on the host before the
     copy. Default: the batch's own shape, the objectives' index computed on the host
@@ -45,9 +44,6 @@ def build_loss(cfg: Config, sampler, item_size: int, attribute_size: int, micro:
         return pretrain_losses_static(m, b, table, p.weights, p.reduction, p.pair_form)
 
     if p.compile != "none":
-        if zero_stage == 3:     # a DeepSpeed file can choose stage 3 after the config's checks
-            raise ConfigError("config key 'pretrain.compile': not with ZeRO stage 3 (set by "
-                              f"{cfg.deepspeed.config_file or 'deepspeed.zero_stage'}); use 0-2")
         # the table is the same tensor at every step: a CUDA graph reads it where it lies
         torch._dynamo.mark_static_address(table)
         compiled = torch.compile(losses, fullgraph=True, dynamic=False,

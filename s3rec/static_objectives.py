@@ -22,22 +22,20 @@ import numpy as np
 import torch
 
 from s3rec.data.batch import PretrainBatch
-from s3rec.objectives import (_BCE_EPS, OBJECTIVES, _weight, pair_loss, stacked_encoding,
-                              zero_losses)
+from s3rec.objectives import (_BCE_EPS, OBJECTIVES, _reduce, _weight, pair_loss,
+                              stacked_encoding, zero_losses)
 
 
 def attribute_table(attr_values: np.ndarray, attr_offsets: np.ndarray, item_size: int,
                     attribute_size: int) -> torch.Tensor:
     """bool [item_size, attribute_size]: row i is the multi-hot of item i's attributes (a set:
-    repeats count once). attr_values / attr_offsets: CSR over item ids 0..n (n < item_size; rows
-    past it, e.g. mask_id, stay empty). An attribute id outside 0..attribute_size-1 is an error."""
+    repeats count once). attr_values / attr_offsets: the CSR over item ids 0..n (n < item_size;
+    rows past it, e.g. mask_id, stay empty) that PretrainSampler has checked already
+    (`sampler.attr_values`, `sampler.attr_offsets`). An attribute id outside
+    0..attribute_size-1 is an error."""
     offsets = np.asarray(attr_offsets, dtype=np.int64)
     values = np.asarray(attr_values, dtype=np.int64)
     n = len(offsets) - 1
-    if n > item_size or offsets[0] != 0 or offsets[-1] != len(values) \
-            or np.any(np.diff(offsets) < 0):
-        raise ValueError(f"attribute CSR: offsets must rise from 0 to {len(values)} over at most "
-                         f"item_size={item_size} items, got {n} rows")
     if len(values) and (values.min() < 0 or values.max() >= attribute_size):
         raise ValueError(f"attribute ids {values.min()}..{values.max()} outside the model's "
                          f"attribute table 0..{attribute_size - 1}")
@@ -76,15 +74,6 @@ def dense_sigmoid_bce(logits: torch.Tensor, targets: torch.Tensor,
     """BCELoss(sigmoid(logits), targets, reduction='sum') over the rows of weight 1 (see
     _DenseSigmoidBCE). logits [R, A], targets bool [R, A], row_weight [R] in the logits' dtype."""
     return _DenseSigmoidBCE.apply(logits, targets, row_weight)
-
-
-def _reduce(total: torch.Tensor, count: torch.Tensor, reduction: str) -> torch.Tensor:
-    """sum: as is; mean: over `count` units (a device tensor: no read back), at least 1."""
-    if reduction == "sum":
-        return total
-    if reduction == "mean":
-        return total / count.clamp(min=1).to(total.dtype)
-    raise ValueError(f"reduction must be sum|mean, got {reduction!r}")
 
 
 def pretrain_losses_static(model, batch: PretrainBatch, attr_table: torch.Tensor, weights,

@@ -79,6 +79,18 @@ def test_file_setting_a_derived_key_differently_is_an_error(tmp_path):
         build_ds_config(load_config(None, [f"deepspeed.config_file={f}"]), "pretrain", 1, "cpu")
 
 
+def test_file_choosing_zero3_under_a_compiled_step_is_an_error(tmp_path):
+    """The config's cross-key rules hold for what a DeepSpeed file chooses: pretrain.compile
+    cannot run at ZeRO 3, whether the stage comes from deepspeed.zero_stage or from the file."""
+    f = tmp_path / "z3.json"
+    f.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    cfg = load_config(None, ["pretrain.static_shapes=true", "pretrain.compile=default",
+                             f"deepspeed.config_file={f}"])
+    with pytest.raises(ConfigError, match=r"z3\.json: config key 'pretrain\.compile': not with "
+                                          r"deepspeed\.zero_stage 3"):
+        build_ds_config(cfg, "pretrain", 1, "cpu")
+
+
 # ------------------------------------------------------------------ micro-batches
 
 def test_split_rows_rebases_sparse_attribute_targets():
