@@ -63,8 +63,9 @@ def test_sigusr1_to_one_rank_saves_a_checkpoint_and_exits_cleanly(tiny_data, tmp
     args = train_args(tiny_data, out, "variant=finetune-only", "finetune.epochs=4",
                       "finetune.batch_size=4", "checkpoint.every_steps=0")
     cmd = command("torchrun", "s3rec.finetune", args)
-    proc = subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    err_path = tmp_path / "torchrun.err"          # a file, not a pipe nobody reads until the end
+    with open(err_path, "w") as err_file:
+        proc = subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.DEVNULL, stderr=err_file)
     deadline = time.time() + 180
     target = None
     while time.time() < deadline and proc.poll() is None and target is None:
@@ -79,7 +80,8 @@ def test_sigusr1_to_one_rank_saves_a_checkpoint_and_exits_cleanly(tiny_data, tmp
     assert target is not None, "rank 1 was not found"
     time.sleep(1.0)
     target.send_signal(signal.SIGUSR1)           # one rank only: the flag is all-reduced
-    _, err = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    err = err_path.read_text()
     assert proc.returncode == 0, err[-3000:]
     assert "preempted by a signal" in err
     info = read_json(out / "run.json")

@@ -86,10 +86,15 @@ def test_time_limit_requeues_and_resumes_to_same_result(cluster, tiny_data, tmp_
     # Meanwhile, the same pretraining uninterrupted, as one plain process.
     ref = tmp_path / "ref"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    reference = subprocess.Popen([shutil.which("s3rec-pretrain"), "--data", str(tiny_data),
-                                  "--out", str(ref / "pretrain"), "--config", str(TINY), *args],
-                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                 text=True)
+    # Its log goes to a file, not a pipe: ~90 bytes an epoch fill a 64 KB pipe nobody reads
+    # after ~700 epochs, and the run then blocks on write (it did on a fast CI machine).
+    ref.mkdir()
+    ref_log = ref / "pretrain.log"
+    with open(ref_log, "w") as log_file:
+        reference = subprocess.Popen([shutil.which("s3rec-pretrain"), "--data", str(tiny_data),
+                                      "--out", str(ref / "pretrain"), "--config", str(TINY),
+                                      *args], env=env, stdout=subprocess.DEVNULL,
+                                     stderr=log_file)
     try:
         # Lift the limit once a checkpoint was saved on the signal and the job requeued.
         while not re.search(r"checkpoint saved at step .*\n(.*\n)*.*requeueing job",
@@ -100,7 +105,7 @@ def test_time_limit_requeues_and_resumes_to_same_result(cluster, tiny_data, tmp_
         subprocess.run(["scontrol", "update", f"JobId={pre}", "TimeLimit=30"], env=cluster,
                        check=True)
         wait_jobs(cluster, [pre], timeout_s=600)
-        assert reference.wait(timeout=600) == 0, reference.stderr.read()[-2000:]
+        assert reference.wait(timeout=600) == 0, ref_log.read_text()[-2000:]
     finally:
         subprocess.run(["scancel", pre], env=cluster)
         if reference.poll() is None:
