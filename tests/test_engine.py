@@ -339,6 +339,52 @@ def test_world1_zero_without_contiguous_gradients_has_identical_weights(single_p
     assert ops[0] < ops[1], ops
 
 
+@pytest.mark.parametrize("stage,precision,comm", [(1, "fp32", None), (2, "fp32", None),
+                                                  (1, "bf16", None), (2, "bf16", None),
+                                                  (2, "fp32", "bf16")])
+def test_world1_zero12_skips_the_reduce_with_identical_weights(single_process, stage, precision,
+                                                                comm):
+    """World size 1, ZeRO 1-2: our engine skips DeepSpeed's flatten / all-reduce with itself /
+    copy back of every gradient bucket. Against DeepSpeed's own path (the override removed), with
+    accumulation, weight decay and a parameter without gradient: bit-identical weights and fp32
+    masters, fewer operators. A communication dtype narrower than the gradients rounds them:
+    DeepSpeed's path is kept there (same operators)."""
+    cfg = load_config(None, ["pretrain.batch_size=4", "deepspeed.grad_accum=2",
+                             "pretrain.weight_decay=0.1", f"deepspeed.zero_stage={stage}",
+                             f"deepspeed.precision={precision}"])
+    engines, ops = [], []
+    for skip in (True, False):
+        ds_config = build_ds_config(cfg, "pretrain", 1, "cpu")
+        if comm:
+            ds_config["communication_data_type"] = comm
+        torch.manual_seed(0)
+        m = TinyWithUnused()
+        e = initialize(m, [{"params": list(m.parameters()), "weight_decay": 0.1}], ds_config)
+        assert "allreduce_and_copy" in vars(e.optimizer)
+        if not skip:
+            del e.optimizer.allreduce_and_copy         # DeepSpeed's own method again
+        ops.append(_accumulated_steps(e))
+        engines.append(e)
+    for (name, a), b in zip(engines[0].module.named_parameters(), engines[1].module.parameters()):
+        assert torch.equal(a, b), name
+    masters = [e.optimizer.single_partition_of_fp32_groups for e in engines]
+    assert all(torch.equal(a, b) for a, b in zip(*masters))
+    if comm:
+        assert ops[0] == ops[1], ops
+    else:
+        assert ops[0] < ops[1] - 5, ops
+
+
+def test_zero12_reduce_is_deepspeeds_own_beyond_one_rank_or_with_overlap(single_process):
+    """The skip is for one rank without overlap_comm only: there DeepSpeed's method stays."""
+    cfg = load_config(None, ["pretrain.batch_size=4", "deepspeed.zero_stage=2"])
+    ds_config = build_ds_config(cfg, "pretrain", 1, "cpu")
+    ds_config["zero_optimization"]["overlap_comm"] = True
+    m = Tiny()
+    e = initialize(m, [{"params": list(m.parameters())}], ds_config)
+    assert "allreduce_and_copy" not in vars(e.optimizer)
+
+
 def test_checkpoint_round_trip_restores_model_optimizer_and_rng(single_process, tmp_path):
     root = tmp_path / "checkpoints"
     a = _engine()
