@@ -100,8 +100,9 @@ class PretrainConfig:
     compile: str = "none"            # (str) none | default | reduce-overhead: torch.compile the
                                      #   pretraining losses (reduce-overhead: replayed as a CUDA
                                      #   graph, one launch for the forward and one for the
-                                     #   backward). Needs static_shapes and ZeRO 0-2; the first
-                                     #   steps compile (minutes)
+                                     #   backward). Needs static_shapes and ZeRO 0-2
+                                     #   (reduce-overhead also deepspeed.grad_accum=1); the
+                                     #   first steps compile (minutes)
 
 
 @dataclass
@@ -315,6 +316,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'pretrain.compile': not with deepspeed.zero_stage 3 (its "
                           "hooks gather and release parameters around every module's forward, "
                           "which a compiled graph cannot hold); use ZeRO 0-2")
+    if p.compile == "reduce-overhead" and cfg.deepspeed.grad_accum != 1:
+        # autograd keeps a graph's gradient output as param.grad (no copy) and the next
+        # micro-batch's replay writes over that memory: accumulated gradients would be wrong
+        # without an error (pytorch/pytorch#169545, #96693). Unverified on our GPU: refused.
+        raise ConfigError(f"config key 'pretrain.compile': reduce-overhead needs "
+                          f"deepspeed.grad_accum=1, got {cfg.deepspeed.grad_accum} (a CUDA graph "
+                          f"reuses the memory of the gradients being accumulated); use "
+                          f"pretrain.compile=default or a larger micro-batch")
     if not 0.0 <= p.mask_prob <= 1.0:
         raise ConfigError(f"config key 'pretrain.mask_prob': expected 0..1, got {p.mask_prob}")
     for o in OBJECTIVES:

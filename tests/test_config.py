@@ -80,9 +80,15 @@ def test_retired_key_is_dropped_from_stored_configs_and_refused_from_users(tmp_p
     (["pretrain.compile=default"], r"needs pretrain\.static_shapes=true"),
     (["pretrain.static_shapes=true", "pretrain.compile=reduce-overhead",
       "deepspeed.zero_stage=3"], r"'pretrain\.compile': not with deepspeed\.zero_stage 3"),
+    (["pretrain.static_shapes=true", "pretrain.compile=reduce-overhead",
+      "deepspeed.grad_accum=2"], r"'pretrain\.compile': reduce-overhead needs "
+                                 r"deepspeed\.grad_accum=1, got 2"),
 ])
-def test_compile_needs_static_shapes_and_zero_below_3(overrides, message):
+def test_compile_needs_static_shapes_zero_below_3_and_no_accumulation_in_graphs(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
     ok = load_config(None, ["pretrain.static_shapes=true", "pretrain.compile=default"])
     assert ok.pretrain.compile == "default" and Config().pretrain.compile == "none"
+    ok = load_config(None, ["pretrain.static_shapes=true", "pretrain.compile=default",
+                            "deepspeed.grad_accum=2"])      # no CUDA graph: accumulation is fine
+    assert ok.deepspeed.grad_accum == 2
