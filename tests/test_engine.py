@@ -288,7 +288,8 @@ def _accumulated_steps(engine, micro_batches: int = 6) -> int:
 
 def test_world1_zero0_skips_the_allreduce_with_identical_weights(single_process):
     """World size 1, ZeRO 0: our engine skips DeepSpeed's all-reduce of the gradients with
-    themselves. Against DeepSpeed's own path (the override removed) on the same batches, with
+    themselves, and fills missing gradients and clears them after the step from a parameter list
+    made once. Against DeepSpeed's own path (the overrides removed) on the same batches, with
     gradient accumulation, weight decay and a parameter that gets no gradient (DeepSpeed gives it
     zeros, which Adam's decay then moves): bit-identical weights, fewer operators per step."""
     cfg = load_config(None, ["pretrain.batch_size=4", "deepspeed.grad_accum=2",
@@ -299,9 +300,9 @@ def test_world1_zero0_skips_the_allreduce_with_identical_weights(single_process)
         m = TinyWithUnused()
         e = initialize(m, [{"params": list(m.parameters()), "weight_decay": 0.1}],
                        build_ds_config(cfg, "pretrain", 1, "cpu"))
-        assert "allreduce_gradients" in vars(e)
+        assert "allreduce_gradients" in vars(e) and "zero_grad" in vars(e)
         if not skip:
-            del e.allreduce_gradients                  # DeepSpeed's own method again
+            del e.allreduce_gradients, e.zero_grad     # DeepSpeed's own methods again
         engines.append(e)
     ops = [_accumulated_steps(e) for e in engines]
     skip, ds = engines

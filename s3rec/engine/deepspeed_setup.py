@@ -186,6 +186,7 @@ def initialize(model: nn.Module, param_groups: list[dict], ds_config: dict):
             deepspeed.zero.register_external_parameter(engine.module, p)
     _skip_allreduce_alone(engine)
     _skip_zero_reduce_alone(engine)
+    _zero_grad_from_a_list(engine)
     return engine
 
 
@@ -203,11 +204,33 @@ def _skip_allreduce_alone(engine) -> None:
             or engine.pipeline_parallelism or engine.sequence_parallel_size != 1):
         return
 
+    # DeepSpeed's _get_gradients_for_reduction walks the module tree for these at every step
+    # (~0.1 ms of host time here); the parameters of an engine do not change
+    params = [p for p in engine.module.parameters() if p.requires_grad and p.numel()]
+
     def allreduce_gradients(bucket_size=None):
         if engine.is_gradient_accumulation_boundary():
-            engine._get_gradients_for_reduction()      # fills missing gradients with zeros
+            for p in params:                           # as DeepSpeed fills a missing gradient
+                if p.grad is None:
+                    p.grad = torch.zeros(p.size(), dtype=p.dtype, device=p.device)
 
     engine.allreduce_gradients = allreduce_gradients
+
+
+def _zero_grad_from_a_list(engine) -> None:
+    """ZeRO 0: after every fp32 step DeepSpeed's engine.zero_grad sets each parameter's gradient
+    to None, walking the module tree for them (named_parameters: ~0.1 ms of host time a step
+    for this model on the 2-core CPU, where a tiny-model step is ~3 ms). The same from a list
+    made once (ZeRO 1-3 and the bf16 optimizer clear their own)."""
+    if engine.zero_optimization_stage() != 0:
+        return
+    params = list(engine.module.parameters())
+
+    def zero_grad():
+        for p in params:
+            p.grad = None
+
+    engine.zero_grad = zero_grad
 
 
 def _skip_zero_reduce_alone(engine) -> None:
