@@ -1,5 +1,6 @@
 """The fixed-shape pretraining losses (s3rec.static_objectives) equal the default path's, the padding
-that feeds them keeps every real value in place, and they compile into one graph."""
+that feeds them keeps every real value in place, and they compile into one graph that meets the
+conditions of a CUDA graph."""
 import numpy as np
 import pytest
 import torch
@@ -140,3 +141,43 @@ def test_static_losses_compile_to_one_graph_with_the_eager_values(fast_dropout):
     model.train()
     out = fn(model, padded, table, ObjectiveWeights())
     assert all(g is None or torch.isfinite(g).all() for g in grads(model, out["total"]))
+
+
+@pytest.mark.slow
+def test_static_graphs_meet_the_cuda_graph_conditions_checked_on_cpu():
+    """What inductor checks before it records a compiled graph as a CUDA graph
+    (pretrain.compile=reduce-overhead), checked here on the forward and backward graphs
+    AOTAutograd makes of the fixed-shape losses in training mode (dropout on): no input mutated
+    ("mutated inputs"), only tensor inputs ("non-Tensor inputs"), and no read back to the host.
+    Any of these and a GPU would silently run the graphs one kernel at a time."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    seen = []
+
+    def inspect(kind):
+        def compiler(gm, example_inputs):
+            meta = torch._guards.TracingContext.get().fw_metadata if kind == "forward" else None
+            mutated = [i for i, info in enumerate(meta.input_info)
+                       if info.mutates_data or info.mutates_metadata
+                       or info.mutates_storage_metadata or info.mutation_inductor_storage_resize
+                       ] if meta is not None else []
+            reads = [n.name for n in gm.graph.nodes if n.op == "call_function"
+                     and "_local_scalar_dense" in str(n.target)]
+            others = [type(t).__name__ for t in example_inputs
+                      if not isinstance(t, (torch.Tensor, torch.SymInt, torch.Generator))]
+            seen.append((kind, len(example_inputs), mutated, reads, others))
+            return make_boxed_func(gm)
+        return compiler
+
+    model = small_model(6)
+    model.train()
+    batch, _ = make_batch(6)
+    padded = pad_pretrain_batch(batch, rows=6, length=MAX_LEN)
+    fn = torch.compile(pretrain_losses_static, fullgraph=True, dynamic=False,
+                       backend=aot_autograd(fw_compiler=inspect("forward"),
+                                            bw_compiler=inspect("backward")))
+    fn(model, padded, table_of(batch), ObjectiveWeights())["total"].backward()
+    assert [s[0] for s in seen] == ["forward", "backward"], seen
+    for kind, n_inputs, mutated, reads, others in seen:
+        assert n_inputs > 10 and mutated == [] and reads == [] and others == [], (
+            kind, mutated, reads, others)
