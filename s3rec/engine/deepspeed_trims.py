@@ -73,14 +73,15 @@ def _skip_zero_reduce_alone(engine) -> None:
     the 2-core CPU; on a GPU, whose step is bound by the host, ~47 launches). The result equals
     the input bit for bit, so what remains is what DeepSpeed does with the result: add it into
     the partition's accumulation buffer where it keeps one. Only where the gradients already have
-    the communication dtype (a narrower one would round them; DeepSpeed's own path then) and
-    without overlap_comm (whose stream bookkeeping stays DeepSpeed's). Bit-identical weights and
-    fp32 masters
+    the communication dtype (a narrower one would round them; DeepSpeed's own path then),
+    without overlap_comm (whose stream bookkeeping stays DeepSpeed's) and without optimizer
+    offload. Bit-identical weights and fp32 masters
     (tests/test_engine.py::test_world1_zero12_skips_the_reduce_with_identical_weights)."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
     opt = engine.optimizer
     if (engine.zero_optimization_stage() not in (1, 2) or engine.dp_world_size != 1
             or not isinstance(opt, DeepSpeedZeroOptimizer) or opt.overlap_comm
+            or opt.cpu_offload          # its own gradient path, not compared here
             or engine.has_moe_layers or engine.sequence_parallel_size != 1):
         return
     deepspeeds = opt.allreduce_and_copy
