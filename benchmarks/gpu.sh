@@ -102,10 +102,15 @@ if ! TORCH_LOGS=perf_hints part 200 python -m s3rec.pretrain --data "$DATA" \
     --config configs/beauty.yaml $EPOCHS $FAST $STATIC pretrain.compile=default $X
 fi
 cp "$OUT"/pretrain_static/profile/steps-600-630.rank0.txt "$OUT/profile_fp32_zero0_static.txt" || true
-# 3. the issue's configuration: bf16, ZeRO 2 (NCCL), fixed shapes and compiled (profiled as 2)
-TORCH_LOGS=perf_hints part 200 python -m s3rec.pretrain --data "$DATA" \
-  --out "$OUT/pretrain_static_bf16_zero2" --config configs/beauty.yaml $EPOCHS \
-  logging.every_steps=100 deepspeed.precision=bf16 deepspeed.zero_stage=2 $STATIC $WARM_PROFILE $X
+# 3. the issue's configuration: bf16, ZeRO 2 (NCCL), fixed shapes and compiled (profiled as 2;
+#    if the CUDA graphs fail, compiled without them, as 2)
+BF16_ZERO2="logging.every_steps=100 deepspeed.precision=bf16 deepspeed.zero_stage=2"
+if ! TORCH_LOGS=perf_hints part 200 python -m s3rec.pretrain --data "$DATA" \
+    --out "$OUT/pretrain_static_bf16_zero2" --config configs/beauty.yaml $EPOCHS $BF16_ZERO2 \
+    $STATIC $WARM_PROFILE $X; then
+  part 200 python -m s3rec.pretrain --data "$DATA" --out "$OUT/pretrain_static_bf16_zero2_nograph" \
+    --config configs/beauty.yaml $EPOCHS $BF16_ZERO2 $STATIC pretrain.compile=default $X
+fi
 cp "$OUT"/pretrain_static_bf16_zero2/profile/steps-600-630.rank0.txt \
   "$OUT/profile_bf16_zero2_static.txt" || true
 # 4. a short fine-tune from part 1's model
