@@ -319,7 +319,8 @@ def validate(cfg: Config) -> None:
     if p.compile == "reduce-overhead" and cfg.deepspeed.grad_accum != 1:
         # autograd keeps a graph's gradient output as param.grad (no copy) and the next
         # micro-batch's replay writes over that memory: accumulated gradients would be wrong
-        # without an error (pytorch/pytorch#169545, #96693). Unverified on our GPU: refused.
+        # without an error (pytorch/pytorch#169545, #96693). Not yet tried on a GPU with this
+        # torch: refused until it is.
         raise ConfigError(f"config key 'pretrain.compile': reduce-overhead needs "
                           f"deepspeed.grad_accum=1, got {cfg.deepspeed.grad_accum} (a CUDA graph "
                           f"reuses the memory of the gradients being accumulated); use "
