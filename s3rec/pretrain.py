@@ -24,6 +24,7 @@ def get_args_parser():
 
 
 def _body(argv, holder) -> str:
+    from s3rec.engine.deepspeed_setup import micro_batch
     from s3rec.model import build_model, param_groups, save_model_file
     from s3rec.pretrain_step import build_loss, pretrain_sampler
 
@@ -51,7 +52,8 @@ def _body(argv, holder) -> str:
     # perfectly learned objective).
     names = tuple(n for n in LOSS_NAMES if n == "total" or getattr(weights, n) > 0)
 
-    micro = p.batch_size // (cfg.deepspeed.grad_accum * info.world_size)
+    micro = micro_batch(p.batch_size, cfg.deepspeed.grad_accum, info.world_size,
+                        "pretrain.batch_size")
     prepare, losses = build_loss(cfg, sampler, ds.item_size, ds.attribute_size, micro,
                                  info.device)
 

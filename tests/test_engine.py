@@ -409,7 +409,7 @@ def test_zero12_repoints_the_parameters_when_the_flat_buffer_moved(single_proces
 @pytest.mark.parametrize("stage", [0, 2])
 def test_checkpoint_round_trip_restores_model_optimizer_and_rng(single_process, tmp_path, stage):
     """Also at ZeRO 2, where the loaded engine's parameters must read its flat buffer (our step
-    repoints them only when they moved: s3rec.engine.deepspeed_setup)."""
+    repoints them only when they moved: s3rec.engine.deepspeed_trims)."""
     root = tmp_path / "checkpoints"
     a = _engine(stage)
     _steps(a, 3, seed=1)
