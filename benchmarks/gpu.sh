@@ -91,28 +91,24 @@ EPOCHS="pretrain.epochs=2 pretrain.save_epochs=[]"   # epoch 1 warms up (compile
 part 120 python -m s3rec.pretrain --data "$DATA" --out "$OUT/pretrain" --config configs/beauty.yaml \
   $EPOCHS $FAST logging.profile_steps=[300,330] $X
 cp "$OUT"/pretrain/profile/steps-300-330.rank0.txt "$OUT/profile_fp32_zero0.txt" || true
-# 2. the same at fixed shapes, compiled and replayed as CUDA graphs (perf_hints: why a graph was
-#    not used, if it was not); steps 600-629 of epoch 1 (compiled by then) profiled: what is left
-#    around the graphs (OUT/profile_fp32_zero0_static.txt)
-#    If that fails, the compiled step without CUDA graphs (fused kernels, still launched one by one)
 WARM_PROFILE="logging.profile_steps=[600,630]"     # in epoch 1: epoch 2's time stays unprofiled
-if ! TORCH_LOGS=perf_hints part 200 python -m s3rec.pretrain --data "$DATA" \
-    --out "$OUT/pretrain_static" --config configs/beauty.yaml $EPOCHS $FAST $STATIC $WARM_PROFILE $X; then
-  part 200 python -m s3rec.pretrain --data "$DATA" --out "$OUT/pretrain_static_nograph" \
-    --config configs/beauty.yaml $EPOCHS $FAST $STATIC pretrain.compile=default $X
-fi
-cp "$OUT"/pretrain_static/profile/steps-600-630.rank0.txt "$OUT/profile_fp32_zero0_static.txt" || true
-# 3. the issue's configuration: bf16, ZeRO 2 (NCCL), fixed shapes and compiled (profiled as 2;
-#    if the CUDA graphs fail, compiled without them, as 2)
-BF16_ZERO2="logging.every_steps=100 deepspeed.precision=bf16 deepspeed.zero_stage=2"
-if ! TORCH_LOGS=perf_hints part 200 python -m s3rec.pretrain --data "$DATA" \
-    --out "$OUT/pretrain_static_bf16_zero2" --config configs/beauty.yaml $EPOCHS $BF16_ZERO2 \
-    $STATIC $WARM_PROFILE $X; then
-  part 200 python -m s3rec.pretrain --data "$DATA" --out "$OUT/pretrain_static_bf16_zero2_nograph" \
-    --config configs/beauty.yaml $EPOCHS $BF16_ZERO2 $STATIC pretrain.compile=default $X
-fi
-cp "$OUT"/pretrain_static_bf16_zero2/profile/steps-600-630.rank0.txt \
-  "$OUT/profile_bf16_zero2_static.txt" || true
+compiled_part() {  # compiled_part NAME KEY=VALUE...: two epochs at fixed shapes in CUDA graphs
+  # (perf_hints: why a graph was not used, if it was not), steps 600-629 of epoch 1 (compiled by
+  # then) profiled into OUT/profile_NAME.txt: what is left around the graphs. If that run fails,
+  # the compiled step without CUDA graphs (fused kernels, still launched one by one): NAME_nograph
+  local name=$1; shift
+  if ! TORCH_LOGS=perf_hints part 200 python -m s3rec.pretrain --data "$DATA" \
+      --out "$OUT/pretrain_$name" --config configs/beauty.yaml $EPOCHS "$@" $STATIC $WARM_PROFILE $X; then
+    part 200 python -m s3rec.pretrain --data "$DATA" --out "$OUT/pretrain_${name}_nograph" \
+      --config configs/beauty.yaml $EPOCHS "$@" $STATIC pretrain.compile=default $X
+  fi
+  cp "$OUT/pretrain_$name/profile/steps-600-630.rank0.txt" "$OUT/profile_$name.txt" || true
+}
+# 2. part 1 at fixed shapes, compiled and replayed as CUDA graphs (OUT/pretrain_static)
+compiled_part static $FAST
+# 3. the issue's configuration: bf16, ZeRO 2 (NCCL), the same (OUT/pretrain_static_bf16_zero2)
+compiled_part static_bf16_zero2 logging.every_steps=100 deepspeed.precision=bf16 \
+  deepspeed.zero_stage=2
 # 4. a short fine-tune from part 1's model
 part 60 python -m s3rec.finetune --data "$DATA" --out "$OUT/finetune" --config configs/beauty.yaml \
   --init "$OUT/pretrain/final.pt" finetune.epochs=2 $FAST $X
