@@ -30,21 +30,37 @@ from s3rec.data.format import DatasetError
 USER_CORE = ITEM_CORE = 5
 
 
+def gzip_lines(path: Path):
+    """(line number, line) of a gzipped text file; DatasetError naming the file if it is not gzip,
+    is cut short, or is not UTF-8 (these surface while reading, not at open)."""
+    lineno = 0
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                yield lineno, line
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: unreadable at line {lineno + 1} (need gzip-compressed UTF-8 "
+                           f"text, one record a line): {e}") from None
+
+
 def read_reviews(path: Path) -> dict[str, list[tuple[str, int]]]:
     user_seq: dict[str, list[tuple[str, int]]] = {}
-    with gzip.open(path, "rt") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                user, item, t = r["reviewerID"], r["asin"], int(r["unixReviewTime"])
-            except (ValueError, KeyError, TypeError) as e:
-                raise DatasetError(f"{path}:{lineno}: malformed review (need JSON with reviewerID, "
-                                   f"asin, unixReviewTime): {e!r}") from None
-            if float(r.get("overall", 1.0)) <= 0.0:
-                continue
-            user_seq.setdefault(user, []).append((item, t))
+    for lineno, line in gzip_lines(path):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            user, item, t = r["reviewerID"], r["asin"], int(r["unixReviewTime"])
+            overall = float(r.get("overall", 1.0))
+            if not isinstance(user, str) or not isinstance(item, str):
+                raise TypeError(f"reviewerID and asin must be strings, got {user!r}, {item!r}")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise DatasetError(f"{path}:{lineno}: malformed review (need JSON with string "
+                               f"reviewerID and asin, integer unixReviewTime, numeric overall): "
+                               f"{e!r}") from None
+        if overall <= 0.0:
+            continue
+        user_seq.setdefault(user, []).append((item, t))
     for user, seq in user_seq.items():
         seq.sort(key=lambda x: x[1])
     return user_seq
@@ -65,22 +81,27 @@ def k_core(user_seq: dict[str, list[str]]) -> dict[str, list[str]]:
 
 def read_meta(path: Path, wanted: set[str]) -> dict[str, dict]:
     meta: dict[str, dict] = {}
-    with gzip.open(path, "rt") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                info = ast.literal_eval(line)
-                asin = info["asin"]
-            except (ValueError, SyntaxError, KeyError, TypeError) as e:
-                raise DatasetError(f"{path}:{lineno}: malformed meta record (need a Python dict "
-                                   f"literal with 'asin'): {e!r}") from None
-            if asin in wanted:
-                cats = info.get("categories", [])
-                if not isinstance(cats, list) or not all(isinstance(c, list) for c in cats):
-                    raise DatasetError(f"{path}:{lineno}: item {asin}: 'categories' must be a list "
-                                       f"of lists")
-                meta[asin] = info
+    for lineno, line in gzip_lines(path):
+        if not line.strip():
+            continue
+        try:
+            info = ast.literal_eval(line)
+            asin = info["asin"]
+            if not isinstance(asin, str):
+                raise TypeError(f"asin must be a string, got {asin!r}")
+        except (ValueError, SyntaxError, KeyError, TypeError, MemoryError, RecursionError) as e:
+            raise DatasetError(f"{path}:{lineno}: malformed meta record (need a Python dict "
+                               f"literal with a string 'asin'): {e!r}") from None
+        if asin in wanted:
+            cats = info.get("categories", [])
+            if not isinstance(cats, list) or not all(
+                    isinstance(c, list) and all(isinstance(x, str) for x in c) for c in cats):
+                raise DatasetError(f"{path}:{lineno}: item {asin}: 'categories' must be a list "
+                                   f"of lists of strings")
+            if "brand" in info and not isinstance(info["brand"], str):
+                raise DatasetError(f"{path}:{lineno}: item {asin}: 'brand' must be a string, got "
+                                   f"{info['brand']!r}")
+            meta[asin] = info
     return meta
 
 

@@ -17,6 +17,17 @@ DEFAULT_SEED = 12345
 PATH_OPTIONS = ("src", "out", "negatives", "reviews", "meta")
 
 
+def non_negative(text: str) -> int:
+    """--seed: numpy's seed sequences take integers >= 0 only."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{v} is negative; expected an integer >= 0")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="s3rec-prep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -25,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     def common(s):
         s.add_argument("--out", required=True, type=Path, help="dataset folder to write")
         s.add_argument("--shards", type=int, default=1, help="number of shards (default 1)")
-        s.add_argument("--seed", type=int, default=DEFAULT_SEED,
+        s.add_argument("--seed", type=non_negative, default=DEFAULT_SEED,
                        help=f"seed of generated negatives / data (default {DEFAULT_SEED})")
 
     s = sub.add_parser("release", help="S3Rec release files: NAME.txt, NAME_item2attributes.json")
@@ -96,7 +107,8 @@ def prepare(ns) -> None:
     args, command = canonical(ns)
     files = input_files(ns)
     # Checksums of the inputs decide "up to date" together with the arguments; rank 0 decides.
-    sources = {f.name: sha256_file(f) for f in files.values()} if comm.rank == 0 else None
+    # keyed by role: two inputs may share a file name (reviews/Beauty.json.gz, meta/Beauty.json.gz)
+    sources = {role: sha256_file(f) for role, f in files.items()} if comm.rank == 0 else None
     sources = comm.bcast(sources)
     reason = up_to_date(ns.out, args, sources) if comm.rank == 0 else None
     reason = comm.bcast(reason)

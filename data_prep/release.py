@@ -11,6 +11,20 @@ from data_prep.source import MemorySource
 from s3rec.data.format import NUM_NEGATIVES, DatasetError
 
 MIN_LENGTH = 3   # leave-one-out needs a train, a validation and a test item
+MAX_ITEM_ID = 2**31 - 2   # int32 ids, and mask_id = num_items + 1 must fit too
+MAX_USER_ID = 2**63 - 1   # int64
+
+
+def is_decimal(token: str) -> bool:
+    """ASCII digits only (str.isdigit also accepts '²' and other digits int() refuses)."""
+    return token.isascii() and token.isdigit()
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text (byte {e.start}): {e.reason}") from None
 
 
 def release_files(src: Path, name: str, negatives: Path | None) -> dict[str, Path]:
@@ -29,16 +43,16 @@ def release_files(src: Path, name: str, negatives: Path | None) -> dict[str, Pat
 
 
 def parse_id(token: str, path: Path, lineno: int, what: str) -> int:
-    if token.isdigit():
+    if is_decimal(token):
         return int(token)
-    if token.startswith("-") and token[1:].isdigit():
+    if token.startswith("-") and is_decimal(token[1:]):
         raise DatasetError(f"{path}:{lineno}: negative {what} id {token!r}")
     raise DatasetError(f"{path}:{lineno}: {what} id {token!r} is not a non-negative integer")
 
 
 def read_id_lines(path: Path, min_tokens: int, what: str):
     """Yields (lineno, [ints]) for each line `id id id ...`; blank lines only at the end."""
-    lines = path.read_text().split("\n")
+    lines = read_text(path).split("\n")
     while lines and not lines[-1].strip():
         lines.pop()
     for lineno, line in enumerate(lines, 1):
@@ -55,6 +69,12 @@ def read_sequences(path: Path):
                                                            f"{MIN_LENGTH} items"):
         if min(ids[1:]) < 1:
             raise DatasetError(f"{path}:{lineno}: item id 0; item ids start at 1 (0 is padding)")
+        if max(ids[1:]) > MAX_ITEM_ID:
+            raise DatasetError(f"{path}:{lineno}: item id {max(ids[1:])} above {MAX_ITEM_ID} "
+                               f"(item ids are int32)")
+        if ids[0] > MAX_USER_ID:
+            raise DatasetError(f"{path}:{lineno}: user id {ids[0]} above {MAX_USER_ID} "
+                               f"(user ids are int64)")
         user_ids.append(ids[0])
         lengths.append(len(ids) - 1)
         flat.extend(ids[1:])
@@ -65,15 +85,19 @@ def read_sequences(path: Path):
 
 def read_item_attributes(path: Path, num_items: int) -> list[list[int]]:
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(read_text(path))
     except ValueError as e:
         raise DatasetError(f"{path}: not valid JSON: {e}") from None
     if not isinstance(raw, dict):
         raise DatasetError(f"{path}: expected an object {{\"item\": [attribute, ...]}}")
+    if len(raw) < num_items:   # checked before a table of num_items rows is made
+        raise DatasetError(f"{path}: {len(raw)} item entries, but the sequences use item ids up "
+                           f"to {num_items}; every item 1..{num_items} needs one (an empty list "
+                           f"is allowed)")
     table: list[list[int] | None] = [None] * (num_items + 1)
     table[0] = []
     for key, attrs in raw.items():
-        if not key.isdigit():
+        if not is_decimal(key):
             raise DatasetError(f"{path}: key {key!r} is not an item id")
         if not isinstance(attrs, list):
             raise DatasetError(f"{path}: item {key}: expected a list of attribute ids, got {attrs!r}")

@@ -101,3 +101,72 @@ def test_amazon_item_without_meta(tmp_path, capsys):
     assert main(["amazon", "--reviews", str(reviews), "--meta", str(meta),
                  "--out", str(tmp_path / "ds")]) == 1
     assert "meta_Toy.json.gz: item p5 has no meta record" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("plain", "reviews_Toy_5.json.gz: unreadable at line 1 (need gzip-compressed UTF-8 text"),
+    ("truncated", "reviews_Toy_5.json.gz: unreadable at line"),
+    ("overall", "reviews_Toy_5.json.gz:3: malformed review"),
+    ("list_id", "reviews_Toy_5.json.gz:3: malformed review"),
+])
+def test_amazon_unreadable_or_mistyped_reviews(tmp_path, capsys, damage, message):
+    """Damage that surfaces while reading (not gzip, cut short) or in a field's type: an error
+    naming the file (and line), nothing written."""
+    import gzip
+    import json
+    r, m = big_fixture()
+    if damage == "overall":
+        r[2] = dict(r[2], overall="five")
+    if damage == "list_id":
+        r[2] = dict(r[2], reviewerID=["u1"])
+    reviews, meta = write_amazon(tmp_path / "raw", "Toy", r, m)
+    if damage == "plain":
+        reviews.write_text("".join(json.dumps(x) + "\n" for x in r))
+    if damage == "truncated":
+        data = reviews.read_bytes()
+        reviews.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "ds"
+    assert main(["amazon", "--reviews", str(reviews), "--meta", str(meta), "--out", str(out)]) == 1
+    assert message in capsys.readouterr().err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["raw"]
+
+
+def test_amazon_category_entries_must_be_strings(tmp_path, capsys):
+    r, m = big_fixture()
+    m = [dict(x, categories=[["Beauty", ["nested"]]]) if x["asin"] == "p1" else x for x in m]
+    reviews, meta = write_amazon(tmp_path / "raw", "Toy", r, m)
+    assert main(["amazon", "--reviews", str(reviews), "--meta", str(meta),
+                 "--out", str(tmp_path / "ds")]) == 1
+    assert "item p1: 'categories' must be a list of lists of strings" in capsys.readouterr().err
+
+
+def test_inputs_with_one_file_name_are_both_checksummed(tmp_path, capsys):
+    """reviews/Beauty.json.gz and meta/Beauty.json.gz: a changed reviews file rebuilds the dataset
+    (the checksums are keyed by role, not by file name)."""
+    import shutil
+    reviews, meta = write_amazon(tmp_path / "raw", "Toy", *big_fixture())
+    (tmp_path / "reviews").mkdir(), (tmp_path / "meta").mkdir()
+    r2, m2 = tmp_path / "reviews" / "Toy.json.gz", tmp_path / "meta" / "Toy.json.gz"
+    shutil.copy(reviews, r2), shutil.copy(meta, m2)
+    out = tmp_path / "ds"
+    args = ["amazon", "--name", "Toy", "--reviews", str(r2), "--meta", str(m2), "--out", str(out)]
+    assert main(args) == 0
+    assert set(Dataset(out).manifest["sources"]) == {"reviews", "meta"}
+    before = Dataset(out).manifest["sources"]
+    r, m = big_fixture()                 # the reviews file changes (a review rated 0, dropped)
+    write_amazon(tmp_path / "raw2", "Toy", r + [review("u1", "p9", 9999, overall=0.0)], m)
+    shutil.copy(tmp_path / "raw2" / reviews.name, r2)
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "source files changed" in capsys.readouterr().out
+    after = Dataset(out).manifest["sources"]
+    assert after["reviews"] != before["reviews"] and after["meta"] == before["meta"]
+
+
+def test_negative_seed_is_refused_by_the_parser(tmp_path, capsys):
+    reviews, meta = write_amazon(tmp_path / "raw", "Toy", *big_fixture())
+    with pytest.raises(SystemExit) as e:
+        main(["amazon", "--reviews", str(reviews), "--meta", str(meta), "--out",
+              str(tmp_path / "ds"), "--seed", "-1"])
+    assert e.value.code == 2
+    assert "argument --seed: -1 is negative; expected an integer >= 0" in capsys.readouterr().err

@@ -44,7 +44,7 @@ def test_release_round_trip_and_verify(tmp_path, capsys):
         assert values[aoff[i]:aoff[i + 1]].tolist() == attrs[str(i)]
     m = json.loads((tmp_path / "ds" / MANIFEST).read_text())
     assert [s["user_start"] for s in m["shards"]] == [0, 100, 200]
-    assert set(m["sources"]) == {"Toy.txt", "Toy_item2attributes.json"}
+    assert set(m["sources"]) == {"sequences", "attributes"}
     assert m["seed"] == 12345 and "release rule" in m["negatives_source"]
     capsys.readouterr()
     assert main(["verify", str(tmp_path / "ds")]) == 0
@@ -81,7 +81,7 @@ def test_sample_file_is_imported(tmp_path):
     sample = np.array(read_txt(src / "Toy_sample.txt"))[:, 1:]
     assert np.array_equal(ds.load_negatives(), sample)
     assert ds.manifest["negatives_source"] == "imported: Toy_sample.txt"
-    assert "Toy_sample.txt" in ds.manifest["sources"]
+    assert "negatives" in ds.manifest["sources"]
 
 
 def test_rerun_is_up_to_date_and_changes_rebuild(tmp_path, capsys):
@@ -111,6 +111,9 @@ BAD_LINES = [
     ("1 1 2 3\n2 4\n", "Toy.txt:2: malformed line '2 4'"),
     ("1 1 2 3\n2 0 5 6\n", "Toy.txt:2: item id 0"),
     ("1.5 1 2 3\n", "Toy.txt:1: user id '1.5' is not a non-negative integer"),
+    ("1 1 2 3\n2 4 5 \u00b2\n", "Toy.txt:2: item id '\u00b2' is not a non-negative integer"),
+    ("1 1 2 3\n2 4 5 2147483647\n", "Toy.txt:2: item id 2147483647 above 2147483646"),
+    ("1 1 2 3\n2 4 5 1000000000000000000000000000000\n", "Toy.txt:2: item id 1000000000000"),
 ]
 
 
@@ -123,8 +126,29 @@ def test_bad_sequence_lines_name_file_and_line(tmp_path, capsys, text, message):
     assert_nothing_written(tmp_path / "ds")
 
 
+def test_sequences_not_utf8(tmp_path, capsys):
+    src = write_release(tmp_path / "src", "Toy", [[1, 2, 3]], {i: [1] for i in range(1, 4)})
+    (src / "Toy.txt").write_bytes(b"1 1 2 3\n2 5 6 \xff 7\n")
+    assert prep(src, tmp_path / "ds") == 1
+    assert "Toy.txt: not UTF-8 text (byte 14)" in capsys.readouterr().err
+    assert_nothing_written(tmp_path / "ds")
+
+
+def test_items_without_any_attribute_make_a_dataset(tmp_path, capsys):
+    """Every attribute list empty (allowed): an empty attribute table, not an HDF5 error."""
+    src = random_release(tmp_path / "src", num_users=40, num_items=150)   # max item id 150
+    (src / "Toy_item2attributes.json").write_text(json.dumps({str(i): [] for i in range(1, 151)}))
+    out = tmp_path / "ds"
+    assert prep(src, out, "--shards", "2") == 0
+    assert main(["verify", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("attributes=0 shards=2")
+    values, offsets = Dataset(out).item_attributes()
+    assert len(values) == 0 and not offsets.any()
+
+
 @pytest.mark.parametrize("attrs,message", [
-    ({1: [1], 2: [2]}, "item 3 has no attribute entry"),
+    ({1: [1], 2: [2]}, "2 item entries, but the sequences use item ids up to 3"),
+    ({1: [1], 2: [2], 5: [1]}, "item 3 has no attribute entry"),
     ({1: [1], 2: [0], 3: [1]}, "item 2: attribute id 0 out of range"),
     ({1: [1], 2: [-4], 3: [1]}, "item 2: attribute id -4 out of range"),
     ({1: [1], 2: ["a"], 3: [1]}, "item 2: attribute id 'a' out of range"),

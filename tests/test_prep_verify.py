@@ -84,3 +84,23 @@ def test_other_format_version(dataset, capsys):
     (dataset / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(DatasetError, match="format_version 99"):
         Dataset(dataset)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m["shards"][1].pop("sha256"), "shards[1] lacks key 'sha256'"),
+    (lambda m: m["shards"][0].update(user_end="67"), "shards[0].user_end = '67', expected an integer"),
+    (lambda m: m.update(shards={"a": 1}), "key 'shards' = {'a': 1}, expected a non-empty list"),
+    (lambda m: m["shards"].__setitem__(2, "shard-00002.h5"), "shards[2] = 'shard-00002.h5', expected an object"),
+    (lambda m: m.update(shards=[], num_users=0, num_interactions=0), "key 'num_users' = 0"),
+    (lambda m: m.update(num_items=1.5), "key 'num_items' = 1.5, expected an integer >= 0"),
+    (lambda m: m.update(seed=1), "shard-00000.h5: attribute seed = 12345, manifest says 1"),
+    (lambda m: m.update(negatives_source="imported"), "attribute negatives_source ="),
+    (lambda m: m.update(num_negatives=5), "manifest num_negatives = 5"),
+])
+def test_damaged_manifest_is_named_not_a_traceback(dataset, capsys, edit, message):
+    path = dataset / "manifest.json"
+    m = json.loads(path.read_text())
+    edit(m)
+    path.write_text(json.dumps(m))
+    rc, err = verify_err(dataset, capsys)
+    assert rc == 1 and message in err and "Traceback" not in err, err

@@ -26,7 +26,8 @@ Id layout used by the model: 0 = padding, 1..num_items items, mask_id = num_item
 item_size = num_items + 2, attribute_size = num_attributes + 1.
 
 manifest.json: {"format_version", "name", "num_users", "num_items", "num_interactions",
-  "num_attributes", "num_negatives", "seed", "negatives_source", "sources": {file: sha256},
+  "num_attributes", "num_negatives", "seed", "negatives_source", "sources": {role: sha256}
+  (roles: sequences, attributes, negatives | reviews, meta; synthetic data has none),
   "command", "args": {option: value} (the options that decide the content; paths left out, the
   sources' checksums stand for them), "shards": [{"file", "user_start", "user_end", "num_users",
   "num_interactions", "sha256", "bytes"}]}
@@ -127,7 +128,39 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     if manifest["format_version"] != FORMAT_VERSION:
         raise DatasetError(f"{path}: format_version {manifest['format_version']}, this code reads "
                            f"version {FORMAT_VERSION}; prepare the dataset again")
+    check_manifest_fields(manifest, path)
     return manifest
+
+
+SHARD_RECORD = {"file": str, "user_start": int, "user_end": int, "num_users": int,
+                "num_interactions": int, "sha256": str}
+
+
+def check_manifest_fields(manifest: dict, path: Path) -> None:
+    """Types of the manifest's counts and shard records (DatasetError naming the key): readers
+    index with them, so a hand-edited or damaged manifest must not get that far."""
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for k in ("num_users", "num_items", "num_interactions", "num_attributes"):
+        if not is_int(manifest[k]) or manifest[k] < 0:
+            raise DatasetError(f"{path}: key {k!r} = {manifest[k]!r}, expected an integer >= 0")
+    if manifest["num_users"] < 1:
+        raise DatasetError(f"{path}: key 'num_users' = 0: a dataset has at least one user")
+    shards = manifest["shards"]
+    if not isinstance(shards, list) or not shards:
+        raise DatasetError(f"{path}: key 'shards' = {shards!r:.60}, expected a non-empty list of "
+                           f"shard records")
+    for i, rec in enumerate(shards):
+        if not isinstance(rec, dict):
+            raise DatasetError(f"{path}: shards[{i}] = {rec!r:.60}, expected an object with keys "
+                               f"{list(SHARD_RECORD)}")
+        for k, t in SHARD_RECORD.items():
+            if k not in rec:
+                raise DatasetError(f"{path}: shards[{i}] lacks key {k!r}")
+            if not (is_int(rec[k]) and rec[k] >= 0 if t is int else isinstance(rec[k], t)):
+                raise DatasetError(f"{path}: shards[{i}].{k} = {rec[k]!r}, expected "
+                                   f"{'an integer >= 0' if t is int else 'a string'}")
 
 
 # ---------------------------------------------------------------- writing a shard
@@ -188,8 +221,11 @@ class ShardWriter:
         # Item attributes are small and repeated in every shard, so any shard alone is usable.
         for name, arr, dt in ((ATTR_VALUES, attr_values, ITEM_DTYPE),
                               (ATTR_OFFSETS, attr_offsets, OFFSET_DTYPE)):
+            if len(arr) == 0:     # no item has an attribute: HDF5 has no chunk of an empty shape
+                self.file.create_dataset(name, data=np.asarray(arr, dtype=dt), track_times=False)
+                continue
             self.file.create_dataset(name, data=np.asarray(arr, dtype=dt),
-                                     chunks=(min(CHUNK, max(len(arr), 1)),),
+                                     chunks=(min(CHUNK, len(arr)),),
                                      compression=COMPRESSION, compression_opts=COMPRESSION_LEVEL,
                                      shuffle=True, track_times=False)
         for k in SHARD_ATTRS:
@@ -272,6 +308,18 @@ def check_shard_content(folder: str | os.PathLike, manifest: dict, index: int) -
         for k, v in expect.items():
             if int(a[k]) != v:
                 raise bad(f"attribute {k} = {a[k]}, manifest says {v}")
+        # what the shard was made from, as the writer recorded it in both places
+        for k in ("seed", "negatives_source", "sources"):
+            if k not in manifest:
+                continue
+            v = a[k].item() if hasattr(a[k], "item") else a[k]
+            if k == "sources":
+                v = json.loads(v)
+            if v != manifest[k]:
+                raise bad(f"attribute {k} = {v!r}, manifest says {manifest[k]!r}")
+        if manifest.get("num_negatives", NUM_NEGATIVES) != NUM_NEGATIVES:
+            raise bad(f"manifest num_negatives = {manifest['num_negatives']}, this format has "
+                      f"{NUM_NEGATIVES}")
         try:
             items = f[SEQ_ITEMS][:]
             offsets = f[SEQ_OFFSETS][:]
