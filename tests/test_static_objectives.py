@@ -78,6 +78,26 @@ def test_pad_keeps_values_in_place_and_marks_filler_rows():
         pad_pretrain_batch(batch, rows=4, length=MAX_LEN + 1)
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_an_empty_share_pads_to_the_fixed_shape_and_adds_nothing(reduction):
+    """A rank's share of a short last batch can have 0 rows (fewer rows than ranks x
+    micro-batches): padded to the fixed shape with rows marked not real, its losses and gradients
+    are 0 (not NaN), as the default path's on the empty batch."""
+    model = small_model(2)
+    batch, _ = make_batch(2, B=4, L=6)
+    empty = type(batch)(**{f: (v[:0] if f != "attr_index" else v[:0])
+                           for f, v in vars(batch).items() if v is not None})
+    assert empty.masked_items.shape == (0, 6)
+    p = pad_pretrain_batch(empty, rows=3, length=MAX_LEN)
+    assert p.masked_items.shape == (3, MAX_LEN) and not p.rows_real.any()
+    assert torch.equal(p.positions[0], torch.arange(MAX_LEN))
+    got = pretrain_losses_static(model, p, table_of(batch), ObjectiveWeights(), reduction)
+    ref = pretrain_losses(model, empty, ObjectiveWeights(), reduction)
+    for name in ("aap", "mip", "map", "sp", "total"):
+        assert got[name].item() == 0 and ref[name].item() == 0, name
+    assert all(g is None or (g == 0).all() for g in grads(model, got["total"]))
+
+
 def test_padded_and_unpadded_batches_each_refuse_the_other_path():
     model = small_model(0)
     batch, _ = make_batch(0)

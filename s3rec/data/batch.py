@@ -89,6 +89,18 @@ def pad_pretrain_batch(batch: PretrainBatch, rows: int, length: int) -> Pretrain
     turns into NaN) marked False in `rows_real`. attr_index is dropped (empty): the fixed-shape
     objectives read attribute targets from a table (s3rec.static_objectives.attribute_table)."""
     B, L = batch.masked_items.shape
+    if B == 0 and rows >= 1:
+        # A rank's share of a short last batch can be empty (fewer rows than ranks x
+        # micro-batches): one stand-in row (item 1 at the newest position, nothing masked),
+        # padded as usual and then marked not real, so the shape holds and the step adds 0.
+        one = batch.masked_items.new_ones((1, 1))
+        stand_in = PretrainBatch(masked_items=one, positions=one * (length - 1),
+                                 original_items=one, mip_neg=one * 0,
+                                 masked=batch.masked.new_zeros((1, 1)), sp_masked=one,
+                                 sp_pos=one, sp_neg=one, attr_index=batch.attr_index[:0])
+        padded = pad_pretrain_batch(stand_in, rows, length)
+        padded.rows_real[:] = False
+        return padded
     if not (1 <= B <= rows and 1 <= L <= length):
         raise ValueError(f"pad_pretrain_batch: a [{B}, {L}] batch does not fit [{rows}, {length}]")
     newest = int(batch.positions[0, -1])
