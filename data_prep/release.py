@@ -65,8 +65,12 @@ def read_id_lines(path: Path, min_tokens: int, what: str):
 
 def read_sequences(path: Path):
     user_ids, lengths, flat = [], [], []
+    line_of: dict[int, int] = {}
     for lineno, ids in read_id_lines(path, 1 + MIN_LENGTH, f"`user item item ...` with at least "
                                                            f"{MIN_LENGTH} items"):
+        if line_of.setdefault(ids[0], lineno) != lineno:
+            raise DatasetError(f"{path}:{lineno}: user {ids[0]} again (first on line "
+                               f"{line_of[ids[0]]}); one line per user")
         if min(ids[1:]) < 1:
             raise DatasetError(f"{path}:{lineno}: item id 0; item ids start at 1 (0 is padding)")
         if max(ids[1:]) > MAX_ITEM_ID:
@@ -96,6 +100,7 @@ def read_item_attributes(path: Path, num_items: int) -> list[list[int]]:
                            f"is allowed)")
     table: list[list[int] | None] = [None] * (num_items + 1)
     table[0] = []
+    seen: dict[int, str] = {}
     for key, attrs in raw.items():
         if not is_decimal(key):
             raise DatasetError(f"{path}: key {key!r} is not an item id")
@@ -106,6 +111,9 @@ def read_item_attributes(path: Path, num_items: int) -> list[list[int]]:
                 raise DatasetError(f"{path}: item {key}: attribute id {a!r} out of range "
                                    f"(positive integers; 0 is padding)")
         item = int(key)
+        if item in seen:
+            raise DatasetError(f"{path}: keys {seen[item]!r} and {key!r} are the same item {item}")
+        seen[item] = key
         if 1 <= item <= num_items:   # items absent from the sequences are not part of the dataset
             table[item] = attrs
     missing = [i for i, a in enumerate(table) if a is None]

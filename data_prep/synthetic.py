@@ -35,6 +35,9 @@ class SyntheticSource(Source):
         if num_items <= NUM_NEGATIVES + MIN_LENGTH:
             raise DatasetError(f"synthetic: --items must be > {NUM_NEGATIVES + MIN_LENGTH} "
                                f"(99 negatives outside a sequence are needed)")
+        if max_length < MIN_LENGTH:
+            raise DatasetError(f"synthetic: --max-length {max_length} is below the shortest "
+                               f"sequence, {MIN_LENGTH}")
         # A sequence holds at most num_items - 99 items, so 99 negatives outside it always exist.
         max_length = min(max_length, num_items - NUM_NEGATIVES)
         if not MIN_LENGTH <= mean_length <= max_length:

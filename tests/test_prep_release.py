@@ -112,6 +112,7 @@ BAD_LINES = [
     ("1 1 2 3\n2 0 5 6\n", "Toy.txt:2: item id 0"),
     ("1.5 1 2 3\n", "Toy.txt:1: user id '1.5' is not a non-negative integer"),
     ("1 1 2 3\n2 4 5 \u00b2\n", "Toy.txt:2: item id '\u00b2' is not a non-negative integer"),
+    ("1 1 2 3\n2 4 5 6\n1 7 8 9\n", "Toy.txt:3: user 1 again (first on line 1)"),
     ("1 1 2 3\n2 4 5 2147483647\n", "Toy.txt:2: item id 2147483647 above 2147483646"),
     ("1 1 2 3\n2 4 5 1000000000000000000000000000000\n", "Toy.txt:2: item id 1000000000000"),
 ]
@@ -149,6 +150,7 @@ def test_items_without_any_attribute_make_a_dataset(tmp_path, capsys):
 @pytest.mark.parametrize("attrs,message", [
     ({1: [1], 2: [2]}, "2 item entries, but the sequences use item ids up to 3"),
     ({1: [1], 2: [2], 5: [1]}, "item 3 has no attribute entry"),
+    ({1: [1], 2: [2], 3: [1], "002": [1]}, "keys '2' and '002' are the same item 2"),
     ({1: [1], 2: [0], 3: [1]}, "item 2: attribute id 0 out of range"),
     ({1: [1], 2: [-4], 3: [1]}, "item 2: attribute id -4 out of range"),
     ({1: [1], 2: ["a"], 3: [1]}, "item 2: attribute id 'a' out of range"),
