@@ -313,6 +313,12 @@ def finetune_batch_loss_chunked(model, input_ids: torch.Tensor, positions: torch
     if plan is None:
         plan = finetune_plan(input_ids, pos_ids, chunks)
     L = input_ids.shape[1]
+    if not plan.rows:
+        # no rows (a rank's share of a short last batch): the whole-batch path on them still
+        # runs the model, so this 0 reaches the same parameters as on the other ranks, whose
+        # gradient reduction expects every one
+        return finetune_batch_loss(model, input_ids, positions, pos_ids, neg_ids, form,
+                                   targets=input_ids.new_zeros(0))
     if len(plan.rows) == 1 and plan.keep[0] == L:                      # one group: the whole batch
         return finetune_batch_loss(model, input_ids, positions, pos_ids, neg_ids, form,
                                    targets=plan.targets[0])

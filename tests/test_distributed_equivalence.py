@@ -9,7 +9,7 @@ equal to 1e-12 (float64 sums)."""
 import pytest
 import torch
 
-from tests.train_helpers import command, read_json, run, scalars, shm_clean, tiny_data, train_args  # noqa: F401
+from tests.train_helpers import TINY as TINY_CONFIG, command, read_json, run, scalars, shm_clean, tiny_data, train_args  # noqa: F401
 
 pytestmark = pytest.mark.multiproc
 
@@ -65,3 +65,46 @@ def test_pretrain_world2_matches_world1(static, tiny_data, tmp_path, shm_clean):
     w2 = torch.load(two / "final.pt", weights_only=True)["model"]
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-4)   # Adam: near-zero grads
+
+
+def _short_last_batch(total: int) -> tuple[int, int]:
+    """(grad_accum, batch size) at world size 2: a batch that splits evenly into 2 x grad_accum
+    micro-batches, with an epoch that ends in fewer rows than that, so some are empty."""
+    for accum in (3, 2):
+        slices = 2 * accum
+        for b in range(slices * 2, slices * 40, slices):
+            if 0 < total % b < slices:
+                return accum, b
+    raise AssertionError(f"no batch size for {total} rows")
+
+
+@pytest.mark.parametrize("stage", ["finetune", "pretrain_static"])
+def test_empty_shares_of_a_short_last_batch_add_nothing(stage, tiny_data, tmp_path, shm_clean):
+    """World size 2 x 2-3 micro-batches against one process: the epoch's last global batch has
+    fewer rows than the slices, so some micro-batches are empty; they train (a 0 reaching the
+    same parameters on both ranks, ZeRO 2) and the runs agree as above."""
+    from s3rec.config import load_config
+    from s3rec.data.reader import Dataset
+    from s3rec.pretrain_step import pretrain_sampler
+    ds = Dataset(tiny_data)
+    if stage == "finetune":
+        accum, b = _short_last_batch(ds.num_users)
+        module, args = "s3rec.finetune", (*FT, f"finetune.batch_size={b}")
+        tags = ("loss/finetune", "epoch/loss_finetune")
+    else:
+        accum, b = _short_last_batch(pretrain_sampler(load_config(TINY_CONFIG, []),
+                                                      ds).num_samples)
+        module, tags = "s3rec.pretrain", ("loss/total", "loss/mip", "epoch/loss_total")
+        args = ("pretrain.epochs=1", "pretrain.static_shapes=true", f"pretrain.batch_size={b}",
+                *NO_DROPOUT)
+    one, two = tmp_path / "w1", tmp_path / "w2"
+    run(command("single", module, train_args(tiny_data, one, *args)))
+    run(command("torchrun", module, train_args(tiny_data, two, *args, "deepspeed.zero_stage=2",
+                                               f"deepspeed.grad_accum={accum}")))
+    a, c = scalars(one), scalars(two)
+    for tag in tags:
+        _close(a[tag], c[tag])
+    if stage == "finetune":
+        r1, r2 = read_json(one / "results.json"), read_json(two / "results.json")
+        for split in ("valid", "test"):
+            assert r2[split] == pytest.approx(r1[split], rel=1e-12, abs=1e-12)
