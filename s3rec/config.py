@@ -207,6 +207,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against annotation `tp`; ints are accepted for floats. Raises ConfigError."""
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 (PyYAML) reads 1e-3 as a string (it wants 1.0e-3); take what float() takes
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is list:
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
@@ -346,14 +352,26 @@ def validate(cfg: Config) -> None:
     if d.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"config key 'deepspeed.precision': expected fp32|bf16|fp16, "
                           f"got {d.precision!r}")
-    for key, val in (("pretrain.epochs", p.epochs), ("finetune.epochs", cfg.finetune.epochs),
-                     ("pretrain.batch_size", p.batch_size),
-                     ("finetune.batch_size", cfg.finetune.batch_size),
-                     ("deepspeed.grad_accum", d.grad_accum)):
-        if val < 1 and not key.endswith("epochs"):
-            raise ConfigError(f"config key '{key}': must be >= 1, got {val}")
-        if val < 0:
-            raise ConfigError(f"config key '{key}': must be >= 0, got {val}")
+    f = cfg.finetune
+    at_least = {"pretrain.epochs": (p.epochs, 0), "finetune.epochs": (f.epochs, 0),
+                "pretrain.batch_size": (p.batch_size, 1), "finetune.batch_size": (f.batch_size, 1),
+                "finetune.eval_batch_size": (f.eval_batch_size, 1),
+                "finetune.length_chunks": (f.length_chunks, 1), "finetune.patience": (f.patience, 0),
+                "data.bucket_size": (cfg.data.bucket_size, 1),
+                "deepspeed.grad_accum": (d.grad_accum, 1),
+                "checkpoint.every_steps": (cfg.checkpoint.every_steps, 0),
+                "checkpoint.keep_last": (cfg.checkpoint.keep_last, 1),
+                "logging.every_steps": (cfg.logging.every_steps, 1)}
+    for key, (val, low) in at_least.items():
+        if val < low:
+            raise ConfigError(f"config key '{key}': must be >= {low}, got {val}")
+    if d.gradient_clipping < 0:
+        raise ConfigError(f"config key 'deepspeed.gradient_clipping': must be >= 0 (0 = off), "
+                          f"got {d.gradient_clipping}")
+    bad = [e for e in p.save_epochs if not isinstance(e, int) or isinstance(e, bool) or e < 1]
+    if bad:
+        raise ConfigError(f"config key 'pretrain.save_epochs': expected a list of epochs (integers "
+                          f">= 1), got {bad[0]!r} in {p.save_epochs!r}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:

@@ -42,6 +42,16 @@ def test_lowrank_variant_makes_aap_and_map_lowrank():
     ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
     ("deepspeed.adam_kernel=adamw", "deepspeed.adam_kernel"),
     ("nonsense.key=1", "nonsense"),
+    ("pretrain.lr=abc", "pretrain.lr"),
+    ("pretrain.save_epochs=[a]", "pretrain.save_epochs"),
+    ("pretrain.save_epochs=[0]", "pretrain.save_epochs"),
+    ("checkpoint.every_steps=-1", "checkpoint.every_steps"),
+    ("checkpoint.keep_last=0", "checkpoint.keep_last"),
+    ("data.bucket_size=0", "data.bucket_size"),
+    ("finetune.eval_batch_size=0", "finetune.eval_batch_size"),
+    ("finetune.length_chunks=0", "finetune.length_chunks"),
+    ("logging.every_steps=0", "logging.every_steps"),
+    ("deepspeed.gradient_clipping=-1", "deepspeed.gradient_clipping"),
 ])
 def test_bad_override_names_the_key(override, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
@@ -92,3 +102,11 @@ def test_compile_needs_static_shapes_zero_below_3_and_no_accumulation_in_graphs(
     ok = load_config(None, ["pretrain.static_shapes=true", "pretrain.compile=default",
                             "deepspeed.grad_accum=2"])      # no CUDA graph: accumulation is fine
     assert ok.deepspeed.grad_accum == 2
+
+
+def test_exponent_floats_read_as_floats_from_yaml_and_overrides(tmp_path):
+    """PyYAML (YAML 1.1) reads 1e-3 as a string; a float key takes it as the number it is."""
+    f = tmp_path / "c.yaml"
+    f.write_text("pretrain:\n  lr: 1e-3\n")
+    assert load_config(f).pretrain.lr == 0.001
+    assert load_config(None, ["finetune.lr=5e-4"]).finetune.lr == 0.0005
