@@ -126,7 +126,7 @@ def _body(argv, holder) -> str:
                     cfg.seed, epoch, f.batch_size, info.rank, info.world_size, start,
                     f.bucket_by_length, cfg.data.bucket_size))
     trainer = Trainer(engine, task, s.run_dir, cfg, cfg.deepspeed.precision,
-                      cfg.logging.tensorboard)
+                      cfg.logging.tensorboard, dataset=s.fingerprint)
     holder["trainer"] = trainer
     status = trainer.fit()
     st = trainer.state

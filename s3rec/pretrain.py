@@ -86,7 +86,8 @@ def _body(argv, holder) -> str:
                 batches=lambda epoch, start: sampler.batches(
                     cfg.seed, epoch, p.batch_size, cfg.data.bucket_by_length,
                     cfg.data.bucket_size, info.rank, info.world_size, start))
-    trainer = Trainer(engine, task, s.run_dir, cfg, precision, cfg.logging.tensorboard)
+    trainer = Trainer(engine, task, s.run_dir, cfg, precision, cfg.logging.tensorboard,
+                      dataset=s.fingerprint)
     holder["trainer"] = trainer
     status = trainer.fit()
     s.runjson.update(epoch=trainer.state.epoch)

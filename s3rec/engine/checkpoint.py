@@ -4,7 +4,8 @@
       latest                   the tag to resume from (written last, atomically, by rank 0)
       step-00001503/           a DeepSpeed tag: model + optimizer states (every ZeRO stage)
         trainer_state.json     epoch, batch index within the epoch, global step, early stopping,
-                               epoch accumulators, world size, dataset (rank 0)
+                               epoch accumulators, world size, stage, config, dataset fingerprint
+                               (rank 0; s3rec.engine.resume_check compares them on resume)
         rng-rank00000.pt       python / numpy / torch (and CUDA) generator states of that rank
       best/                    fine-tuning: the best validation epoch (never pruned)
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -84,12 +86,11 @@ def read_latest(root: Path) -> str | None:
 def save(engine, root: Path, tag: str, state: dict, keep_last: int, make_latest: bool = True) -> None:
     """Every rank calls this (DeepSpeed saves partitioned states per rank)."""
     root = Path(root)
-    if make_latest:
-        # Re-saving the tag `latest` names (e.g. preempted right after a resume) would leave it
-        # half-written if killed meanwhile; the state is the saved one anyway.
-        same = dist.broadcast_object(read_latest(root) == tag if dist.is_main() else None)
-        if same:
-            return
+    # Re-saving the tag `latest` names (e.g. preempted right after a resume) would leave it
+    # half-written if killed meanwhile; the state is the saved one anyway.
+    same = dist.broadcast_object(read_latest(root) == tag if dist.is_main() else None)
+    if same:
+        return
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     tag_dir = root / tag
     rank = dist.get_rank()
@@ -98,9 +99,16 @@ def save(engine, root: Path, tag: str, state: dict, keep_last: int, make_latest:
     if dist.is_main():
         write_atomic(tag_dir / STATE_FILE, json.dumps(state, indent=1))
     dist.barrier()
-    if dist.is_main() and make_latest:
-        write_atomic(root / LATEST, tag)
-        _prune(root, keep_last)
+    if make_latest:
+        mark_latest(root, tag, keep_last)
+
+
+def mark_latest(root: Path, tag: str, keep_last: int) -> None:
+    """`latest` names the saved `tag` from now on; older step tags beyond keep_last go. Every
+    rank calls this."""
+    if dist.is_main():
+        write_atomic(Path(root) / LATEST, tag)
+        _prune(Path(root), keep_last)
     dist.barrier()
 
 
@@ -134,9 +142,19 @@ def load(engine, root: Path, tag: str, world_size: int, module_only: bool = Fals
         raise ResumeError(f"{state_file}: saved at world size {state.get('world_size')}, "
                           f"resuming at {world_size}; start again with the same number of "
                           f"processes (or fine-tune from it with --init)")
-    path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_only=module_only,
-                                     load_optimizer_states=not module_only,
-                                     load_lr_scheduler_states=not module_only)
+    if not list(tag_dir.glob("*model_states.pt")):
+        raise ResumeError(f"{tag_dir}: no *model_states.pt (the model's weights): checkpoint tag "
+                          f"{tag} is incomplete")
+    try:
+        path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_only=module_only,
+                                         load_optimizer_states=not module_only,
+                                         load_lr_scheduler_states=not module_only)
+    except (AssertionError, RuntimeError, OSError, EOFError, KeyError, ValueError,
+            pickle.UnpicklingError) as e:
+        # DeepSpeed's own errors here are a bare assert or a zip reader's message
+        raise ResumeError(f"{tag_dir}: DeepSpeed could not read this checkpoint "
+                          f"({type(e).__name__}: {str(e)[:300]}); the tag is damaged: point "
+                          f"{root / LATEST} at an earlier tag, or use another --out") from e
     if path is None:
         raise ResumeError(f"DeepSpeed could not load checkpoint {tag_dir}")
     if not module_only:

@@ -34,7 +34,7 @@ import torch
 
 from s3rec import distributed as dist
 from s3rec.engine import checkpoint as ckpt
-from s3rec.engine import signals
+from s3rec.engine import resume_check, signals
 from s3rec.engine.profile import StepProfiler
 from s3rec.runlog import Events
 
@@ -105,8 +105,9 @@ def peak_rss_mb() -> float:
 
 class Trainer:
     def __init__(self, engine, task: Task, run_dir: Path, cfg, precision: str,
-                 events_enabled: bool = True):
+                 events_enabled: bool = True, dataset: dict | None = None):
         self.engine, self.task, self.cfg = engine, task, cfg
+        self.dataset = dataset           # resume_check.dataset_fingerprint, kept in checkpoints
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.precision = precision
@@ -137,10 +138,10 @@ class Trainer:
         tag = dist.broadcast_object(tag)
         if tag is None:
             return False
+        # the rest was checked at start-up (s3rec.engine.run.start); these only now have their
+        # effective values (a DeepSpeed file may set them)
+        resume_check.check_engine_keys(self.ckpt_dir, self.task.stage, self.cfg.to_dict())
         saved = ckpt.load(self.engine, self.ckpt_dir, tag, self.world)
-        if saved.get("stage") != self.task.stage:
-            raise ckpt.ResumeError(f"{self.ckpt_dir / tag}: a {saved.get('stage')} checkpoint; "
-                                   f"this is {self.task.stage}: use another --out")
         self.state = TrainerState(**saved["trainer"])
         self.resumed = True
         dist.log_main(f"resumed from {self.ckpt_dir / tag}: epoch {self.state.epoch}, batch "
@@ -151,13 +152,17 @@ class Trainer:
         acc = dist.all_reduce_sum(epoch_acc.detach().clone().double())
         self.state.epoch_acc = acc.tolist()
         return {"trainer": dataclasses.asdict(self.state), "world_size": self.world,
-                "stage": self.task.stage, "config": self.cfg.to_dict()}
+                "stage": self.task.stage, "config": self.cfg.to_dict(), "dataset": self.dataset}
 
-    def save(self, epoch_acc: torch.Tensor, tag: str | None = None) -> str:
+    def save(self, epoch_acc: torch.Tensor, tag: str | None = None, latest: bool = True) -> str:
+        """A checkpoint tag; `latest` names it unless latest=False (then: mark_latest)."""
         tag = tag or ckpt.step_tag(self.state.global_step)
         ckpt.save(self.engine, self.ckpt_dir, tag, self._state_dict(epoch_acc),
-                  self.cfg.checkpoint.keep_last, make_latest=tag != ckpt.BEST)
+                  self.cfg.checkpoint.keep_last, make_latest=latest and tag != ckpt.BEST)
         return tag
+
+    def mark_latest(self, tag: str) -> None:
+        ckpt.mark_latest(self.ckpt_dir, tag, self.cfg.checkpoint.keep_last)
 
     # ------------------------------------------------------------------ the loop
 
@@ -255,9 +260,12 @@ class Trainer:
             self._validate(done)
         st.epoch, st.batch, st.epoch_time = done, 0, 0.0
         zero = self._new_acc()
-        tag = self.save(zero)
+        # `latest` moves to the epoch's tag only after on_epoch_end (epoch-N.pt): killed in
+        # between, the run resumes before this epoch's end and does it again
+        tag = self.save(zero, latest=False)
         if task.on_epoch_end is not None:
             task.on_epoch_end(done, tag)
+        self.mark_latest(tag)
         self.events.flush()
         if signals.should_stop():
             return self._preempt(zero, self._new_acc(), time.perf_counter(), saved=True)

@@ -17,10 +17,11 @@ from s3rec import distributed as dist
 from s3rec.config import Config, ConfigError, load_config
 from s3rec.data.format import DatasetError
 from s3rec.engine import checkpoint as ckpt
-from s3rec.engine import signals
+from s3rec.engine import resume_check, signals
 from s3rec.engine.deepspeed_setup import build_ds_config, initialize
 from s3rec.runlog import RunJson, error_line
 
+CHECKPOINTS = "checkpoints"     # RUN/checkpoints (s3rec.engine.loop.Trainer saves there)
 USER_ERRORS = (ConfigError, DatasetError, ckpt.ResumeError, dist.LauncherError)
 
 
@@ -59,6 +60,7 @@ class Setup:
     run_dir: Path
     ds: object
     runjson: RunJson
+    fingerprint: dict          # resume_check.dataset_fingerprint(ds): kept in every checkpoint
 
 
 def start(stage: str, args, protocol: str | None) -> Setup:
@@ -69,6 +71,10 @@ def start(stage: str, args, protocol: str | None) -> Setup:
     from s3rec.data.reader import Dataset
     ds = Dataset(args.data)
     run_dir = Path(args.out)
+    fingerprint = resume_check.dataset_fingerprint(ds)
+    # a run started again resumes: before run.json is rewritten, the checkpoint must be this run's
+    resume_check.check_before_start(run_dir / CHECKPOINTS, stage, cfg.to_dict(),
+                                    info.world_size, fingerprint)
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
@@ -76,7 +82,7 @@ def start(stage: str, args, protocol: str | None) -> Setup:
                       data=str(Path(args.data).resolve()), dataset=dataset_info(ds),
                       protocol=protocol, seed=cfg.seed, world_size=info.world_size,
                       launcher=info.launcher)
-    return Setup(cfg, info, run_dir, ds, runjson)
+    return Setup(cfg, info, run_dir, ds, runjson, fingerprint)
 
 
 def make_engine(s: Setup, stage: str, model, groups):
