@@ -144,7 +144,13 @@ def resolve(env: dict | None = None, local_rank_arg: int | None = None) -> tuple
         elif local_rank_arg is not None and local_rank_arg >= 0:
             local = local_rank_arg
         else:
-            local = 0 if world == 1 else rank
+            if world > 1 and not _is_loopback(env.get("MASTER_ADDR", "127.0.0.1")):
+                raise LauncherError(
+                    f"RANK and WORLD_SIZE are set but LOCAL_RANK is not, and MASTER_ADDR "
+                    f"{env['MASTER_ADDR']} is not loopback: with processes on several hosts the "
+                    f"local rank (which GPU) cannot be told from the global one; set LOCAL_RANK "
+                    f"(torchrun and the deepspeed launcher do)")
+            local = 0 if world == 1 else rank     # one host: local = global rank
         env.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in env:
             if world > 1:

@@ -64,3 +64,12 @@ def test_bad_values_name_the_variable():
                       "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "1", "MASTER_ADDR": "127.0.0.1"})
     with pytest.raises(dist.LauncherError, match="outside world size"):
         dist.resolve({"RANK": "2", "WORLD_SIZE": "2", "MASTER_PORT": "1"})
+
+
+def test_env_without_local_rank_across_hosts_is_refused():
+    """Without LOCAL_RANK the local rank is the global one on one host only; with a remote
+    MASTER_ADDR it would pick a GPU that the second node does not have."""
+    one_host = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    assert dist.resolve(dict(one_host))[2] == 1
+    with pytest.raises(dist.LauncherError, match="set LOCAL_RANK"):
+        dist.resolve({**one_host, "MASTER_ADDR": "10.1.2.3"})
