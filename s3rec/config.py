@@ -140,7 +140,9 @@ class DeepSpeedConfig:
     zero_stage: int = 0              # (int) ZeRO stage 0, 1, 2 or 3
     precision: str = "fp32"          # (str) fp32 | bf16 | fp16
     grad_accum: int = 1              # (int) gradient accumulation steps
-    config_file: str = ""            # (str) a DeepSpeed JSON merged under the derived settings
+    config_file: str = ""            # (str) a DeepSpeed JSON merged under the derived settings;
+                                     #   its zero_optimization.stage and bf16/fp16 choice win
+                                     #   over zero_stage / precision (logged when they differ)
     torch_adam: bool = True          # (bool) torch's Adam (no C++ build) instead of DeepSpeed's fused one
     adam_kernel: str = "fused"       # (str) torch's Adam as: fused (one kernel for every parameter,
                                      #   CPU and GPU) | foreach (a kernel per operation over all
