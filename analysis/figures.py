@@ -93,15 +93,17 @@ def metric_vs_rank(runs: list[Run], out: Path) -> tuple[list[Figure], list[str]]
             continue
         metrics = _headline(plain)
         fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4), squeeze=False)
-        variants = sorted({r.variant for r in ranked})
+        # One line per arm without its rank: runs of other settings (other grids, or other
+        # cells of a grid: their arm suffix) are never pooled as seeds.
+        lines = sorted({r.rank_line for r in ranked})
         fulls = _by_arm([r for r in plain if r.rank == "full"])
-        colors = _colors(variants + list(fulls))
+        colors = _colors(lines + list(fulls))
         all_ranks = sorted({int(r.rank) for r in ranked})
         for ax, m in zip(axes[0], metrics):
-            for v in variants:
+            for v in lines:
                 by_rank = defaultdict(list)
                 for r in ranked:
-                    if r.variant == v and m in r.test_metrics():
+                    if r.rank_line == v and m in r.test_metrics():
                         by_rank[int(r.rank)].append(r.test_metrics()[m])
                 xs = sorted(by_rank)
                 st = [_stats(by_rank[x]) for x in xs]

@@ -15,6 +15,7 @@ Two tables:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -57,7 +58,8 @@ class Run:
                                     # tag -> [(step, value, wall_time)] sorted by step
     notes: list[str] = field(default_factory=list)
     removed: tuple[str, ...] = ()   # objectives with weight 0 in this cell's pretraining
-    arm_suffix: str = ""            # " [grid]" when the same arm ran with other settings elsewhere
+    arm_suffix: str = ""            # " [grid]" when the same arm ran with other settings elsewhere,
+                                    #   " [grid key=value]" when also within its grid
     weights: dict[str, float] = field(default_factory=dict)
     pretrain_params: dict[str, int] = field(default_factory=dict)  # the cell's pretraining model
     init: dict = field(default_factory=dict)   # where a fine-tune started (init_source): init,
@@ -67,9 +69,16 @@ class Run:
     def arm(self) -> str:
         """What a figure line stands for: variant, rank, and any removed objective."""
         name = self.variant if self.rank == "full" else f"{self.variant} r={self.rank}"
-        if self.removed:
-            name += " w/o " + "+".join(o.upper() for o in self.removed)
-        return name + self.arm_suffix
+        return name + self._objectives_and_suffix()
+
+    @property
+    def rank_line(self) -> str:
+        """The arm without its rank: one line of a metric-against-rank figure."""
+        return self.variant + self._objectives_and_suffix()
+
+    def _objectives_and_suffix(self) -> str:
+        removed = " w/o " + "+".join(o.upper() for o in self.removed) if self.removed else ""
+        return removed + self.arm_suffix
 
     def test_metrics(self) -> dict[str, float]:
         """Final test metrics: results.json, else the TensorBoard test/<metric> tags."""
@@ -254,14 +263,41 @@ def _settings_key(r: Run) -> str:
 
 
 def _separate_differing_arms(runs: list[Run]) -> None:
-    """Two grids may run the same variant and rank with different settings (epochs, say):
-    pooling them as seeds of one arm would be wrong, so their arms get the grid's name."""
-    groups: dict[tuple, set] = {}
+    """Two grids, or two cells of one grid, may run the same variant and rank with different
+    settings (epochs, say): pooling them as seeds of one arm would be wrong, so their arms get
+    the grid's name, and where the grid ran several settings of the arm, what sets them apart."""
+    groups: dict[tuple, dict[str, dict[str, list[Run]]]] = {}   # arm -> grid -> settings -> runs
     for r in runs:
-        groups.setdefault((r.stage, r.dataset, r.arm), set()).add(_settings_key(r))
-    for r in runs:
-        if len(groups[(r.stage, r.dataset, r.arm)]) > 1:
-            r.arm_suffix = f" [{r.grid}]"
+        arm = groups.setdefault((r.stage, r.dataset, r.arm), {})
+        arm.setdefault(r.grid, {}).setdefault(_settings_key(r), []).append(r)
+    for by_grid in groups.values():
+        if len({k for by_settings in by_grid.values() for k in by_settings}) < 2:
+            continue    # one setting, in however many grids: seeds of one arm
+        for grid, by_settings in by_grid.items():
+            labels = _settings_labels(list(by_settings)) if len(by_settings) > 1 else {}
+            for key, rs in by_settings.items():
+                for r in rs:
+                    r.arm_suffix = f" [{grid} {labels[key]}]" if labels else f" [{grid}]"
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v, sort_keys=True)
+    return out
+
+
+def _settings_labels(keys: list[str], max_keys: int = 3) -> dict[str, str]:
+    """settings key -> a short label that tells it from the others: the config keys that differ
+    (`pretrain.epochs=2`), or a hash of the settings when more than `max_keys` differ."""
+    flats = [_flat(json.loads(k)) for k in keys]
+    names = sorted({n for f in flats for n in f if len({g.get(n) for g in flats}) > 1})
+    if len(names) > max_keys:
+        return {k: "settings " + hashlib.sha1(k.encode()).hexdigest()[:8] for k in keys}
+    return {k: ", ".join(f"{n}={f.get(n, '-')}" for n in names) for k, f in zip(keys, flats)}
 
 
 # ---------------------------------------------------------------- tables

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,8 @@ class Grid:
     source: str = "<code>"            # where the grid came from, for error messages (not a key)
 
     def __post_init__(self) -> None:
+        if self.executor is None:   # `executor:` with nothing under it: all defaults
+            self.executor = ExecutorConfig()
         if isinstance(self.executor, dict):
             self.executor = _executor_from_dict(self.executor, self.source)
         validate(self)
@@ -73,7 +76,7 @@ class Grid:
                 for rank in ranks:
                     for seed in self.seeds:
                         out.append(Cell(grid=self, data=str(Path(data).resolve()),
-                                        dataset=Path(data).name, variant=variant,
+                                        dataset=dataset_name(data), variant=variant,
                                         rank=rank, seed=int(seed)))
         return out
 
@@ -85,6 +88,18 @@ class Grid:
     @property
     def out_path(self) -> Path:
         return Path(self.out).resolve()
+
+    @property
+    def full_rank_head_rank(self) -> int | None:
+        """model.head_rank given to full-rank cells: None when the configured one fits
+        model.hidden_size, else hidden_size (set by `validate`)."""
+        return getattr(self, "_full_head_rank", None)
+
+
+def dataset_name(data: str) -> str:
+    """The run tree's first level for a dataset folder: its name once `.` and `..` are
+    resolved (lexically, so a symlinked dataset keeps the name it was given)."""
+    return Path(os.path.abspath(data)).name if data else ""
 
 
 @dataclass(frozen=True)
@@ -122,6 +137,9 @@ class Cell:
         args = self.grid.override_args() + [f"variant={self.variant}", f"seed={self.seed}"]
         if self.rank is not None:
             args.append(f"model.head_rank={self.rank}")
+        elif self.grid.full_rank_head_rank is not None:
+            # The default rank (16) must not fail a full-rank cell whose hidden size is smaller.
+            args.append(f"model.head_rank={self.grid.full_rank_head_rank}")
         return args
 
     def commands(self, pretrain_exe: str = "s3rec-pretrain",
@@ -202,7 +220,9 @@ def load_grid(path: str | Path, executor_kind: str | None = None) -> Grid:
     except yaml.YAMLError as e:
         raise GridError(f"grid file {path}: not valid YAML: {e}") from None
     if executor_kind is not None and isinstance(data, dict):
-        ex = data.setdefault("executor", {})
+        if data.get("executor") is None:   # an empty `executor:` key is all defaults
+            data["executor"] = {}
+        ex = data["executor"]
         if isinstance(ex, dict):
             ex["kind"] = executor_kind
     return grid_from_dict(data, source=str(path))
@@ -235,7 +255,11 @@ def validate(grid: Grid) -> None:
     _check_list(grid, "variants", str)
     _check_list(grid, "seeds", int)
     _check_list(grid, "ranks", int, allow_missing_empty=True)
-    names = [Path(d).name for d in grid.data]
+    names = [dataset_name(d) for d in grid.data]
+    for i, n in enumerate(names):
+        if n in ("", ".", ".."):
+            raise GridError(f"{src}: key 'data[{i}]': {grid.data[i]!r} has no folder name to "
+                            f"name its run folders after (give the dataset folder itself)")
     if len(set(names)) != len(names):
         raise GridError(f"{src}: key 'data': two datasets share a folder name ({names}); "
                         f"run folders are named after it")
@@ -260,13 +284,18 @@ def validate(grid: Grid) -> None:
     except ConfigError as e:
         raise GridError(f"{src}: key 'overrides': {e}") from None
     hidden = base.model.hidden_size
+    grid._full_head_rank = _full_rank_head_rank(grid, hidden)
     for i, r in enumerate(grid.ranks):
         if r < 1 or r > hidden:
             raise GridError(f"{src}: key 'ranks[{i}]': rank {r} must be in 1..{hidden} "
                             f"(model.hidden_size)")
     for v in grid.variants:
         for r in (grid.ranks if v in LOWRANK_VARIANTS else [None]):
-            extra = [f"variant={v}"] + ([f"model.head_rank={r}"] if r is not None else [])
+            if r is None:
+                r_arg = grid.full_rank_head_rank
+                extra = [f"variant={v}"] + ([] if r_arg is None else [f"model.head_rank={r_arg}"])
+            else:
+                extra = [f"variant={v}", f"model.head_rank={r}"]
             try:
                 load_config(grid.config or None, grid.override_args() + extra)
             except ConfigError as e:
@@ -281,6 +310,16 @@ def validate(grid: Grid) -> None:
     if ex.signal_delay_s < 0 or ex.max_num_timeout < 0 or ex.gpus_per_node < 0 or ex.mem_gb < 0:
         raise GridError(f"{src}: key 'executor': signal_delay_s, max_num_timeout, gpus_per_node "
                         f"and mem_gb must be >= 0")
+
+
+def _full_rank_head_rank(grid: Grid, hidden: int) -> int | None:
+    """None when the configured model.head_rank validates as it is; else hidden_size (the
+    configured rank, 16 by default, is then above it), which full-rank cells pass instead."""
+    try:
+        load_config(grid.config or None, grid.override_args())
+        return None
+    except ConfigError:
+        return hidden
 
 
 def check_data_exists(grid: Grid) -> None:

@@ -53,7 +53,11 @@ def run(args: argparse.Namespace) -> int:
         _print_states(states)
         return 1 if any(s.state == "failed" for s in states.values()) else 0
     if verb == "cancel":
-        open_grid(grid).cancel()
+        not_cancelled = open_grid(grid).cancel()
+        if not_cancelled:
+            print(f"s3rec-grid: could not cancel every job of grid {grid.name}:\n  "
+                  + "\n  ".join(not_cancelled), file=sys.stderr)
+            return 1
         print(f"cancelled the jobs of grid {grid.name}")
         return 0
     cells = grid.cells()

@@ -72,12 +72,19 @@ class CellJob(submitit.helpers.Checkpointable):
     def _run(self, cmd: list[str], run_dir: Path) -> None:
         print(f"[{self.key}] $ {' '.join(cmd)}", flush=True)
         t0 = time.time()
-        self._proc = subprocess.Popen(cmd, env=single_process_env())
-        # Poll rather than wait(): checkpoint() runs as a signal handler on this thread and must
-        # be able to reap the child itself; a blocking wait() here would hold Popen's lock.
-        while (code := self._proc.poll()) is None:
-            time.sleep(0.5)
-        self._proc = None
+        self._proc = proc = subprocess.Popen(cmd, env=single_process_env())
+        try:
+            # Poll rather than wait(): checkpoint() runs as a signal handler on this thread and
+            # must be able to reap the child itself; a blocking wait() would hold Popen's lock.
+            while (code := proc.poll()) is None:
+                time.sleep(0.5)
+        finally:
+            # Leaving early (the local controller's SIGINT at its time limit or on cancel, any
+            # error): the training must not outlive this job and train on unwatched.
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            self._proc = None
         print(f"[{self.key}] exit {code} after {time.time() - t0:.1f} s", flush=True)
         info = {}
         try:

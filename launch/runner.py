@@ -9,14 +9,18 @@
 A launch records its jobs in OUT/_grid/jobs.json (cell key -> executor, job id, submitit folder),
 so a later launch, or `s3rec-grid status`, in another process knows what is queued. Launching
 again submits nothing for cells that are done or still queued, and resubmits the others (their
-training resumes from checkpoints/latest).
+training resumes from checkpoints/latest). A launch holds OUT/_grid/launch.lock from submitting
+until its wait ends, so a second launch of the same grid fails at once instead of training the
+same cells twice (the local executor's waiting cells live only in the first one's memory).
 """
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import json
 import os
 import shutil
+import signal
 import time
 import traceback
 from dataclasses import dataclass
@@ -27,11 +31,16 @@ from submitit.core.utils import JobPaths, pickle_load
 
 from launch import slurm_state
 from launch.grid import Cell, Grid, GridError, check_data_exists, read_run_json
-from launch.job import CellJob
+from launch.job import CHILD_SAVE_TIMEOUT_S, CellJob
 
 STATES = ("pending", "running", "done", "failed")
-# A job gone from squeue but without a result file yet: allow this long for the file to appear.
+# A job gone from squeue but without a result file yet: allow this long for the file to appear
+# (only for jobs this process saw queued: a fresh process cannot tell when they ended).
 RESULT_GRACE_S = 10.0
+# The local executor's USR2 comes this long before the time limit at the least: CellJob then
+# waits up to CHILD_SAVE_TIMEOUT_S for the training to save, and must finish before the kill.
+LOCAL_SIGNAL_DELAY_S = CHILD_SAVE_TIMEOUT_S + 15
+_ASK = object()   # state_of's default: ask squeue about this one job
 
 
 @dataclass
@@ -47,8 +56,18 @@ def _now() -> str:
 def _write_json(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))   # open(): honours the umask
     tmp.replace(path)
+
+
+def local_controller_alive(pid: str, folder: str) -> bool:
+    """Whether PID is still submitit's local controller of this job folder. A PID alone is not
+    enough: once the job ended the number may belong to any process (or to a zombie)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return False
+    return b"submitit.local._local" in argv and os.fsencode(str(folder)) in argv
 
 
 def resolve_commands() -> tuple[str, str]:
@@ -91,9 +110,13 @@ def make_executor(grid: Grid) -> submitit.AutoExecutor:
             params["slurm_partition"] = ex.partition
         if ex.mem_gb:
             params["mem_gb"] = ex.mem_gb
-    # (AutoExecutor gives the local executor no signal delay: it sends USR2 30 s before
-    # timeout_min, which CellJob.checkpoint passes on to the training.)
     executor.update_parameters(**params)
+    if ex.kind == "local":
+        # AutoExecutor refuses local_signal_delay_s, and the local default (USR2 30 s before
+        # timeout_min) is shorter than CellJob's wait for the training to save: set it on the
+        # LocalExecutor itself, keeping at least half the time limit for training.
+        delay = min(max(ex.signal_delay_s, LOCAL_SIGNAL_DELAY_S), ex.timeout_min * 30)
+        executor._executor.update_parameters(signal_delay_s=delay)
     return executor
 
 
@@ -112,6 +135,8 @@ class GridRun:
         self.submitted: list[str] = []                # keys submitted by this launch
         self.skipped: dict[str, str] = {}             # key -> why not submitted
         self._gone_since: dict[str, float] = {}
+        self._seen_queued: set[str] = set()          # keys whose SLURM job this process saw queued
+        self._lock = None                             # OUT/_grid/launch.lock while launching
         self._executor: submitit.AutoExecutor | None = None
         self._exes: tuple[str, str] | None = None
 
@@ -124,6 +149,22 @@ class GridRun:
     def submit(self) -> "GridRun":
         check_data_exists(self.grid)
         self._exes = resolve_commands()
+        self._take_lock()
+        try:
+            todo = self._cells_to_submit()
+            if todo:
+                self._submit(todo)
+        except BaseException:
+            self.release()
+            raise
+        if not self.jobs and not self.waiting:
+            self.release()     # nothing of ours to wait for
+        return self
+
+    def _cells_to_submit(self) -> list[Cell]:
+        # The registry may have changed since __init__ (a launch that ended while we waited).
+        if self.registry_path.exists():
+            self.registry = json.loads(self.registry_path.read_text())
         todo = []
         ids = [e["job_id"] for e in self.registry.values() if e["executor"] == "slurm"]
         queued = slurm_state.queue_states(ids) if ids else {}   # one squeue call for all cells
@@ -135,8 +176,9 @@ class GridRun:
                 self.skipped[cell.key] = f"still queued ({st.detail})"
             else:
                 todo.append(cell)
-        if not todo:
-            return self
+        return todo
+
+    def _submit(self, todo: list[Cell]) -> None:
         self._executor = make_executor(self.grid)
         if self.grid.executor.kind == "slurm":
             with self._executor.batch():     # one sbatch --array=0-N%parallelism
@@ -146,7 +188,32 @@ class GridRun:
         else:
             self.waiting = list(todo)
             self._start_local()
-        return self
+
+    def _take_lock(self) -> None:
+        """OUT/_grid/launch.lock, held until the wait ends; another launch holding it is an
+        error naming its PID (the lock goes with the process, so a crash never leaves it)."""
+        path = self.registry_path.with_name("launch.lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o666), "r+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise GridError(f"grid {self.grid.name} is being launched by PID {holder} "
+                            f"(lock {path}); follow it with `s3rec-grid status`, or stop it "
+                            f"first") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._lock = f
+
+    def release(self) -> None:
+        """Let another launch of this grid start (called when the wait ends, and by cancel)."""
+        if self._lock is not None:
+            self._lock.close()   # closing the file drops the flock
+            self._lock = None
 
     def _record(self, cell: Cell, job: submitit.Job) -> None:
         self.jobs[cell.key] = job
@@ -164,7 +231,8 @@ class GridRun:
             running += 1
 
     # ------------------------------------------------------------- states
-    def state_of(self, cell: Cell, queued: dict[str, str] | None = None) -> CellState:
+    def state_of(self, cell: Cell, queued=_ASK) -> CellState:
+        """`queued`: squeue's answer for the grid's jobs (None: squeue did not answer)."""
         if cell.is_done():
             return CellState("done", f"{cell.finetune_dir}/results.json")
         if any(c.key == cell.key for c in self.waiting):
@@ -185,19 +253,25 @@ class GridRun:
                                             f"the next launch resumes it")
         return CellState("pending", "not submitted")
 
-    def _job_state(self, cell: Cell, entry: dict, queued: dict[str, str] | None) -> CellState | None:
+    def _job_state(self, cell: Cell, entry: dict, queued) -> CellState | None:
         """State from the cell's job; None when the job says nothing (fall back to run folders)."""
         jid = entry["job_id"]
         name = f"{entry['executor']} job {jid}"
         if entry["executor"] == "slurm":
-            qs = (queued if queued is not None else slurm_state.queue_states([jid])).get(jid)
+            if queued is _ASK:
+                queued = slurm_state.queue_states([jid])
+            if queued is None:   # not "gone": unknown, so neither failed nor to resubmit
+                return CellState("pending", f"{name}: squeue does not answer; state unknown")
+            qs = queued.get(jid)
             if qs in slurm_state.ACTIVE_STATES:
                 self._gone_since.pop(cell.key, None)
+                self._seen_queued.add(cell.key)
                 return CellState("running" if qs in ("RUNNING", "COMPLETING") else "pending",
                                  f"{name} {qs}")
         else:
             job = self.jobs.get(cell.key)
-            alive = (job.state == "RUNNING") if job is not None else Path(f"/proc/{jid}").exists()
+            alive = (job.state == "RUNNING") if job is not None else \
+                local_controller_alive(jid, entry["folder"])
             if alive:
                 return CellState("running", f"{name} running")
         # The job has ended: its result file says how.
@@ -217,10 +291,12 @@ class GridRun:
             final = slurm_state.final_state(jid)
             if final and final != "COMPLETED":
                 return CellState("failed", f"{name} {final} without a result")
-            # A job that just ended may not have written its result file yet.
-            first = self._gone_since.setdefault(cell.key, time.time())
-            if time.time() - first < RESULT_GRACE_S:
-                return CellState("running", f"{name} ending")
+            # A job that just ended may not have written its result file yet; only a job this
+            # process saw queued (or submitted) just ended: any other may be long gone.
+            if cell.key in self._seen_queued or cell.key in self.jobs:
+                first = self._gone_since.setdefault(cell.key, time.time())
+                if time.time() - first < RESULT_GRACE_S:
+                    return CellState("running", f"{name} ending")
             return CellState("failed", f"{name} is no longer queued and left no result "
                                        f"({final or 'cancelled or killed'})")
         job = self.jobs.get(cell.key)
@@ -253,20 +329,56 @@ class GridRun:
                       if s.state == "running" or (s.state == "pending" and s.detail != "not submitted"
                                                   and not s.detail.startswith("unfinished"))]
             if not active:
+                self.release()
                 return states
             if timeout_s is not None and time.time() - t0 > timeout_s:
                 raise TimeoutError(f"grid {self.grid.name}: {len(active)} cells still active "
                                    f"after {timeout_s:.0f} s: {active[:3]}")
             time.sleep(poll_s)
 
-    def cancel(self) -> None:
+    def cancel(self) -> list[str]:
+        """Cancel the grid's jobs: SLURM ones with scancel, local ones through their controller
+        (SIGINT, as submitit does), started by this process or another. Returns one line per
+        local job that is still running and could not be signalled (empty: all cancelled)."""
         self.waiting.clear()
         slurm_ids = [e["job_id"] for k, e in self.registry.items() if e["executor"] == "slurm"]
         slurm_state.cancel(slurm_ids)
-        for job in self.jobs.values():
-            # (SlurmJob.state would ask sacct, which the local cluster does not have.)
-            if not isinstance(job, submitit.SlurmJob) and job.state == "RUNNING":
-                job.cancel(check=False)
+        not_cancelled = []
+        for key, entry in self.registry.items():
+            if entry["executor"] != "local":
+                continue
+            job = self.jobs.get(key)
+            if job is not None:
+                if job.state == "RUNNING":
+                    job.cancel(check=False)
+            elif local_controller_alive(entry["job_id"], entry["folder"]):
+                try:
+                    os.kill(int(entry["job_id"]), signal.SIGINT)
+                except OSError as e:
+                    not_cancelled.append(f"{key}: local job {entry['job_id']}: {e}")
+        holder = self.launch_holder()
+        if holder is not None and self.grid.executor.kind == "local":
+            # Its cells waiting for a free slot live in its memory: only it can drop them.
+            not_cancelled.append(f"launch process PID {holder} is still running and starts the "
+                                 f"cells waiting for a free slot: interrupt it (Ctrl-C) too")
+        self.release()
+        return not_cancelled
+
+    def launch_holder(self) -> str | None:
+        """PID of another process holding this grid's launch lock, or None."""
+        if self._lock is not None:
+            return None
+        path = self.registry_path.with_name("launch.lock")
+        try:
+            f = open(path)
+        except FileNotFoundError:
+            return None
+        with f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return f.read().strip() or "unknown"
+            return None
 
     # ------------------------------------------------------------- results
     def records(self) -> list[dict]:

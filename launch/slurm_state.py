@@ -7,6 +7,7 @@ submitit's result file tells.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 
 # squeue/scontrol states of a job that will still run (or is running).
@@ -23,24 +24,35 @@ def _run(cmd: list[str]) -> str | None:
     return res.stdout if res.returncode == 0 else None
 
 
-def queue_states(job_ids: list[str]) -> dict[str, str]:
-    """job id ("123" or "123_4") -> state, for the jobs squeue still lists (one call for all)."""
+def queue_states(job_ids: list[str]) -> dict[str, str] | None:
+    """job id ("123" or "123_4") -> state, for the jobs squeue still lists (one call for all);
+    None when squeue cannot answer at all (not installed, controller down): a job missing
+    from the answer has then not left the queue, it is only unknown."""
     if not job_ids:
         return {}
     out = _run(["squeue", "-h", "-r", "-t", "all", "-o", "%i %T", "-j", ",".join(job_ids)])
     if out is None:  # squeue refuses the whole list when one id is unknown: ask one by one
-        states = {}
+        states, answered = {}, False
         for jid in job_ids:
             one = _run(["squeue", "-h", "-r", "-t", "all", "-o", "%i %T", "-j", jid])
+            answered = answered or one is not None
             for line in (one or "").splitlines():
                 i, _, st = line.partition(" ")
                 states[i] = st
+        if not answered and not _controller_answers():
+            return None
         return {j: s for j, s in states.items() if j in set(job_ids)}
     states = {}
     for line in out.splitlines():
         i, _, st = line.strip().partition(" ")
         states[i] = st
     return {j: states[j] for j in job_ids if j in states}
+
+
+def _controller_answers() -> bool:
+    """Whether squeue works at all (it fails on an unknown job id, and when it cannot reach
+    slurmctld: only a question without job ids tells the two apart)."""
+    return _run(["squeue", "-h", "-o", "%i", "-u", str(os.getuid())]) is not None
 
 
 def final_state(job_id: str) -> str | None:

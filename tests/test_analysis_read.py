@@ -149,5 +149,52 @@ def test_same_arm_with_other_settings_in_another_grid_is_not_pooled(
     rj["config"]["finetune"]["epochs"] = 99
     rj_path.write_text(json.dumps(rj))
     arms = {(r.grid, r.seed, r.stage, r.arm) for r in read_runs(tmp_path)}
-    assert ("b", 1, "finetune", "s3rec [b]") in arms and ("a", 1, "finetune", "s3rec [a]") in arms
+    assert ("a", 1, "finetune", "s3rec [a]") in arms and ("a", 2, "finetune", "s3rec [a]") in arms
+    # Grid b ran the arm with two settings: the suffix tells them apart (not pooled as seeds).
+    b1, b2 = (next(a for g, s, st, a in arms if (g, s, st) == ("b", seed, "finetune"))
+              for seed in (1, 2))
+    assert b1 == "s3rec [b finetune.epochs=99]" and b2.startswith("s3rec [b finetune.epochs=")
+    assert b1 != b2
     assert ("b", 1, "pretrain", "s3rec") in arms
+
+
+def copy_lowrank_cell(src_root, dst_root, grid: str, rank: str, seed: int,
+                      finetune_epochs: int | None = None) -> None:
+    """A fabricated low-rank cell copied into grid `grid`, its settings changed if asked."""
+    import shutil
+    rel = ("Synth", "s3rec-lowrank", f"r{rank}", f"s{seed}")
+    dst = dst_root.joinpath(grid, *rel)
+    shutil.copytree(src_root.joinpath("demo", *rel), dst)
+    if finetune_epochs is not None:
+        for stage in ("pretrain", "finetune"):
+            path = dst / stage / "run.json"
+            rj = json.loads(path.read_text())
+            rj["config"]["finetune"]["epochs"] = finetune_epochs
+            path.write_text(json.dumps(rj))
+
+
+def test_settings_differing_within_one_grid_are_not_pooled(tmp_path, fabricated_grid):  # noqa: F811
+    root, _ = fabricated_grid
+    copy_lowrank_cell(root, tmp_path, "g", "4", 1)
+    copy_lowrank_cell(root, tmp_path, "g", "4", 2, finetune_epochs=99)
+    runs = read_runs(tmp_path)
+    arms = {(r.seed, r.stage): r.arm for r in runs}
+    for stage in ("pretrain", "finetune"):
+        one, two = arms[(1, stage)], arms[(2, stage)]
+        assert one != two and one.startswith("s3rec-lowrank r=4 [g ") and "finetune.epochs=" in two
+    assert "finetune.epochs=99" in arms[(2, "finetune")]
+    # One setting per grid: the grid's name alone, as before.
+    other = tmp_path / "two"
+    copy_lowrank_cell(root, other, "a", "4", 1)
+    copy_lowrank_cell(root, other, "b", "4", 2, finetune_epochs=99)
+    assert {r.arm for r in read_runs(other)} == {"s3rec-lowrank r=4 [a]", "s3rec-lowrank r=4 [b]"}
+
+
+def test_many_differing_settings_get_a_short_hash(tmp_path):
+    from analysis.read_runs import _settings_labels
+    a = json.dumps({"x": 1, "y": 1, "z": 1, "w": 1})
+    b = json.dumps({"x": 2, "y": 2, "z": 2, "w": 2})
+    labels = _settings_labels([a, b])
+    assert labels[a] != labels[b] and all(v.startswith("settings ") for v in labels.values())
+    one, two = json.dumps({"p": {"e": 1}, "q": 0}), json.dumps({"p": {"e": 2}, "q": 0})
+    assert _settings_labels([one, two]) == {one: "p.e=1", two: "p.e=2"}

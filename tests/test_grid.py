@@ -178,3 +178,57 @@ def test_demo_yaml_is_valid():
 def test_built_in_code_is_validated():
     with pytest.raises(GridError, match="'ranks'"):
         Grid(name="x", data=["/d/a"], variants=["s3rec-lowrank"], seeds=[1], out="o", ranks=[])
+
+
+def test_empty_executor_key_means_defaults(tmp_path, monkeypatch):
+    """`executor:` with nothing under it is YAML null: the defaults, not an AttributeError."""
+    path = tmp_path / "grid.yaml"
+    text = yaml.safe_dump(grid_with(executor=None)) + "executor:\n"
+    path.write_text(text)
+    assert yaml.safe_load(text)["executor"] is None
+    assert load_grid(path).executor.kind == "local"
+    assert load_grid(path, executor_kind="slurm").executor.kind == "slurm"
+    assert grid_from_dict(dict(grid_with(), executor=None)).executor.array_parallelism == 2
+
+
+@pytest.mark.parametrize("data", [".", ".."])
+def test_dot_dataset_is_named_after_the_resolved_folder(tmp_path, monkeypatch, data):
+    ds = tmp_path / "beauty" / "sub"
+    ds.mkdir(parents=True)
+    monkeypatch.chdir(ds)
+    g = grid_from_dict(grid_with(data=[data], out=str(tmp_path / "runs")))
+    want = "sub" if data == "." else "beauty"
+    assert {c.dataset for c in g.cells()} == {want}
+    assert all(c.folder.is_relative_to(tmp_path / "runs" / want) for c in g.cells())
+
+
+def test_dataset_without_a_folder_name_refused(tmp_path, capsys):
+    msg = refused(tmp_path, grid_with(data=["/d/beauty", "/"]), capsys)
+    assert "data[1]" in msg
+    msg = refused(tmp_path, grid_with(data=[""]), capsys)
+    assert "data[0]" in msg
+
+
+def test_small_hidden_size_allows_full_rank_variants():
+    """hidden_size 8 < the default head_rank 16: full-rank cells get a head_rank that fits."""
+    from s3rec.config import load_config
+    g = grid_from_dict(grid_with(ranks=[4], overrides={"model.hidden_size": 8,
+                                                       "model.num_heads": 2}))
+    for c in g.cells():
+        pre, fine = c.commands()
+        for cmd in (pre, fine):
+            if cmd is None:
+                continue
+            args = [a for a in cmd if "=" in a and not a.startswith("-")]
+            load_config(None, args)      # what the training command will accept
+        rank_args = [a for a in fine if a.startswith("model.head_rank=")]
+        assert rank_args == (["model.head_rank=4"] if c.rank == 4 else ["model.head_rank=8"])
+    # A grid whose hidden size fits the default rank passes no head_rank to full-rank cells.
+    g = grid_from_dict(grid_with())
+    full = [c for c in g.cells() if c.rank is None]
+    assert not any(a.startswith("model.head_rank") for c in full for a in c.commands()[1])
+
+
+def test_head_rank_override_still_refused(tmp_path, capsys):
+    msg = refused(tmp_path, grid_with(overrides={"model.head_rank": 8}), capsys)
+    assert "overrides.model.head_rank" in msg

@@ -162,3 +162,42 @@ def test_fine_tunes_are_tabled_by_the_pretraining_they_started_from(tmp_path):
     assert lines == ["| s3rec | 150 | 0.5600 | 0.3733 | 0.3294 | 7 | ft-full |",
                      "| s3rec-lowrank r=4 | 10 | 0.5100 | 0.3400 | 0.3000 | 7 | ft-lr4-10 |",
                      "| s3rec-lowrank r=4 | 30 | 0.5300 | 0.3533 | 0.3118 | 7 | ft-lr4-30 |"]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
+def test_written_files_honour_the_umask(tmp_path, mask):
+    """Files written temp-then-rename get the mode a plain open() gives (not mkstemp's 0600)."""
+    import os
+
+    from analysis.atomic import write_csv, write_text
+    old = os.umask(mask)
+    try:
+        write_text(tmp_path / "report.md", "x")
+        write_csv(tmp_path / "runs.csv", [{"a": 1}], ["a"])
+        plain = tmp_path / "plain"
+        plain.write_text("x")
+    finally:
+        os.umask(old)
+    want = 0o666 & ~mask
+    for name in ("report.md", "runs.csv", "plain"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == want, name
+
+
+def test_rank_figure_keeps_grids_of_other_settings_apart(tmp_path, fabricated_grid,  # noqa: F811
+                                                         monkeypatch):
+    """Low-rank runs of two grids with other settings are two lines, not one pooled line."""
+    from analysis import figures
+    from analysis.read_runs import read_runs
+    from tests.test_analysis_read import copy_lowrank_cell
+    root, _ = fabricated_grid
+    runs_dir = tmp_path / "runs"
+    for rank in ("4", "8"):
+        copy_lowrank_cell(root, runs_dir, "a", rank, 1)
+        copy_lowrank_cell(root, runs_dir, "b", rank, 1, finetune_epochs=99)
+    shown = []
+    monkeypatch.setattr(figures, "_save", lambda fig, out, name: shown.append(fig) or name)
+    figs, _ = figures.metric_vs_rank(read_runs(runs_dir), tmp_path / "out")
+    assert len(figs) == 1
+    labels = sorted(ln.get_label() for ln in shown[0].axes[0].get_lines())
+    assert labels == ["s3rec-lowrank [a] (seeds r4: 1, r8: 1)",
+                      "s3rec-lowrank [b] (seeds r4: 1, r8: 1)"]

@@ -1,0 +1,271 @@
+"""What `s3rec-grid status`, a re-launch and `cancel` make of jobs recorded by another process.
+
+No cluster and no training: SLURM's answers are patched in (or fake squeue scripts on PATH),
+submitting goes to a fake executor, and a "local controller" is a sleeping Python process whose
+command line looks like submitit's.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+from launch import grid_cli, job as job_mod, runner, slurm_state
+from launch.grid import GridError, grid_from_dict
+
+BASE = {"name": "g", "variants": ["finetune-only"], "seeds": [1, 2],
+        "overrides": {"finetune.epochs": 1}}
+
+
+@pytest.fixture
+def grid_file(tmp_path):
+    """A one-dataset grid (2 cells) with a dataset folder that exists; returns a factory."""
+    data = tmp_path / "beauty"
+    data.mkdir()
+    (data / "manifest.json").write_text("{}")
+
+    def make(kind: str = "slurm"):
+        d = dict(BASE, data=[str(data)], out=str(tmp_path / "runs"),
+                 executor={"kind": kind, "array_parallelism": 1, "timeout_min": 30})
+        path = tmp_path / f"grid-{kind}.yaml"
+        path.write_text(json.dumps(d))
+        return grid_from_dict(d, source=str(path)), path
+    return make
+
+
+def register(grid, key: str, executor: str, job_id: str, folder: str | None = None) -> None:
+    """A jobs.json entry as an earlier launch (another process) wrote it."""
+    reg = grid.out_path / "_grid" / "jobs.json"
+    reg.parent.mkdir(parents=True, exist_ok=True)
+    entries = json.loads(reg.read_text()) if reg.exists() else {}
+    entries[key] = {"executor": executor, "job_id": job_id, "submitted": "then",
+                    "folder": folder or str(grid.out_path / "_submitit")}
+    reg.write_text(json.dumps(entries))
+
+
+class FakeJob:
+    def __init__(self, job_id: str, folder: Path) -> None:
+        self.job_id = job_id
+        self.paths = types.SimpleNamespace(folder=folder)
+        self.state = "RUNNING"
+
+
+class FakeExecutor:
+    """Records what would be submitted."""
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.submitted = folder, []
+
+    @contextlib.contextmanager
+    def batch(self):
+        yield
+
+    def submit(self, fn) -> FakeJob:
+        self.submitted.append(fn.key)
+        return FakeJob(str(1000 + len(self.submitted)), self.folder)
+
+
+@pytest.fixture
+def fake_submit(monkeypatch):
+    execs = []
+
+    def make_executor(grid):
+        execs.append(FakeExecutor(grid.out_path / "_submitit"))
+        return execs[-1]
+    monkeypatch.setattr(runner, "resolve_commands", lambda: ("s3rec-pretrain", "s3rec-finetune"))
+    monkeypatch.setattr(runner, "make_executor", make_executor)
+    return execs
+
+
+def slurm_answers(monkeypatch, queued, final=None) -> None:
+    """squeue answers `queued` (a dict, a list of dicts in turn, or None: no answer)."""
+    answers = list(queued) if isinstance(queued, list) else None
+    monkeypatch.setattr(slurm_state, "queue_states",
+                        lambda ids: answers.pop(0) if answers else queued if answers is None
+                        else {})
+    monkeypatch.setattr(slurm_state, "final_state", lambda jid: final)
+
+
+# ---------------------------------------------------------------- 1. SLURM jobs gone from the queue
+
+def test_fresh_status_reports_a_vanished_slurm_job_failed(grid_file, monkeypatch, capsys):
+    grid, path = grid_file("slurm")
+    key = grid.cells()[0].key
+    register(grid, key, "slurm", "999")
+    slurm_answers(monkeypatch, {}, final=None)     # neither squeue nor scontrol knows it
+    st = runner.open_grid(grid).states()[key]
+    assert st.state == "failed" and "999" in st.detail and "no longer queued" in st.detail
+    assert grid_cli.main(["status", str(path)]) == 1
+    assert "failed=1" in capsys.readouterr().out
+
+
+def test_relaunch_resubmits_a_vanished_slurm_job(grid_file, monkeypatch, fake_submit):
+    grid, _ = grid_file("slurm")
+    key = grid.cells()[0].key
+    register(grid, key, "slurm", "999")
+    slurm_answers(monkeypatch, {}, final=None)
+    run = runner.launch_grid(grid)
+    assert key in run.submitted and key not in run.skipped
+    assert fake_submit[0].submitted == [c.key for c in grid.cells()]
+    run.release()
+
+
+def test_a_job_seen_queued_by_this_process_gets_the_grace_period(grid_file, monkeypatch):
+    grid, _ = grid_file("slurm")
+    key = grid.cells()[0].key
+    register(grid, key, "slurm", "999")
+    slurm_answers(monkeypatch, [{"999": "RUNNING"}, {}], final=None)
+    run = runner.open_grid(grid)
+    assert run.states()[key].state == "running"
+    st = run.states()[key]       # just left the queue: its result file may still be coming
+    assert st.state == "running" and "ending" in st.detail
+    run._gone_since[key] -= runner.RESULT_GRACE_S + 1
+    assert run.states()[key].state == "failed"
+
+
+def test_unanswered_squeue_is_unknown_not_gone(grid_file, monkeypatch, fake_submit):
+    grid, _ = grid_file("slurm")
+    key = grid.cells()[0].key
+    register(grid, key, "slurm", "999")
+    slurm_answers(monkeypatch, None, final=None)
+    st = runner.open_grid(grid).states()[key]
+    assert st.state == "pending" and "unknown" in st.detail
+    run = runner.launch_grid(grid)
+    assert key in run.skipped and key not in run.submitted
+    run.release()
+
+
+def _fake_slurm_bin(tmp_path: Path, squeue: str) -> str:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "squeue").write_text("#!/bin/sh\n" + squeue)
+    (bin_dir / "squeue").chmod(0o755)
+    return f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+
+
+def test_queue_states_tells_an_unknown_id_from_a_dead_controller(tmp_path, monkeypatch):
+    # squeue refuses an unknown id but answers a question without ids: the job is gone.
+    monkeypatch.setenv("PATH", _fake_slurm_bin(tmp_path, 'case "$*" in *-j*) exit 1;; esac\n'))
+    assert slurm_state.queue_states(["5"]) == {}
+    # squeue answers nothing at all (slurmctld down): unknown.
+    monkeypatch.setenv("PATH", _fake_slurm_bin(tmp_path, "exit 1\n"))
+    assert slurm_state.queue_states(["5"]) is None
+
+
+# ---------------------------------------------------------------- 2 and 9. local jobs by PID
+
+def fake_controller(folder: Path) -> subprocess.Popen:
+    """A process whose command line is that of submitit's local controller for `folder`."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)",
+                             "-m", "submitit.local._local", str(folder)])
+
+
+def test_a_reused_pid_is_not_a_running_local_job(grid_file):
+    grid, _ = grid_file("local")
+    key = grid.cells()[0].key
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        register(grid, key, "local", str(other.pid))    # the PID now belongs to another process
+        st = runner.open_grid(grid).states()[key]
+        assert st.state == "failed" and "killed" in st.detail
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_live_controller_of_this_grid_is_running(grid_file, tmp_path):
+    grid, _ = grid_file("local")
+    key = grid.cells()[0].key
+    folder = grid.out_path / "_submitit"
+    ctl = fake_controller(folder)
+    try:
+        time.sleep(0.3)
+        register(grid, key, "local", str(ctl.pid), str(folder))
+        assert runner.open_grid(grid).states()[key].state == "running"
+        # The same PID recorded for another grid's folder is not this grid's job.
+        register(grid, key, "local", str(ctl.pid), str(tmp_path / "elsewhere"))
+        assert runner.open_grid(grid).states()[key].state == "failed"
+    finally:
+        ctl.kill()
+        ctl.wait()
+
+
+def test_cancel_stops_local_jobs_started_by_another_process(grid_file, capsys):
+    grid, path = grid_file("local")
+    folder = grid.out_path / "_submitit"
+    ctls = [fake_controller(folder) for _ in grid.cells()]
+    try:
+        time.sleep(0.3)
+        for c, p in zip(grid.cells(), ctls):
+            register(grid, c.key, "local", str(p.pid), str(folder))
+        assert grid_cli.main(["cancel", str(path)]) == 0
+        assert "cancelled" in capsys.readouterr().out
+        for p in ctls:
+            assert p.wait(timeout=10) != 0      # SIGINT: KeyboardInterrupt, like the controller
+    finally:
+        for p in ctls:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_cancel_says_when_it_cannot_signal_a_local_job(grid_file, monkeypatch, capsys):
+    grid, path = grid_file("local")
+    key = grid.cells()[0].key
+    register(grid, key, "local", "4242")
+    monkeypatch.setattr(runner, "local_controller_alive", lambda pid, folder: True)
+
+    def refuse(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(runner.os, "kill", refuse)
+    assert grid_cli.main(["cancel", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert key in err and "4242" in err and "not permitted" in err
+
+
+# ---------------------------------------------------------------- 10. one launch at a time
+
+def test_second_launch_of_a_grid_fails_at_once(grid_file, fake_submit, capsys):
+    grid, path = grid_file("local")
+    first = runner.launch_grid(grid)
+    assert first.submitted == [grid.cells()[0].key] and len(first.waiting) == 1
+    with pytest.raises(GridError, match=f"being launched by PID {os.getpid()}"):
+        runner.launch_grid(grid)
+    assert grid_cli.main([str(path)]) == 2
+    assert f"PID {os.getpid()}" in capsys.readouterr().err
+    assert len(fake_submit) == 1                 # the refused launches submitted nothing
+    # cancel (from another process) names the launch that still holds cells in memory
+    not_cancelled = runner.open_grid(grid).cancel()
+    assert any(str(os.getpid()) in line for line in not_cancelled)
+    first.release()
+    again = runner.launch_grid(grid)           # the lock went with the first launch
+    again.release()
+
+
+# ---------------------------------------------------------------- 11. local time limits
+
+def test_local_signal_delay_leaves_time_for_the_child_to_save(grid_file):
+    grid, _ = grid_file("local")
+    ex = runner.make_executor(grid)
+    delay = ex._executor.parameters["signal_delay_s"]
+    assert job_mod.CHILD_SAVE_TIMEOUT_S < delay < grid.executor.timeout_min * 60
+
+
+def test_cell_job_never_leaves_its_training_child_behind(tmp_path, monkeypatch):
+    job = job_mod.CellJob("k", None, None, [sys.executable, "-c", "import time; time.sleep(120)"],
+                          str(tmp_path))
+    seen = []
+
+    def interrupted(_s):    # the local controller's SIGINT while the child trains
+        seen.append(job._proc)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(job_mod, "time", types.SimpleNamespace(time=time.time, sleep=interrupted))
+    with pytest.raises(KeyboardInterrupt):
+        job._run(job.finetune_cmd, tmp_path)
+    assert seen and seen[0].poll() is not None and job._proc is None
