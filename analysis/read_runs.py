@@ -24,7 +24,8 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from s3rec.config import HEAD_NAMES, OBJECTIVES, Config, ConfigError, config_from_dict
+from s3rec.config import (HEAD_NAMES, OBJECTIVES, Config, ConfigError, config_from_dict,
+                          flat_keys)
 
 # The order metrics appear in tables; others follow alphabetically.
 METRIC_ORDER = ("HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20", "MRR")
@@ -280,20 +281,11 @@ def _separate_differing_arms(runs: list[Run]) -> None:
                     r.arm_suffix = f" [{grid} {labels[key]}]" if labels else f" [{grid}]"
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, str]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = json.dumps(v, sort_keys=True)
-    return out
-
-
 def _settings_labels(keys: list[str], max_keys: int = 3) -> dict[str, str]:
     """settings key -> a short label that tells it from the others: the config keys that differ
     (`pretrain.epochs=2`), or a hash of the settings when more than `max_keys` differ."""
-    flats = [_flat(json.loads(k)) for k in keys]
+    flats = [{n: json.dumps(v, sort_keys=True) for n, v in flat_keys(json.loads(k)).items()}
+             for k in keys]
     names = sorted({n for f in flats for n in f if len({g.get(n) for g in flats}) > 1})
     if len(names) > max_keys:
         return {k: "settings " + hashlib.sha1(k.encode()).hexdigest()[:8] for k in keys}

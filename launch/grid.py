@@ -58,6 +58,9 @@ class Grid:
     config: str = ""                  # (str) a base training YAML passed as --config ("" = none)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     source: str = "<code>"            # where the grid came from, for error messages (not a key)
+    # model.head_rank of full-rank cells: None when the configured rank fits model.hidden_size,
+    # else hidden_size (the default 16 must not fail a small model); set by `validate`
+    full_head_rank: int | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.executor is None:   # `executor:` with nothing under it: all defaults
@@ -89,11 +92,11 @@ class Grid:
     def out_path(self) -> Path:
         return Path(self.out).resolve()
 
-    @property
-    def full_rank_head_rank(self) -> int | None:
-        """model.head_rank given to full-rank cells: None when the configured one fits
-        model.hidden_size, else hidden_size (set by `validate`)."""
-        return getattr(self, "_full_head_rank", None)
+    def rank_args(self, rank: int | None) -> list[str]:
+        """The head-rank override of a cell of rank `rank` (None: a full-rank variant)."""
+        if rank is None:
+            rank = self.full_head_rank
+        return [] if rank is None else [f"model.head_rank={rank}"]
 
 
 def dataset_name(data: str) -> str:
@@ -134,13 +137,8 @@ class Cell:
                 "rank": self.rank, "seed": self.seed}
 
     def override_args(self) -> list[str]:
-        args = self.grid.override_args() + [f"variant={self.variant}", f"seed={self.seed}"]
-        if self.rank is not None:
-            args.append(f"model.head_rank={self.rank}")
-        elif self.grid.full_rank_head_rank is not None:
-            # The default rank (16) must not fail a full-rank cell whose hidden size is smaller.
-            args.append(f"model.head_rank={self.grid.full_rank_head_rank}")
-        return args
+        return (self.grid.override_args() + [f"variant={self.variant}", f"seed={self.seed}"]
+                + self.grid.rank_args(self.rank))
 
     def commands(self, pretrain_exe: str = "s3rec-pretrain",
                  finetune_exe: str = "s3rec-finetune") -> tuple[list[str] | None, list[str]]:
@@ -176,7 +174,7 @@ def stage_done(run_dir: Path | None, product: str) -> bool:
 
 # ---------------------------------------------------------------------- loading and checking
 
-_GRID_KEYS = {f.name for f in dataclasses.fields(Grid)} - {"source"}
+_GRID_KEYS = {f.name for f in dataclasses.fields(Grid) if f.init} - {"source"}
 _EXECUTOR_KEYS = {f.name for f in dataclasses.fields(ExecutorConfig)}
 
 
@@ -284,18 +282,14 @@ def validate(grid: Grid) -> None:
     except ConfigError as e:
         raise GridError(f"{src}: key 'overrides': {e}") from None
     hidden = base.model.hidden_size
-    grid._full_head_rank = _full_rank_head_rank(grid, hidden)
+    grid.full_head_rank = _full_rank_head_rank(grid, hidden)
     for i, r in enumerate(grid.ranks):
         if r < 1 or r > hidden:
             raise GridError(f"{src}: key 'ranks[{i}]': rank {r} must be in 1..{hidden} "
                             f"(model.hidden_size)")
     for v in grid.variants:
         for r in (grid.ranks if v in LOWRANK_VARIANTS else [None]):
-            if r is None:
-                r_arg = grid.full_rank_head_rank
-                extra = [f"variant={v}"] + ([] if r_arg is None else [f"model.head_rank={r_arg}"])
-            else:
-                extra = [f"variant={v}", f"model.head_rank={r}"]
+            extra = [f"variant={v}", *grid.rank_args(r)]
             try:
                 load_config(grid.config or None, grid.override_args() + extra)
             except ConfigError as e:

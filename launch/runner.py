@@ -189,10 +189,14 @@ class GridRun:
             self.waiting = list(todo)
             self._start_local()
 
+    @property
+    def lock_path(self) -> Path:
+        return self.registry_path.with_name("launch.lock")
+
     def _take_lock(self) -> None:
         """OUT/_grid/launch.lock, held until the wait ends; another launch holding it is an
         error naming its PID (the lock goes with the process, so a crash never leaves it)."""
-        path = self.registry_path.with_name("launch.lock")
+        path = self.lock_path
         path.parent.mkdir(parents=True, exist_ok=True)
         f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o666), "r+")
         try:
@@ -368,7 +372,7 @@ class GridRun:
         """PID of another process holding this grid's launch lock, or None."""
         if self._lock is not None:
             return None
-        path = self.registry_path.with_name("launch.lock")
+        path = self.lock_path
         try:
             f = open(path)
         except FileNotFoundError:

@@ -271,6 +271,17 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, yaml.safe_load(raw) if raw != "" else ""
 
 
+def flat_keys(d: dict, prefix: str = "") -> dict:
+    """A nested config dict as {dotted key: value} (the inverse of _nest)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_keys(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
 def _nest(key: str, value: Any) -> dict:
     out: dict = {}
     cur = out

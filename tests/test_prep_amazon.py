@@ -77,6 +77,14 @@ def test_amazon_kcore_order_ids_and_attributes(tmp_path):
     assert ds.num_interactions == 5 * 5 + 5 * 250
 
 
+def assert_refused(tmp_path, capsys, reviews, meta, message):
+    """s3rec-prep amazon exits 1 naming `message`, and writes nothing beside the raw files."""
+    out = tmp_path / "ds"
+    assert main(["amazon", "--reviews", str(reviews), "--meta", str(meta), "--out", str(out)]) == 1
+    assert message in capsys.readouterr().err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["raw"]
+
+
 @pytest.mark.parametrize("where,line,message", [
     ("reviews", '{"reviewerID": "u1", "asin": "p1"}\n', "reviews_Toy_5.json.gz:3: malformed review"),
     ("meta", "{'asin': 'p1', 'categories': [['Beauty'\n", "meta_Toy.json.gz:3: malformed meta record"),
@@ -89,18 +97,13 @@ def test_amazon_malformed_lines(tmp_path, capsys, where, line, message):
     lines.insert(2, line)
     with gzip.open(path, "wt") as f:
         f.writelines(lines)
-    out = tmp_path / "ds"
-    assert main(["amazon", "--reviews", str(reviews), "--meta", str(meta), "--out", str(out)]) == 1
-    assert message in capsys.readouterr().err
-    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["raw"]
+    assert_refused(tmp_path, capsys, reviews, meta, message)
 
 
 def test_amazon_item_without_meta(tmp_path, capsys):
     r, m = big_fixture()
     reviews, meta = write_amazon(tmp_path / "raw", "Toy", r, [x for x in m if x["asin"] != "p5"])
-    assert main(["amazon", "--reviews", str(reviews), "--meta", str(meta),
-                 "--out", str(tmp_path / "ds")]) == 1
-    assert "meta_Toy.json.gz: item p5 has no meta record" in capsys.readouterr().err
+    assert_refused(tmp_path, capsys, reviews, meta, "meta_Toy.json.gz: item p5 has no meta record")
 
 
 @pytest.mark.parametrize("damage,message", [
@@ -125,19 +128,15 @@ def test_amazon_unreadable_or_mistyped_reviews(tmp_path, capsys, damage, message
     if damage == "truncated":
         data = reviews.read_bytes()
         reviews.write_bytes(data[: len(data) // 2])
-    out = tmp_path / "ds"
-    assert main(["amazon", "--reviews", str(reviews), "--meta", str(meta), "--out", str(out)]) == 1
-    assert message in capsys.readouterr().err
-    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["raw"]
+    assert_refused(tmp_path, capsys, reviews, meta, message)
 
 
 def test_amazon_category_entries_must_be_strings(tmp_path, capsys):
     r, m = big_fixture()
     m = [dict(x, categories=[["Beauty", ["nested"]]]) if x["asin"] == "p1" else x for x in m]
     reviews, meta = write_amazon(tmp_path / "raw", "Toy", r, m)
-    assert main(["amazon", "--reviews", str(reviews), "--meta", str(meta),
-                 "--out", str(tmp_path / "ds")]) == 1
-    assert "item p1: 'categories' must be a list of lists of strings" in capsys.readouterr().err
+    assert_refused(tmp_path, capsys, reviews, meta,
+                   "item p1: 'categories' must be a list of lists of strings")
 
 
 def test_inputs_with_one_file_name_are_both_checksummed(tmp_path, capsys):

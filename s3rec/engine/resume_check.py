@@ -16,6 +16,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from s3rec.config import flat_keys
 from s3rec.engine import checkpoint as ckpt
 
 MAY_CHANGE = ("pretrain.epochs", "pretrain.save_epochs", "pretrain.compile", "finetune.epochs",
@@ -34,16 +35,6 @@ def dataset_fingerprint(ds) -> dict:
     return {"name": m["name"], "num_users": m["num_users"], "num_items": m["num_items"],
             "num_interactions": m["num_interactions"], "num_attributes": m["num_attributes"],
             "shards_sha256": shards}
-
-
-def flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 def saved_state(ckpt_dir: Path) -> tuple[Path, dict] | None:
@@ -78,9 +69,10 @@ def check_before_start(ckpt_dir: Path, stage: str, config: dict, world_size: int
                                f"(or fine-tune from it with --init)")
     saved_ds = state.get("dataset")
     if saved_ds is not None and saved_ds != dataset:
-        key = next(k for k in dataset if saved_ds.get(k) != dataset[k])
+        key = next(k for k in sorted(set(saved_ds) | set(dataset))
+                   if saved_ds.get(k) != dataset.get(k))
         raise ckpt.ResumeError(f"{f}: saved on another dataset ({key}: {saved_ds.get(key)!r} "
-                               f"then, {dataset[key]!r} now); {again}")
+                               f"then, {dataset.get(key)!r} now); {again}")
     _compare(f, state, config, stage, lambda k: k not in ENGINE_KEYS, again)
 
 
@@ -96,7 +88,7 @@ def _compare(f: Path, state: dict, config: dict, stage: str, which, again: str) 
     saved = state.get("config")
     if saved is None:
         return
-    old, new = flat(saved), flat(config)
+    old, new = flat_keys(saved), flat_keys(config)
     for key in sorted(set(old) & set(new)):    # a key of another version of this program: skipped
         if not which(key) or key.startswith(MAY_CHANGE) or key.startswith(OTHER_STAGE[stage]):
             continue
