@@ -280,17 +280,18 @@ def finetune_plan(input_ids: torch.Tensor, pos_ids: torch.Tensor, chunks: int) -
     B, L = input_ids.shape
     chunks = max(1, min(chunks, B))
     if chunks == 1:
-        order = torch.arange(B, device=input_ids.device)
-        maxlen = [L] * B
-    else:
-        lengths = (input_ids > 0).sum(1)                                # [B]
-        order = torch.argsort(lengths, stable=True)
-        maxlen = lengths[order].tolist()
+        # one group, the whole batch; also a batch of no rows (a rank's share of a short last
+        # batch), which the loss then still runs through the model: its 0 reaches the same
+        # parameters as on the other ranks, whose gradient reduction expects every one
+        t = (pos_ids > 0).reshape(-1).nonzero().squeeze(1)
+        return FinetunePlan(rows=[torch.arange(B, device=input_ids.device)], keep=[L],
+                            targets=[t], total=int(t.numel()))
+    lengths = (input_ids > 0).sum(1)                                    # [B]
+    order = torch.argsort(lengths, stable=True)
+    maxlen = lengths[order].tolist()
     rows, keep, targets = [], [], []
-    for c in range(chunks):
+    for c in range(chunks):                                             # chunks <= B: none empty
         lo, hi = B * c // chunks, B * (c + 1) // chunks
-        if hi <= lo:
-            continue
         r = order[lo:hi]
         k = max(int(maxlen[hi - 1]), 1)                                  # longest row of the group
         rows.append(r)
@@ -313,12 +314,6 @@ def finetune_batch_loss_chunked(model, input_ids: torch.Tensor, positions: torch
     if plan is None:
         plan = finetune_plan(input_ids, pos_ids, chunks)
     L = input_ids.shape[1]
-    if not plan.rows:
-        # no rows (a rank's share of a short last batch): the whole-batch path on them still
-        # runs the model, so this 0 reaches the same parameters as on the other ranks, whose
-        # gradient reduction expects every one
-        return finetune_batch_loss(model, input_ids, positions, pos_ids, neg_ids, form,
-                                   targets=input_ids.new_zeros(0))
     if len(plan.rows) == 1 and plan.keep[0] == L:                      # one group: the whole batch
         return finetune_batch_loss(model, input_ids, positions, pos_ids, neg_ids, form,
                                    targets=plan.targets[0])
