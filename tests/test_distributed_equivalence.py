@@ -108,3 +108,20 @@ def test_empty_shares_of_a_short_last_batch_add_nothing(stage, tiny_data, tmp_pa
         r1, r2 = read_json(one / "results.json"), read_json(two / "results.json")
         for split in ("valid", "test"):
             assert r2[split] == pytest.approx(r1[split], rel=1e-12, abs=1e-12)
+
+
+def test_more_ranks_than_users_evaluates_like_one_process_under_zero3(tmp_path, shm_clean):
+    """One user, two ranks: rank 1 has no one to evaluate, yet under ZeRO 3 every forward gathers
+    parameters collectively, so it must still run as many (stand-in) forwards as rank 0; before,
+    it skipped them and rank 0 waited forever. Metrics as one process's."""
+    from tests.train_helpers import make_dataset
+    data = make_dataset(tmp_path, users=1)
+    args = (*FT, "finetune.epochs=1")
+    one, two = tmp_path / "w1", tmp_path / "w2"
+    run(command("single", "s3rec.finetune", train_args(data, one, *args)))
+    run(command("torchrun", "s3rec.finetune", train_args(data, two, *args,
+                                                          "deepspeed.zero_stage=3")), timeout=180)
+    r1, r2 = read_json(one / "results.json"), read_json(two / "results.json")
+    for split in ("valid", "test"):
+        assert r2[split] == pytest.approx(r1[split], rel=1e-12, abs=1e-12)
+    assert r1["test"]["MRR"] > 0

@@ -50,14 +50,14 @@ def evaluate(engine, view: EvalView, protocol: str, batch_size: int, device) -> 
     batches = [view.make_batch(u) for u in length_batches(view, batch_size, rank, world)]
     # ZeRO-3 gathers parameters collectively in every forward: all ranks must run the same number
     # of them (every rank can count every rank's batches), so pad with repeats, results dropped.
+    # A rank with no users at all (more ranks than users) repeats a stand-in batch of user 0.
     most = max(len(length_batches(view, batch_size, r, world)) for r in range(world))
+    padding = batches[-1:] or [view.make_batch(np.zeros(1, dtype=np.int64))] * (most > 0)
     engine.eval()
     sums = None
     with torch.no_grad():
         for i in range(most):
-            if not batches:
-                break
-            b = batches[min(i, len(batches) - 1)].to(device)
+            b = (batches[i] if i < len(batches) else padding[0]).to(device)
             ranks = engine(_ranks, b, protocol)
             if i < len(batches):
                 s = metrics.metric_sums(ranks, ks, mrr)
