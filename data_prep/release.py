@@ -124,20 +124,42 @@ def read_item_attributes(path: Path, num_items: int) -> list[list[int]]:
     return table  # type: ignore[return-value]
 
 
-def read_negatives(path: Path, user_ids: np.ndarray, num_items: int) -> np.ndarray:
+def read_negatives(path: Path, user_ids: np.ndarray, items: np.ndarray,
+                   lengths: np.ndarray) -> np.ndarray:
+    """The release rule, checked line by line: 99 distinct items seen in the data, none in the
+    user's own sequence (an answer among its own negatives would make its rank ambiguous)."""
+    num_items = int(items.max())
+    seen = np.zeros(num_items + 1, dtype=bool)
+    seen[items] = True
+    ends = np.cumsum(lengths)
     rows = []
     for lineno, ids in read_id_lines(path, 1 + NUM_NEGATIVES, f"`user` and {NUM_NEGATIVES} items"):
         if lineno > len(user_ids):
             raise DatasetError(f"{path}:{lineno}: more lines than the {len(user_ids)} users")
         if len(ids) != 1 + NUM_NEGATIVES:
             raise DatasetError(f"{path}:{lineno}: {len(ids) - 1} negatives, expected {NUM_NEGATIVES}")
-        if ids[0] != user_ids[lineno - 1]:
+        user = user_ids[lineno - 1]
+        if ids[0] != user:
             raise DatasetError(f"{path}:{lineno}: user {ids[0]}, but line {lineno} of the sequences "
-                               f"is user {user_ids[lineno - 1]} (same order expected)")
-        bad = [i for i in ids[1:] if not 1 <= i <= num_items]
+                               f"is user {user} (same order expected)")
+        negs = ids[1:]
+        bad = [i for i in negs if not 1 <= i <= num_items]
         if bad:
             raise DatasetError(f"{path}:{lineno}: negative item {bad[0]} outside 1..{num_items}")
-        rows.append(ids[1:])
+        twice = sorted(i for i in set(negs) if negs.count(i) > 1)
+        if twice:
+            raise DatasetError(f"{path}:{lineno}: item {twice[0]} more than once among the "
+                               f"negatives ({NUM_NEGATIVES} distinct items expected)")
+        unseen = [i for i in negs if not seen[i]]
+        if unseen:
+            raise DatasetError(f"{path}:{lineno}: negative item {unseen[0]} appears in no "
+                               f"sequence (negatives are drawn from the items of the data)")
+        own = set(items[ends[lineno - 1] - lengths[lineno - 1]:ends[lineno - 1]].tolist())
+        mine = [i for i in negs if i in own]
+        if mine:
+            raise DatasetError(f"{path}:{lineno}: negative item {mine[0]} is in user {user}'s own "
+                               f"sequence (negatives are items the user never interacted with)")
+        rows.append(negs)
     if len(rows) != len(user_ids):
         raise DatasetError(f"{path}: {len(rows)} lines, expected one per user ({len(user_ids)})")
     return np.array(rows, dtype=np.int32)
@@ -149,6 +171,6 @@ def load_release(files: dict[str, Path], name: str, seed: int) -> MemorySource:
     attrs = read_item_attributes(files["attributes"], num_items)
     negatives, how = None, ""
     if "negatives" in files:
-        negatives = read_negatives(files["negatives"], user_ids, num_items)
+        negatives = read_negatives(files["negatives"], user_ids, items, lengths)
         how = f"imported: {files['negatives'].name}"
     return MemorySource(name, items, lengths, user_ids, attrs, seed, negatives, how)

@@ -172,6 +172,36 @@ def test_bad_sample_file(tmp_path, capsys):
     assert_nothing_written(tmp_path / "ds")
 
 
+def _sample_case(folder: Path, change) -> Path:
+    """Five users over items 1..319 (250 in no sequence); a sample file that follows the release
+    rule (each user's first 99 seen items not its own), then `change(sample)` applied."""
+    seqs = [list(range(1, 6)), list(range(6, 11)), list(range(11, 40)), list(range(40, 200)),
+            [i for i in range(200, 320) if i != 250]]
+    seen = sorted(set().union(*seqs))
+    sample = [[i for i in seen if i not in s][:99] for s in seqs]
+    change(sample)
+    return write_release(folder, "Toy", seqs, {i: [1] for i in range(1, 320)}, sample=sample)
+
+
+def _set(line: int, pos: int, item: int):
+    return lambda sample: sample[line - 1].__setitem__(pos, item)
+
+
+@pytest.mark.parametrize("change,message", [
+    (_set(2, 98, 11), "Toy_sample.txt:2: item 11 more than once among the negatives"),
+    (_set(2, 40, 7), "Toy_sample.txt:2: negative item 7 is in user 2's own sequence"),
+    (_set(4, 0, 250), "Toy_sample.txt:4: negative item 250 appears in no sequence"),
+    (_set(3, 5, 320), "Toy_sample.txt:3: negative item 320 outside 1..319"),
+    (lambda sample: sample[2].pop(), "Toy_sample.txt:3: malformed line"),
+    (lambda sample: sample.pop(), "Toy_sample.txt: 4 lines, expected one per user (5)"),
+])
+def test_sample_file_breaking_the_release_rule_is_refused(tmp_path, capsys, change, message):
+    assert prep(_sample_case(tmp_path / "good", lambda s: None), tmp_path / "ok") == 0
+    assert prep(_sample_case(tmp_path / "src", change), tmp_path / "ds") == 1
+    assert message in capsys.readouterr().err
+    assert_nothing_written(tmp_path / "ds")
+
+
 def test_failure_while_writing_leaves_old_dataset_intact(tmp_path, capsys):
     # 105 items; a user holding 10 of them leaves only 95 candidates for 99 distinct negatives:
     # the error comes from the shard writer, after the output folder was started.
