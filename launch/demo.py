@@ -1,8 +1,10 @@
 """`s3rec-grid --demo --out DIR`: the README's one command, end to end on this machine.
 
-Makes a small synthetic dataset (DIR/data/synthetic), runs a small grid into DIR/runs/demo
-(s3rec and s3rec-lowrank at ranks 4 and 16, tiny epochs), then writes the report (DIR/report)
-with `s3rec-report` when that command is installed.
+Makes a small synthetic dataset (DIR/data/synthetic), runs a small grid into DIR (s3rec and
+s3rec-lowrank at ranks 4 and 16, tiny epochs: DIR/synthetic/<variant>/r<rank>/s1/...), then writes
+the report (DIR/report) with `s3rec-report` when that command is installed. The layout is that of
+configs/grids/demo.yaml (out: runs/demo, its data in runs/demo/data): after `make demo` (DIR =
+runs/demo) that grid finds the seed-1 cells done and runs seed 2 only.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ def demo_grid(out: Path, data: Path, executor: str = "local") -> Grid:
     return Grid(name="demo", data=[str(data)], variants=["s3rec", "s3rec-lowrank"],
                 ranks=[4, 16], seeds=[1], overrides=dict(DEMO_OVERRIDES),
                 executor={"kind": executor, "array_parallelism": 2, "timeout_min": 30},
-                out=str(out / "runs" / "demo"), source="demo")   # runs/<grid>/...: s3rec-report's layout
+                out=str(out), source="demo")
 
 
 def run_demo(out: str | Path, executor: str = "local") -> int:
@@ -56,7 +58,7 @@ def run_demo(out: str | Path, executor: str = "local") -> int:
         print(f"{rec['variant']:>14} r={rank} s={rec['seed']}: "
               + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     if shutil.which("s3rec-report"):
-        _run(["s3rec-report", str(out / "runs"), "--out", str(out / "report")])
+        _run(["s3rec-report", str(out), "--out", str(out / "report")])   # the grid's runs only
     else:
         print("demo: s3rec-report is not installed; no report written")
     if failed:

@@ -30,6 +30,7 @@ import submitit
 from submitit.core.utils import JobPaths, pickle_load
 
 from launch import slurm_state
+from launch.cell_check import check_cells
 from launch.grid import Cell, Grid, GridError, check_data_exists, read_run_json
 from launch.job import CHILD_SAVE_TIMEOUT_S, CellJob
 
@@ -148,6 +149,7 @@ class GridRun:
     # ------------------------------------------------------------- submitting
     def submit(self) -> "GridRun":
         check_data_exists(self.grid)
+        check_cells(self.cells)        # what is in the cells' folders is what the grid asks for
         self._exes = resolve_commands()
         self._take_lock()
         try:

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 
 import pytest
 
 from launch import grid_cli
 from launch.demo import demo_grid
+from launch.grid import GridError
 from launch.runner import launch_grid
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
@@ -21,7 +23,7 @@ def test_demo_end_to_end_and_rerun_is_a_no_op(tmp_path):
     assert [c.key for c in cells] == ["synthetic/s3rec/rfull/s1", "synthetic/s3rec-lowrank/r4/s1",
                                       "synthetic/s3rec-lowrank/r16/s1"]
     for c in cells:
-        assert c.folder == out / "runs" / "demo" / c.key
+        assert c.folder == out / c.key
         res = json.loads((c.finetune_dir / "results.json").read_text())
         assert res["protocol"] == "sampled-99" and 0 <= res["test"]["HR@10"] <= 1
         pre = json.loads((c.pretrain_dir / "run.json").read_text())
@@ -34,3 +36,26 @@ def test_demo_end_to_end_and_rerun_is_a_no_op(tmp_path):
     again = launch_grid(grid)
     assert again.to_run == [] and len(again.skipped) == 3
     assert len(again.records()) == 3
+    # Settings that change no result may differ; one that does stops the launch, naming it.
+    grid.overrides["logging.every_steps"] = 2
+    assert launch_grid(grid).to_run == []
+    for key, value in (("model.inner_size", 32), ("pretrain.epochs", 3)):
+        changed = demo_grid(out, out / "data" / "synthetic")
+        changed.overrides[key] = value
+        with pytest.raises(GridError, match=rf"synthetic/s3rec/rfull/s1/pretrain/run.json .*"
+                                            rf"the done pretrain ran with '{key}'="):
+            launch_grid(changed)
+    # An unfinished fine-tune (as if killed): its own section is checked, the pretraining's not.
+    rj = out / "synthetic/s3rec/rfull/s1/finetune/run.json"
+    rj.write_text(json.dumps({**json.loads(rj.read_text()), "status": "running"}))
+    changed = demo_grid(out, out / "data" / "synthetic")
+    changed.overrides["finetune.batch_size"] = 32
+    with pytest.raises(GridError, match=r"s1/finetune/run.json .*the unfinished finetune ran with "
+                                        r"'finetune.batch_size'=64, the grid now gives 32"):
+        launch_grid(changed)
+    # The dataset prepared again with another seed: the cells were trained on the old one.
+    data = out / "data" / "synthetic"
+    assert subprocess.run(["s3rec-prep", "synthetic", "--users", "300", "--items", "120",
+                           "--attributes", "24", "--out", str(data), "--seed", "8"]).returncode == 0
+    with pytest.raises(GridError, match=r"run on another version of .*synthetic \(name: .*; prepare it as it was"):
+        launch_grid(demo_grid(out, data))

@@ -80,6 +80,7 @@ def start(stage: str, args, protocol: str | None) -> Setup:
     dist.barrier()
     runjson = RunJson(run_dir, dist.is_main(), stage=stage, config=cfg.to_dict(),
                       data=str(Path(args.data).resolve()), dataset=dataset_info(ds),
+                      dataset_fingerprint=fingerprint,
                       protocol=protocol, seed=cfg.seed, world_size=info.world_size,
                       launcher=info.launcher)
     return Setup(cfg, info, run_dir, ds, runjson, fingerprint)

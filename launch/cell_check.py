@@ -1,0 +1,71 @@
+"""Before a grid is launched again: the runs already in its cells' folders must be the runs the
+grid now asks for.
+
+A launch skips done cells and resumes unfinished ones. That is right only while the grid still
+describes them. After an override, the config file or a dataset changed, a done cell would be
+reported (and pooled) under settings it was not trained with, and an unfinished one would stop at
+its start on the resume check (s3rec/engine/resume_check.py), visible only in that job's log. So
+the launch compares each stage folder's run.json with the config the grid gives the cell, and
+stops before submitting anything, naming the cell, the key and both values.
+
+What may differ: logging and checkpointing, evaluation batch size and compilation (they change
+no result), and the other stage's section, which a stage does not read. For a stage that is not
+done, also what a resume may change (its epochs and patience: resume_check.MAY_CHANGE).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from launch.grid import Cell, GridError, read_run_json, stage_done
+from s3rec.config import flat_keys, load_config
+from s3rec.engine.resume_check import ENGINE_KEYS, MAY_CHANGE, OTHER_STAGE, dataset_fingerprint
+
+NO_RESULT_KEYS = ("checkpoint.", "logging.", "finetune.eval_batch_size", "pretrain.compile",
+                  "pretrain.save_epochs")
+PRODUCTS = {"pretrain": "final.pt", "finetune": "results.json"}
+
+
+def check_cells(cells: list[Cell]) -> None:
+    """GridError for the first stage folder whose run.json disagrees with its cell's config."""
+    fingerprints: dict[str, dict] = {}
+    for cell in cells:
+        stages = [("pretrain", cell.pretrain_dir), ("finetune", cell.finetune_dir)]
+        for stage, run_dir in stages:
+            if run_dir is None:
+                continue
+            info = read_run_json(run_dir)
+            if info is None or "config" not in info:
+                continue            # never started, or started by a version without a record
+            where = f"{Path(run_dir) / 'run.json'} (cell {cell.key})"
+            if info.get("stage") != stage:
+                raise GridError(f"{where}: a {info.get('stage')} run in the {stage} folder")
+            _check_config(where, cell, stage, info, stage_done(run_dir, PRODUCTS[stage]))
+            saved = info.get("dataset_fingerprint")
+            if saved is not None:
+                if cell.data not in fingerprints:
+                    from s3rec.data.reader import Dataset
+                    fingerprints[cell.data] = dataset_fingerprint(Dataset(cell.data))
+                now = fingerprints[cell.data]
+                if saved != now:
+                    key = next(k for k in sorted(set(saved) | set(now))
+                               if saved.get(k) != now.get(k))
+                    raise GridError(f"{where}: run on another version of {cell.data} ({key}: "
+                                    f"{saved.get(key)!r} then, {now.get(key)!r} now); prepare it as it "
+                                    f"was, {_ELSE}")
+
+
+_ELSE = "or give the grid another 'out' (or remove this cell's folder to run it again)"
+
+
+def _check_config(where: str, cell: Cell, stage: str, info: dict, done: bool) -> None:
+    expected = load_config(cell.grid.config or None, cell.override_args())
+    old, new = flat_keys(info["config"]), flat_keys(expected.to_dict())
+    skip = NO_RESULT_KEYS + (OTHER_STAGE[stage],) + (() if done else MAY_CHANGE)
+    if expected.deepspeed.config_file:
+        skip += ENGINE_KEYS     # the file may choose them: run.json holds the effective values
+    for key in sorted(set(old) & set(new)):    # a key of another version of this program: skipped
+        if key.startswith(skip) or old[key] == new[key]:
+            continue
+        state = "done" if done else "unfinished"
+        raise GridError(f"{where}: the {state} {stage} ran with '{key}'={old[key]!r}, the grid "
+                        f"now gives {new[key]!r}; restore the grid's setting, {_ELSE}")
