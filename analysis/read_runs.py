@@ -257,23 +257,28 @@ def read_runs(root: str | Path) -> list[Run]:
 
 
 def _settings_key(r: Run) -> str:
-    """The run's config without the seed: runs of one arm are pooled only if this agrees."""
-    cfg = dict(r.run_json["config"])
+    """The run's config without the seed and the head rank: the runs of one figure line (its
+    arms: one per rank) are pooled and joined only if this agrees."""
+    cfg = json.loads(json.dumps(r.run_json["config"]))
     cfg.pop("seed", None)
+    cfg.get("model", {}).pop("head_rank", None)   # the rank axis (unused by full-rank heads)
     return json.dumps(cfg, sort_keys=True)
 
 
 def _separate_differing_arms(runs: list[Run]) -> None:
-    """Two grids, or two cells of one grid, may run the same variant and rank with different
-    settings (epochs, say): pooling them as seeds of one arm would be wrong, so their arms get
-    the grid's name, and where the grid ran several settings of the arm, what sets them apart."""
-    groups: dict[tuple, dict[str, dict[str, list[Run]]]] = {}   # arm -> grid -> settings -> runs
+    """Two grids, or two cells of one grid, may run the same variant with different settings
+    (epochs, say): pooling them as seeds of one arm, or joining their ranks into one line, would
+    be wrong. So where a line (variant and removed objectives, every rank) was run with several
+    settings, its runs get the grid's name, and where the grid ran several settings of it, what
+    sets them apart. The suffix is decided per line, not per rank, so a grid's ranks stay one
+    line even where only some of them were also run with other settings."""
+    groups: dict[tuple, dict[str, dict[str, list[Run]]]] = {}   # line -> grid -> settings -> runs
     for r in runs:
-        arm = groups.setdefault((r.stage, r.dataset, r.arm), {})
-        arm.setdefault(r.grid, {}).setdefault(_settings_key(r), []).append(r)
+        line = groups.setdefault((r.stage, r.dataset, r.rank_line), {})
+        line.setdefault(r.grid, {}).setdefault(_settings_key(r), []).append(r)
     for by_grid in groups.values():
         if len({k for by_settings in by_grid.values() for k in by_settings}) < 2:
-            continue    # one setting, in however many grids: seeds of one arm
+            continue    # one setting, in however many grids: seeds of one arm, ranks of one line
         for grid, by_settings in by_grid.items():
             labels = _settings_labels(list(by_settings)) if len(by_settings) > 1 else {}
             for key, rs in by_settings.items():

@@ -198,3 +198,23 @@ def test_many_differing_settings_get_a_short_hash(tmp_path):
     assert labels[a] != labels[b] and all(v.startswith("settings ") for v in labels.values())
     one, two = json.dumps({"p": {"e": 1}, "q": 0}), json.dumps({"p": {"e": 2}, "q": 0})
     assert _settings_labels([one, two]) == {one: "p.e=1", two: "p.e=2"}
+
+
+def test_a_grid_line_stays_whole_when_another_grid_reran_one_of_its_ranks(
+        tmp_path, fabricated_grid):  # noqa: F811
+    """Grid a ran ranks 4 and 8; grid b ran rank 8 again with other settings. Grid a's two
+    ranks are one line (both `[a]`), grid b's rank its own; before, a's rank 4 (one setting)
+    kept the bare line name and a's rank 8 was drawn apart from it."""
+    root, _ = fabricated_grid
+    for rank in ("4", "8"):
+        copy_lowrank_cell(root, tmp_path, "a", rank, 1)
+    copy_lowrank_cell(root, tmp_path, "b", "8", 1, finetune_epochs=99)
+    lines = {(r.grid, r.rank, r.stage): r.rank_line for r in read_runs(tmp_path)}
+    for stage in ("pretrain", "finetune"):
+        assert lines[("a", "4", stage)] == lines[("a", "8", stage)] == "s3rec-lowrank [a]"
+        assert lines[("b", "8", stage)] == "s3rec-lowrank [b]"
+    # The same settings in both grids: one line, seeds and ranks pooled, no suffix.
+    same = tmp_path / "same"
+    for grid, rank in (("a", "4"), ("a", "8"), ("b", "8")):
+        copy_lowrank_cell(root, same, grid, rank, 1)
+    assert {r.rank_line for r in read_runs(same)} == {"s3rec-lowrank"}
