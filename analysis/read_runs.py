@@ -25,7 +25,7 @@ from pathlib import Path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from s3rec.config import (HEAD_NAMES, OBJECTIVES, Config, ConfigError, config_from_dict,
-                          flat_keys)
+                          NO_RESULT_KEYS, flat_keys)
 
 # The order metrics appear in tables; others follow alphabetically.
 METRIC_ORDER = ("HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20", "MRR")
@@ -257,12 +257,12 @@ def read_runs(root: str | Path) -> list[Run]:
 
 
 def _settings_key(r: Run) -> str:
-    """The run's config without the seed and the head rank: the runs of one figure line (its
-    arms: one per rank) are pooled and joined only if this agrees."""
-    cfg = json.loads(json.dumps(r.run_json["config"]))
-    cfg.pop("seed", None)
-    cfg.get("model", {}).pop("head_rank", None)   # the rank axis (unused by full-rank heads)
-    return json.dumps(cfg, sort_keys=True)
+    """The run's config without the seed, the head rank and what changes no result (logging,
+    checkpointing: s3rec.config.NO_RESULT_KEYS): the runs of one figure line (its arms: one per
+    rank) are pooled and joined only if this agrees."""
+    flat = {k: v for k, v in flat_keys(r.run_json["config"]).items()
+            if k not in ("seed", "model.head_rank") and not k.startswith(NO_RESULT_KEYS)}
+    return json.dumps(flat, sort_keys=True)     # head_rank: the rank axis (unused by full heads)
 
 
 def _separate_differing_arms(runs: list[Run]) -> None:

@@ -17,11 +17,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from launch.grid import Cell, GridError, read_run_json, stage_done
-from s3rec.config import flat_keys, load_config
+from s3rec.config import NO_RESULT_KEYS, flat_keys, load_config
 from s3rec.engine.resume_check import ENGINE_KEYS, MAY_CHANGE, OTHER_STAGE, dataset_fingerprint
 
-NO_RESULT_KEYS = ("checkpoint.", "logging.", "finetune.eval_batch_size", "pretrain.compile",
-                  "pretrain.save_epochs")
 PRODUCTS = {"pretrain": "final.pt", "finetune": "results.json"}
 
 

@@ -271,6 +271,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, yaml.safe_load(raw) if raw != "" else ""
 
 
+# Keys (dotted prefixes) that change what a run logs, keeps or how fast it goes, not its results:
+# runs that differ only in these are the same experiment (resumable into each other, pooled as
+# seeds by the report, a done grid cell).
+NO_RESULT_KEYS = ("checkpoint.", "logging.", "finetune.eval_batch_size", "pretrain.compile",
+                  "pretrain.save_epochs")
+
+
 def flat_keys(d: dict, prefix: str = "") -> dict:
     """A nested config dict as {dotted key: value} (the inverse of _nest)."""
     out = {}

@@ -218,3 +218,18 @@ def test_a_grid_line_stays_whole_when_another_grid_reran_one_of_its_ranks(
     for grid, rank in (("a", "4"), ("a", "8"), ("b", "8")):
         copy_lowrank_cell(root, same, grid, rank, 1)
     assert {r.rank_line for r in read_runs(same)} == {"s3rec-lowrank"}
+
+
+def test_runs_differing_only_in_logging_or_checkpointing_are_pooled(tmp_path, fabricated_grid):  # noqa: F811
+    """`make demo` logs every 5 steps, configs/grids/demo.yaml every 50; the seeds of the two
+    are one experiment (s3rec.config.NO_RESULT_KEYS), not two arms."""
+    root, _ = fabricated_grid
+    for seed in (1, 2):
+        copy_lowrank_cell(root, tmp_path, "g", "4", seed)
+    path = tmp_path / "g" / "Synth" / "s3rec-lowrank" / "r4" / "s2" / "finetune" / "run.json"
+    rj = json.loads(path.read_text())
+    rj["config"]["logging"]["every_steps"] += 7
+    rj["config"]["checkpoint"]["keep_last"] += 1
+    rj["config"]["finetune"]["eval_batch_size"] += 1
+    path.write_text(json.dumps(rj))
+    assert {r.arm for r in read_runs(tmp_path)} == {"s3rec-lowrank r=4"}

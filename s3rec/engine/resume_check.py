@@ -7,8 +7,8 @@ silently continue a different training. So a difference stops the run (ResumeErr
 naming the key, both values and the file, before run.json is touched (a wrong --out must not
 overwrite the record of the run that is there) and before any weights are loaded.
 
-What may change: how long the run goes and what it logs or keeps (MAY_CHANGE), and the other
-stage's settings, which this stage does not read.
+What may change: how long the run goes, and what it logs or keeps (MAY_CHANGE: the config's
+NO_RESULT_KEYS and the epochs), and the other stage's settings, which this stage does not read.
 """
 from __future__ import annotations
 
@@ -16,11 +16,10 @@ import hashlib
 import json
 from pathlib import Path
 
-from s3rec.config import flat_keys
+from s3rec.config import NO_RESULT_KEYS, flat_keys
 from s3rec.engine import checkpoint as ckpt
 
-MAY_CHANGE = ("pretrain.epochs", "pretrain.save_epochs", "pretrain.compile", "finetune.epochs",
-              "finetune.patience", "finetune.eval_batch_size", "checkpoint.", "logging.")
+MAY_CHANGE = NO_RESULT_KEYS + ("pretrain.epochs", "finetune.epochs", "finetune.patience")
 OTHER_STAGE = {"pretrain": "finetune.", "finetune": "pretrain."}
 # A DeepSpeed JSON file may choose these; their effective values are known once the engine's
 # config is built (s3rec.engine.deepspeed_setup.build_ds_config), so they are checked then.
