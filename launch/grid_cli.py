@@ -6,8 +6,9 @@
     s3rec-grid --demo --out DIR [--executor local|slurm]
 
 Launching again is safe: finished cells are skipped, queued ones left alone, the rest resubmitted
-(their training resumes from checkpoints/latest). Exit status: 0 when every cell is done,
-1 when a cell failed, 2 for a bad grid file.
+(their training resumes from checkpoints/latest). Exit status of a launch that waits: 0 when
+every cell is done, 1 when a cell failed, 2 for a bad grid file (130 interrupted); `--no-wait`
+(slurm): 0 once submitted; `status`: 1 if a cell failed, else 0 (also while cells still run).
 """
 from __future__ import annotations
 

@@ -69,10 +69,10 @@ class ModelConfig:
 @dataclass
 class ObjectiveWeights:
     """Weights of the four pretraining losses; a weight of 0 skips that objective entirely."""
-    aap: float = 0.2
-    mip: float = 1.0
-    map: float = 1.0
-    sp: float = 0.5
+    aap: float = 0.2                 # (float) associated attribute prediction
+    mip: float = 1.0                 # (float) masked item prediction
+    map: float = 1.0                 # (float) masked attribute prediction
+    sp: float = 0.5                  # (float) segment prediction
 
 
 @dataclass
@@ -80,8 +80,8 @@ class PretrainConfig:
     epochs: int = 150                # (int) pretraining epochs
     batch_size: int = 100            # (int) global batch (micro x accumulation x world size)
     lr: float = 1e-3                 # (float) Adam learning rate
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
+    adam_beta1: float = 0.9          # (float) Adam beta1
+    adam_beta2: float = 0.999        # (float) Adam beta2
     weight_decay: float = 0.0        # (float) weight decay of non-head parameters (original: 0)
     mask_prob: float = 0.2           # (float) MIP/MAP masking probability (the last item is always masked)
     weights: ObjectiveWeights = field(default_factory=ObjectiveWeights)
@@ -109,10 +109,10 @@ class PretrainConfig:
 class FinetuneConfig:
     epochs: int = 200                # (int) maximum fine-tuning epochs
     batch_size: int = 256            # (int) global batch
-    lr: float = 1e-3
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    weight_decay: float = 0.0
+    lr: float = 1e-3                 # (float) Adam learning rate
+    adam_beta1: float = 0.9          # (float) Adam beta1
+    adam_beta2: float = 0.999        # (float) Adam beta2
+    weight_decay: float = 0.0        # (float) weight decay (original: 0)
     patience: int = 10               # (int) early stopping: epochs without strict improvement
     protocol: str = "sampled"        # (str) sampled: answer + 99 negatives | full: every item
     eval_batch_size: int = 512       # (int) users per evaluation batch
@@ -130,8 +130,13 @@ class DataConfig:
     # objectives' index) is made vectorised in ~0.5 ms; receiving the same batch, already made,
     # from a DataLoader worker cost the main process 4-5 ms (its ~17 tensors through shared
     # memory; measured on the 2-core machine, session 4).
-    bucket_by_length: bool = True    # (bool) length-bucketed pretraining batches (same samples and
-                                     #   sums, less padding); fine-tuning has finetune.bucket_by_length
+    bucket_by_length: bool = True    # (bool) length-bucketed pretraining batches: the same samples
+                                     #   an epoch, each batch of similar lengths (less padding; on
+                                     #   the 2-core CPU a Beauty epoch 64 s instead of 328 s). The
+                                     #   one departure on by default: each step's batch differs
+                                     #   from the original's random ones (false), so the updates
+                                     #   do; our 150-epoch reproduction used it. Fine-tuning has
+                                     #   finetune.bucket_by_length (off)
     bucket_size: int = 50            # (int) batches per shuffled length bucket
 
 
@@ -176,7 +181,8 @@ class LoggingConfig:
 @dataclass
 class Config:
     variant: str = "s3rec"           # (str) s3rec | s3rec-lowrank | finetune-only
-    seed: int = 42                   # (int) seeds everything; shuffling uses seed + epoch
+    seed: int = 42                   # (int) seeds everything; each epoch's shuffle and draws come
+                                     #   from (seed, stage, epoch, batch), so epochs differ
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)

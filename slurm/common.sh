@@ -8,12 +8,17 @@
 #   again, the same command resumes from RUN_DIR/checkpoints/latest.
 
 # MASTER_ADDR/PORT for torch.distributed: the first node of the allocation, a port from the job id.
+# Set from the allocation even when the environment has them: sbatch exports the submitting
+# shell's variables, and a MASTER_ADDR=127.0.0.1 from there would strand the other nodes' ranks.
+# S3REC_MASTER_ADDR / S3REC_MASTER_PORT choose them on purpose (another interface's host name).
 s3rec_master_env() {
-  if [ -n "${SLURM_JOB_NODELIST:-}" ] && [ -z "${MASTER_ADDR:-}" ]; then
+  if [ -n "${S3REC_MASTER_ADDR:-}" ]; then
+    MASTER_ADDR="$S3REC_MASTER_ADDR"
+  elif [ -n "${SLURM_JOB_NODELIST:-}" ]; then
     MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
-    export MASTER_ADDR
   fi
-  export MASTER_PORT="${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}"
+  export MASTER_ADDR
+  export MASTER_PORT="${S3REC_MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}"
 }
 
 # 0 if RUN_DIR/run.json says "done" and RUN_DIR/PRODUCT exists.
@@ -32,13 +37,36 @@ s3rec_job_id() {
   else echo "$SLURM_JOB_ID"; fi
 }
 
+# 0 if RUN_DIR/run.json says "preempted" (the tasks saved a checkpoint and left on the signal).
+s3rec_stage_preempted() {
+  [ -f "$1/run.json" ] || return 1
+  python3 - "$1/run.json" <<'PY'
+import json, sys
+sys.exit(0 if json.load(open(sys.argv[1])).get("status") == "preempted" else 1)
+PY
+}
+
+s3rec_requeue() {
+  echo "$(date -Is) [s3rec] $1; requeueing job $(s3rec_job_id)" >&2
+  scontrol requeue "$(s3rec_job_id)"
+  exit 0
+}
+
+# The preemption warning may come at any time, also between stages: the trap is set for the
+# whole script (bash's default for USR1 would end it), and only a running stage is signalled.
 s3rec_preempted=0
+s3rec_step_pid=""
 s3rec_on_usr1() {
   s3rec_preempted=1
-  echo "$(date -Is) [s3rec] USR1: asking the tasks to checkpoint, then requeueing job $(s3rec_job_id)" >&2
-  # All steps of the job (the training tasks), not this batch shell.
-  scancel --signal=USR1 "$(s3rec_job_id)" || true
+  if [ -n "$s3rec_step_pid" ]; then
+    echo "$(date -Is) [s3rec] USR1: asking the tasks to checkpoint, then requeueing job $(s3rec_job_id)" >&2
+    # All steps of the job (the training tasks), not this batch shell.
+    scancel --signal=USR1 "$(s3rec_job_id)" || true
+  else
+    echo "$(date -Is) [s3rec] USR1 between stages: requeueing job $(s3rec_job_id) before the next" >&2
+  fi
 }
+trap s3rec_on_usr1 USR1
 
 run_stage() {
   local run_dir="$1" product="$2"
@@ -47,23 +75,32 @@ run_stage() {
     echo "[s3rec] $run_dir is done; skipping $1"
     return 0
   fi
+  # Warned already (during an earlier stage that still finished): too little time is left to
+  # start this one, and no second warning would come.
+  [ "$s3rec_preempted" = 0 ] || s3rec_requeue "the time limit is near before $1"
   s3rec_master_env
   echo "$(date -Is) [s3rec] job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0} nodes ${SLURM_JOB_NODELIST:-?} tasks ${SLURM_NTASKS:-?}: srun $*  (MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT)"
-  trap s3rec_on_usr1 USR1
   local rc
   # In the background so that the trap runs while srun is busy; `wait` returns early (>128)
-  # when the signal arrives, so wait again until srun has really finished.
+  # when the signal arrives, so wait until srun has really finished, then once more for its
+  # own status (bash keeps a reaped child's status for `wait PID`).
   srun --kill-on-bad-exit=1 "$@" &
-  local pid=$!
+  s3rec_step_pid=$!
   set +e
-  wait "$pid"; rc=$?
-  while kill -0 "$pid" 2>/dev/null; do wait "$pid"; rc=$?; done
+  wait "$s3rec_step_pid"
+  while kill -0 "$s3rec_step_pid" 2>/dev/null; do wait "$s3rec_step_pid"; done
+  wait "$s3rec_step_pid"; rc=$?
   set -e
-  trap - USR1
+  s3rec_step_pid=""
   if [ "$s3rec_preempted" = 1 ] && ! s3rec_stage_done "$run_dir" "$product"; then
-    echo "$(date -Is) [s3rec] checkpoint saved (srun exit $rc); requeueing job $(s3rec_job_id)" >&2
-    scontrol requeue "$(s3rec_job_id)"
-    exit 0
+    # Requeue only what left a checkpoint behind: tasks that failed instead would fail again
+    # from the same checkpoint after every requeue, for ever.
+    if [ "$rc" = 0 ] && s3rec_stage_preempted "$run_dir"; then
+      s3rec_requeue "checkpoint saved"
+    fi
+    echo "[s3rec] $1 was asked to checkpoint but failed (exit status $rc, run.json not" \
+         "\"preempted\"); not requeueing" >&2
+    exit $(( rc == 0 ? 1 : rc ))
   fi
   if [ "$rc" != 0 ]; then
     echo "[s3rec] $1 failed with exit status $rc" >&2
