@@ -106,8 +106,9 @@ class CellJob(submitit.helpers.Checkpointable):
         proc = self._proc
         if proc is not None and proc.poll() is None:
             # Under SLURM the signal reached every process of the step, the child included;
-            # the local executor signals only us, so pass it on.
-            if "SLURM_JOB_ID" not in os.environ:
+            # the local executor signals only us, so pass it on. Asked of submitit, not of
+            # SLURM_JOB_ID: a local grid launched inside an salloc or sbatch job has that too.
+            if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
                 proc.send_signal(signal.SIGUSR2)
             try:
                 proc.wait(timeout=CHILD_SAVE_TIMEOUT_S)

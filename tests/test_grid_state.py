@@ -269,3 +269,26 @@ def test_cell_job_never_leaves_its_training_child_behind(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         job._run(job.finetune_cmd, tmp_path)
     assert seen and seen[0].poll() is not None and job._proc is None
+
+
+@pytest.mark.parametrize("executor,forwarded", [("local", True), ("slurm", False)])
+def test_time_limit_signal_reaches_the_child_of_a_local_job_inside_an_allocation(
+        tmp_path, monkeypatch, executor, forwarded):
+    """A local grid launched inside salloc/sbatch: SLURM_JOB_ID is set, but the local controller
+    signals only the job's own process, so the USR2 must still be passed to the training (under
+    the slurm executor SLURM signals the whole step, the child included, and it is not)."""
+    saved = tmp_path / "saved"
+    child = ("import signal, sys, time, pathlib\n"
+             f"signal.signal(signal.SIGUSR2, lambda *a: (pathlib.Path({str(saved)!r}).touch(), "
+             "sys.exit(0)))\n"
+             f"pathlib.Path({str(tmp_path / 'ready')!r}).touch()\ntime.sleep(60)\n")
+    job = job_mod.CellJob("k", None, None, [sys.executable, "-c", child], str(tmp_path))
+    job._proc = subprocess.Popen(job.finetune_cmd)
+    while not (tmp_path / "ready").exists():
+        time.sleep(0.05)
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", executor)
+    monkeypatch.setattr(job_mod, "CHILD_SAVE_TIMEOUT_S", 5)
+    job.checkpoint()
+    assert job._proc.poll() is not None                  # never left behind
+    assert saved.exists() == forwarded
