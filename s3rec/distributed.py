@@ -132,6 +132,27 @@ def _from_mpi(env: dict) -> tuple[int, int, int, bool]:
     return rank, local, world, single
 
 
+# Set by a launcher that starts the ranks itself (torchrun; the deepspeed launcher; this suite's
+# grid jobs for their one-process child): RANK/WORLD_SIZE beside them are theirs.
+OWN_RANK_MARKERS = ("TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE", "LOCAL_SIZE")
+
+
+def _check_not_inherited(env: dict, rank: int, world: int) -> None:
+    """An srun task whose RANK/WORLD_SIZE disagree with SLURM's and that no launcher set: sbatch
+    and srun pass on the submitting shell's environment, so a `RANK=0 WORLD_SIZE=1` exported
+    there would make every task a world of its own, all writing the same --out."""
+    if "SLURM_STEP_ID" not in env or "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
+        return
+    if any(k in env for k in OWN_RANK_MARKERS):
+        return
+    procid, ntasks = _int_env(env, "SLURM_PROCID"), _int_env(env, "SLURM_NTASKS")
+    if (rank, world) != (procid, ntasks):
+        raise LauncherError(
+            f"RANK={rank} WORLD_SIZE={world} are set, but this is srun task {procid} of {ntasks} "
+            f"(SLURM_PROCID, SLURM_NTASKS): they came from the environment the job was submitted "
+            f"from; unset RANK and WORLD_SIZE there (or start torchrun/deepspeed inside srun)")
+
+
 def resolve(env: dict | None = None, local_rank_arg: int | None = None) -> tuple[str, int, int, int, bool]:
     """Fill RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in `env` (default os.environ)
     from whichever launcher started us. Returns (launcher, rank, local_rank, world_size, single_host)."""
@@ -139,6 +160,7 @@ def resolve(env: dict | None = None, local_rank_arg: int | None = None) -> tuple
     launcher = detect_launcher(env)
     if launcher == "env":
         rank, world = _int_env(env, "RANK"), _int_env(env, "WORLD_SIZE")
+        _check_not_inherited(env, rank, world)
         if "LOCAL_RANK" in env:
             local = _int_env(env, "LOCAL_RANK")
         elif local_rank_arg is not None and local_rank_arg >= 0:

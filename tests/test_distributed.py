@@ -73,3 +73,17 @@ def test_env_without_local_rank_across_hosts_is_refused():
     assert dist.resolve(dict(one_host))[2] == 1
     with pytest.raises(dist.LauncherError, match="set LOCAL_RANK"):
         dist.resolve({**one_host, "MASTER_ADDR": "10.1.2.3"})
+
+
+def test_rank_variables_inherited_into_srun_tasks_are_refused():
+    """`export RANK=0 WORLD_SIZE=1`, then sbatch/srun with 4 tasks: every task would be a world
+    of one, all writing the same --out. Set by torchrun (or matching SLURM's), they are used."""
+    task = {"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0", "SLURM_STEP_ID": "0",
+            "SLURM_JOB_ID": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    with pytest.raises(dist.LauncherError, match=r"RANK=0 WORLD_SIZE=1 are set, but this is srun "
+                                                 r"task 2 of 4"):
+        dist.resolve({**task, "RANK": "0", "WORLD_SIZE": "1"})
+    assert dist.resolve({**task, "RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0"})[1:4] == (2, 0, 4)
+    torchrun = {**task, "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                "TORCHELASTIC_RUN_ID": "x"}
+    assert dist.resolve(torchrun)[1:4] == (5, 1, 8)
