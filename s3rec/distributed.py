@@ -84,30 +84,39 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _slurm_first_host(env: dict) -> str:
+def _slurm_hosts(env: dict) -> list[str]:
+    """Host names of this srun step (of the job, outside a step), in SLURM's order."""
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
     if not nodelist:
         raise LauncherError("srun task without SLURM_STEP_NODELIST/SLURM_JOB_NODELIST: "
                             "cannot choose MASTER_ADDR (set it yourself)")
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True,
-                             capture_output=True, text=True).stdout.split()
+        return subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True,
+                              capture_output=True, text=True).stdout.split()
     except (OSError, subprocess.CalledProcessError) as e:
         raise LauncherError(f"`scontrol show hostnames {nodelist}` failed ({e}); "
                             f"set MASTER_ADDR yourself") from None
-    return out[0]
+
+
+def all_loopback(hosts: list[str]) -> bool:
+    """Every host resolves to loopback here: the "nodes" are this one machine (the local test
+    cluster). Asked of every host, not of MASTER_ADDR alone: where a node's own name resolves to
+    127.0.1.1 (Debian's /etc/hosts), the master's ranks would otherwise bind to loopback while
+    the other nodes' ranks try to reach them over the network."""
+    return bool(hosts) and all(_is_loopback(h) for h in hosts)
 
 
 def _from_slurm(env: dict) -> tuple[int, int, int, bool]:
     rank, world = _int_env(env, "SLURM_PROCID"), _int_env(env, "SLURM_NTASKS")
     local = _int_env(env, "SLURM_LOCALID")
+    nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+    hosts = _slurm_hosts(env) if nodes > 1 or "MASTER_ADDR" not in env else []
     if "MASTER_ADDR" not in env:
-        env["MASTER_ADDR"] = _slurm_first_host(env)
+        env["MASTER_ADDR"] = hosts[0]
     if "MASTER_PORT" not in env:
         job, step = _int_env(env, "SLURM_JOB_ID"), int(env.get("SLURM_STEP_ID", "0") or 0)
         env["MASTER_PORT"] = str(20000 + (job * 31 + step) % 20000)
-    nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or 1)
-    return rank, local, world, nodes == 1 or _is_loopback(env["MASTER_ADDR"])
+    return rank, local, world, nodes == 1 or all_loopback(hosts)
 
 
 def _from_mpi(env: dict) -> tuple[int, int, int, bool]:

@@ -87,3 +87,11 @@ def test_rank_variables_inherited_into_srun_tasks_are_refused():
     torchrun = {**task, "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
                 "TORCHELASTIC_RUN_ID": "x"}
     assert dist.resolve(torchrun)[1:4] == (5, 1, 8)
+
+
+def test_one_machine_means_every_host_is_loopback():
+    """The local cluster's node1 and node2 both resolve to 127.0.0.1: one machine. A real node
+    whose own name resolves to 127.0.1.1 beside another at a network address is not."""
+    assert dist.all_loopback(["localhost", "127.0.0.1", "127.0.1.1"])
+    assert not dist.all_loopback(["127.0.1.1", "10.255.255.1"])
+    assert not dist.all_loopback([])
