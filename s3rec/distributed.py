@@ -130,15 +130,29 @@ def _from_mpi(env: dict) -> tuple[int, int, int, bool]:
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank).Get_rank()
     hosts = comm.allgather(socket.gethostname())
     single = len(set(hosts)) == 1
+    chosen = None
     if rank == 0:
-        addr = env.get("MASTER_ADDR") or ("127.0.0.1" if single else
-                                         socket.gethostbyname(socket.gethostname()))
-        port = env.get("MASTER_PORT") or str(free_port())
-        chosen = (addr, port)
-    else:
-        chosen = None
-    env["MASTER_ADDR"], env["MASTER_PORT"] = comm.bcast(chosen, root=0)
+        try:
+            addr = env.get("MASTER_ADDR") or ("127.0.0.1" if single else route_address(
+                next(h for h in hosts if h != hosts[0])))
+            chosen = (addr, env.get("MASTER_PORT") or str(free_port()), None)
+        except OSError as e:
+            chosen = (None, None, f"rank 0 on {hosts[0]} cannot tell its address towards the "
+                                  f"other hosts ({e}); set MASTER_ADDR")
+    addr, port, error = comm.bcast(chosen, root=0)     # every rank stops on rank 0's error
+    if error:
+        raise LauncherError(error)
+    env["MASTER_ADDR"], env["MASTER_PORT"] = addr, port
     return rank, local, world, single
+
+
+def route_address(peer: str) -> str:
+    """This host's address on its route to `peer` (a UDP connect sends nothing; it only picks
+    the route). Not gethostbyname(gethostname()): on Debian-style hosts that is 127.0.1.1, which
+    the other hosts cannot reach."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((peer, 9))
+        return s.getsockname()[0]
 
 
 # Set by a launcher that starts the ranks itself (torchrun; the deepspeed launcher; this suite's

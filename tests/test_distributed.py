@@ -95,3 +95,13 @@ def test_one_machine_means_every_host_is_loopback():
     assert dist.all_loopback(["localhost", "127.0.0.1", "127.0.1.1"])
     assert not dist.all_loopback(["127.0.1.1", "10.255.255.1"])
     assert not dist.all_loopback([])
+
+
+def test_route_address_is_the_local_end_of_the_route():
+    """What mpirun's rank 0 gives the other hosts as MASTER_ADDR (several hosts): its own address
+    on the way to them, never a loopback alias unless the peer is itself."""
+    assert dist.route_address("127.0.0.1") == "127.0.0.1"
+    import socket
+    with pytest.raises(OSError):
+        dist.route_address("no-such-host.invalid")
+    assert socket.inet_aton(dist.route_address("localhost"))
