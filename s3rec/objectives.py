@@ -31,6 +31,20 @@ def _reduce(total: torch.Tensor, count: int | torch.Tensor, reduction: str) -> t
     raise ValueError(f"reduction must be sum|mean, got {reduction!r}")
 
 
+# Every loss is computed in float32 at least, also when the model runs in bf16/fp16 (DeepSpeed
+# casts it):
+# in bf16, sigmoid(x) rounds to exactly 1 from x ~ 6 (float32: ~17), where BCELoss's clamped
+# log and its gradient, which vanishes with p (1 - p), would stop training a confidently wrong
+# attribute; and a sum over thousands of terms keeps its precision. In float32 the cast is a
+# no-op (the same tensor), so fp32 runs are unchanged (float64 stays float64: gradcheck).
+LOSS_DTYPE = torch.float32
+
+
+def loss_precision(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 if it is in a half type (bf16, fp16), else x itself."""
+    return x.to(LOSS_DTYPE) if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 # ------------------------------------------------------------------ AAP / MAP
 
 class _SparseSigmoidBCE(torch.autograd.Function):
@@ -62,8 +76,9 @@ class _SparseSigmoidBCE(torch.autograd.Function):
 
 
 def sigmoid_bce_sum(logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """BCELoss(sigmoid(logits), Y, reduction='sum'), Y [N, A] 1 at (rows, cols) (no duplicates)."""
-    return _SparseSigmoidBCE.apply(logits, rows, cols)
+    """BCELoss(sigmoid(logits), Y, reduction='sum'), Y [N, A] 1 at (rows, cols) (no duplicates).
+    In float32 at least, whatever the logits' dtype (see LOSS_DTYPE)."""
+    return _SparseSigmoidBCE.apply(loss_precision(logits), rows, cols)
 
 
 def attribute_loss(rows_out: torch.Tensor, attr_table: torch.Tensor, head: torch.nn.Module,
@@ -91,6 +106,7 @@ def pair_loss(pos_logits: torch.Tensor, neg_logits: torch.Tensor, pair_form: str
 
     original: -log sigmoid(sigmoid(pos) - sigmoid(neg)) (BCELoss's -100 clamp kept; it never binds
     since the difference lies in [-1, 1]); logits: BCE-with-logits, pos against 1, neg against 0."""
+    pos_logits, neg_logits = loss_precision(pos_logits), loss_precision(neg_logits)
     if pair_form == "original":
         diff = torch.sigmoid(pos_logits) - torch.sigmoid(neg_logits)
         return -F.logsigmoid(diff).clamp(min=-100.0)
@@ -143,9 +159,9 @@ def _unique_pairs(pairs: torch.Tensor, num_cols: int) -> torch.Tensor:
 
 
 def zero_losses(model) -> dict[str, torch.Tensor]:
-    """{"aap", "mip", "map", "sp", "total"}: all a zero scalar, in the model's dtype and device
-    (the entry of an objective that is not computed)."""
-    zero = model.item_embeddings.weight.new_zeros(())
+    """{"aap", "mip", "map", "sp", "total"}: all a zero scalar, in the losses' dtype on the
+    model's device (the entry of an objective that is not computed)."""
+    zero = loss_precision(model.item_embeddings.weight.new_zeros(()))
     return {name: zero for name in (*OBJECTIVES, "total")}
 
 
@@ -245,8 +261,8 @@ def finetune_loss(seq_out: torch.Tensor, pos_emb: torch.Tensor, neg_emb: torch.T
     seq_out, pos_emb, neg_emb [N, d]. form "original" is the authors' expression literally
     (1e-24 added inside both logs, which caps each term near 55.3 and zeroes the gradient of
     saturated scores); "logits" is the exact softplus form."""
-    pos = (seq_out * pos_emb).sum(-1)                                   # [N]
-    neg = (seq_out * neg_emb).sum(-1)
+    pos = loss_precision((seq_out * pos_emb).sum(-1))                   # [N] (see LOSS_DTYPE)
+    neg = loss_precision((seq_out * neg_emb).sum(-1))
     n = max(seq_out.shape[0], 1)
     if form == "original":
         loss = -torch.log(torch.sigmoid(pos) + 1e-24) - torch.log(1 - torch.sigmoid(neg) + 1e-24)

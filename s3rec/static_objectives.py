@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from s3rec.data.batch import PretrainBatch
-from s3rec.objectives import (_BCE_EPS, OBJECTIVES, _reduce, _weight, pair_loss,
-                              stacked_encoding, zero_losses)
+from s3rec.objectives import (_BCE_EPS, OBJECTIVES, _reduce, _weight, loss_precision,
+                              pair_loss, stacked_encoding, zero_losses)
 
 
 def attribute_table(attr_values: np.ndarray, attr_offsets: np.ndarray, item_size: int,
@@ -73,7 +73,7 @@ def dense_sigmoid_bce(logits: torch.Tensor, targets: torch.Tensor,
                       row_weight: torch.Tensor) -> torch.Tensor:
     """BCELoss(sigmoid(logits), targets, reduction='sum') over the rows of weight 1 (see
     _DenseSigmoidBCE). logits [R, A], targets bool [R, A], row_weight [R] in the logits' dtype."""
-    return _DenseSigmoidBCE.apply(logits, targets, row_weight)
+    return _DenseSigmoidBCE.apply(loss_precision(logits), targets, loss_precision(row_weight))
 
 
 def pretrain_losses_static(model, batch: PretrainBatch, attr_table: torch.Tensor, weights,

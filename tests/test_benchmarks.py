@@ -77,3 +77,7 @@ def test_gpu_sh_runs_every_part_on_cpu(tiny_data, tmp_path):
     assert f["steps"]["step_fp32_zero0_static"]["deepspeed_ops_per_step"] is None   # compiled
     assert f["graph_step"]["graph_step_ms"] is None and f["finetune_results"]["test"]
     assert read_json(tmp_path / "copy" / "gpu.json") == f          # the copy for a lent machine
+    # each part's log comes back, and the compiled parts' CUDA-graph refusals are counted
+    assert (tmp_path / "copy" / "part-static_bf16_zero2.log").stat().st_size > 0
+    assert set(f["cudagraph_skip_lines"]) == {"part-static_bf16_zero2", "part-static",
+                                             "part-step_static"}

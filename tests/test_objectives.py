@@ -382,3 +382,25 @@ def test_finetune_plan_cut_on_the_host_gives_the_same_loss_and_gradients():
         g_got = torch.autograd.grad(got, params, allow_unused=True)
         assert torch.equal(got, ref), chunks
         assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(g_got, g_ref))
+
+
+def test_losses_of_a_bf16_model_are_computed_in_float32():
+    """In bf16, sigmoid(8) rounds to exactly 1: BCELoss's clamped log and its p (1 - p) gradient
+    would give a confidently wrong attribute no gradient at all (float32 saturates from ~17).
+    The losses take bf16 logits to float32 first: the gradient is sigmoid(8), as in float32."""
+    from s3rec.objectives import pair_loss, sigmoid_bce_sum
+    from s3rec.static_objectives import dense_sigmoid_bce
+    x = torch.tensor([[8.0, -3.0]], dtype=torch.bfloat16, requires_grad=True)
+    rows, cols = torch.tensor([0]), torch.tensor([1])          # attribute 1 a target, 0 not
+    loss = sigmoid_bce_sum(x, rows, cols)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    want = torch.tensor([[torch.sigmoid(torch.tensor(8.0)), torch.sigmoid(torch.tensor(-3.0)) - 1]])
+    torch.testing.assert_close(x.grad.float(), want, rtol=1e-2, atol=0)
+    assert float(loss) == pytest.approx(8.000335 + 3.048587, rel=1e-3)
+    y = x.detach().clone().requires_grad_()
+    dense = dense_sigmoid_bce(y, torch.tensor([[False, True]]), torch.ones(1, dtype=torch.bfloat16))
+    dense.backward()
+    assert dense.dtype == torch.float32 and float(dense) == pytest.approx(float(loss), rel=1e-6)
+    torch.testing.assert_close(y.grad, x.grad)
+    assert pair_loss(x[:, 0], x[:, 1], "original").dtype == torch.float32
