@@ -148,6 +148,21 @@ def test_seed_array(cluster, tiny_data, tmp_path):
     assert m3 != m5      # the seed reached the training
 
 
+def test_from_scratch_without_init_and_with_finetune_only(cluster, tiny_data, tmp_path):
+    """finetune.sbatch without INIT and seeds.sbatch with FINETUNE_ONLY=1 train from scratch:
+    the finetune-only variant is theirs to set (before, the run stopped on a config error)."""
+    alone = sbatch(cluster, "finetune.sbatch", "finetune.epochs=1", cwd=tmp_path,
+                   DATA=tiny_data, OUT=tmp_path / "scratch", CONFIG=TINY)
+    seeds = sbatch(cluster, "seeds.sbatch", "finetune.epochs=1", cwd=tmp_path,
+                   options=["--array=0-0"], DATA=tiny_data, OUT=tmp_path / "runs", SEEDS="4",
+                   CONFIG=TINY, FINETUNE_ONLY=1)
+    wait_jobs(cluster, [alone, seeds], timeout_s=240)
+    for run in (tmp_path / "scratch", tmp_path / "runs" / "s4" / "finetune"):
+        info = run_json(run)
+        assert info["status"] == "done" and info["config"]["variant"] == "finetune-only"
+    assert not (tmp_path / "runs" / "s4" / "pretrain").exists()
+
+
 def test_sbatch_without_data_fails_with_message(cluster, tmp_path):
     job = sbatch(cluster, "pretrain.sbatch", cwd=tmp_path, OUT=tmp_path / "x")
     wait_jobs(cluster, [job], timeout_s=60)
