@@ -217,6 +217,19 @@ def resolve(env: dict | None = None, local_rank_arg: int | None = None) -> tuple
     return launcher, rank, local, world, single
 
 
+def cuda_index(local_rank: int, visible: int) -> int:
+    """The GPU of a process with this local rank when `visible` GPUs are visible to it: the one
+    GPU a scheduler bound to the task (srun --gpus-per-task / --gpu-bind: every task sees its own
+    as cuda:0), else the local rank's."""
+    if visible == 1:
+        return 0
+    if not 0 <= local_rank < visible:
+        raise LauncherError(f"local rank {local_rank} but {visible} GPUs are visible to it "
+                            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): "
+                            f"start at most one process per GPU on each node")
+    return local_rank
+
+
 def setup(local_rank_arg: int | None = None, timeout_s: int = 1800) -> DistInfo:
     """Resolve the launcher, then start the process group through DeepSpeed. Idempotent."""
     global _INFO
@@ -230,7 +243,7 @@ def setup(local_rank_arg: int | None = None, timeout_s: int = 1800) -> DistInfo:
         # ranks on one host share its cores (torchrun sets OMP_NUM_THREADS=1; others do not)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // _local_world(launcher, world)))
     if torch.cuda.is_available():
-        device = torch.device("cuda", local)
+        device = torch.device("cuda", cuda_index(local, torch.cuda.device_count()))
         torch.cuda.set_device(device)
         backend = "nccl"
     else:

@@ -105,3 +105,12 @@ def test_route_address_is_the_local_end_of_the_route():
     with pytest.raises(OSError):
         dist.route_address("no-such-host.invalid")
     assert socket.inet_aton(dist.route_address("localhost"))
+
+
+def test_gpu_of_a_local_rank_mock_device_counts():
+    """(No GPU here: device counts are given.) srun --gpus-per-task binds one GPU to each task,
+    which sees it as cuda:0; with all of a node's GPUs visible, the local rank picks."""
+    assert dist.cuda_index(3, 1) == 0
+    assert dist.cuda_index(3, 4) == 3
+    with pytest.raises(dist.LauncherError, match="local rank 4 but 4 GPUs are visible"):
+        dist.cuda_index(4, 4)
