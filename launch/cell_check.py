@@ -39,7 +39,9 @@ def check_cells(cells: list[Cell]) -> None:
                 raise GridError(f"{where}: a {info.get('stage')} run in the {stage} folder")
             _check_config(where, cell, stage, info, stage_done(run_dir, PRODUCTS[stage]))
             saved = info.get("dataset_fingerprint")
-            if saved is not None:
+            # (a dataset folder that is gone: the launch's check_data_exists says so; --dry-run
+            # does not ask for the data)
+            if saved is not None and (Path(cell.data) / "manifest.json").exists():
                 if cell.data not in fingerprints:
                     from s3rec.data.reader import Dataset
                     fingerprints[cell.data] = dataset_fingerprint(Dataset(cell.data))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from launch.cell_check import check_cells
 from launch.grid import GridError, load_grid
 from launch.runner import format_states, launch_grid, open_grid
 
@@ -63,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     cells = grid.cells()
     if args.dry_run:
+        check_cells(cells)     # what a launch would refuse, said before it is tried
         for c in cells:
             pre, fine = c.commands()
             state = "done" if c.is_done() else "to run"

@@ -15,7 +15,7 @@ from launch.runner import launch_grid
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
 
-def test_demo_end_to_end_and_rerun_is_a_no_op(tmp_path):
+def test_demo_end_to_end_and_rerun_is_a_no_op(tmp_path, capsys):
     out = tmp_path / "demo"
     assert grid_cli.main(["--demo", "--out", str(out)]) == 0
     grid = demo_grid(out, out / "data" / "synthetic")
@@ -45,6 +45,16 @@ def test_demo_end_to_end_and_rerun_is_a_no_op(tmp_path):
         with pytest.raises(GridError, match=rf"synthetic/s3rec/rfull/s1/pretrain/run.json .*"
                                             rf"the done pretrain ran with '{key}'="):
             launch_grid(changed)
+    # --dry-run says so too, from the grid file, before any launch is tried
+    from launch.demo import DEMO_OVERRIDES
+    grid_yaml = out / "changed.yaml"
+    grid_yaml.write_text(json.dumps({
+        "name": "demo", "data": [str(out / "data" / "synthetic")],
+        "variants": ["s3rec", "s3rec-lowrank"], "ranks": [4, 16], "seeds": [1],
+        "overrides": {**DEMO_OVERRIDES, "model.inner_size": 32},
+        "executor": {"kind": "local"}, "out": str(out)}))
+    assert grid_cli.main([str(grid_yaml), "--dry-run"]) == 2
+    assert "ran with 'model.inner_size'=64, the grid now gives 32" in capsys.readouterr().err
     # An unfinished fine-tune (as if killed): its own section is checked, the pretraining's not.
     rj = out / "synthetic/s3rec/rfull/s1/finetune/run.json"
     rj.write_text(json.dumps({**json.loads(rj.read_text()), "status": "running"}))
