@@ -126,43 +126,48 @@ def read_item_attributes(path: Path, num_items: int) -> list[list[int]]:
 
 def read_negatives(path: Path, user_ids: np.ndarray, items: np.ndarray,
                    lengths: np.ndarray) -> np.ndarray:
-    """The release rule, checked line by line: 99 distinct items seen in the data, none in the
-    user's own sequence (an answer among its own negatives would make its rank ambiguous)."""
+    """The release rule: per line the user's 99 distinct items, seen in the data, none in the
+    user's own sequence (an answer among its own negatives would make its rank ambiguous).
+    The format is checked line by line, the rule over all lines at once."""
     num_items = int(items.max())
-    seen = np.zeros(num_items + 1, dtype=bool)
-    seen[items] = True
-    ends = np.cumsum(lengths)
     rows = []
     for lineno, ids in read_id_lines(path, 1 + NUM_NEGATIVES, f"`user` and {NUM_NEGATIVES} items"):
         if lineno > len(user_ids):
             raise DatasetError(f"{path}:{lineno}: more lines than the {len(user_ids)} users")
         if len(ids) != 1 + NUM_NEGATIVES:
             raise DatasetError(f"{path}:{lineno}: {len(ids) - 1} negatives, expected {NUM_NEGATIVES}")
-        user = user_ids[lineno - 1]
-        if ids[0] != user:
+        if ids[0] != user_ids[lineno - 1]:
             raise DatasetError(f"{path}:{lineno}: user {ids[0]}, but line {lineno} of the sequences "
-                               f"is user {user} (same order expected)")
-        negs = ids[1:]
-        bad = [i for i in negs if not 1 <= i <= num_items]
+                               f"is user {user_ids[lineno - 1]} (same order expected)")
+        bad = [i for i in ids[1:] if not 1 <= i <= num_items]
         if bad:
             raise DatasetError(f"{path}:{lineno}: negative item {bad[0]} outside 1..{num_items}")
-        twice = sorted(i for i in set(negs) if negs.count(i) > 1)
-        if twice:
-            raise DatasetError(f"{path}:{lineno}: item {twice[0]} more than once among the "
-                               f"negatives ({NUM_NEGATIVES} distinct items expected)")
-        unseen = [i for i in negs if not seen[i]]
-        if unseen:
-            raise DatasetError(f"{path}:{lineno}: negative item {unseen[0]} appears in no "
-                               f"sequence (negatives are drawn from the items of the data)")
-        own = set(items[ends[lineno - 1] - lengths[lineno - 1]:ends[lineno - 1]].tolist())
-        mine = [i for i in negs if i in own]
-        if mine:
-            raise DatasetError(f"{path}:{lineno}: negative item {mine[0]} is in user {user}'s own "
-                               f"sequence (negatives are items the user never interacted with)")
-        rows.append(negs)
+        rows.append(ids[1:])
     if len(rows) != len(user_ids):
         raise DatasetError(f"{path}: {len(rows)} lines, expected one per user ({len(user_ids)})")
-    return np.array(rows, dtype=np.int32)
+    negs = np.array(rows, dtype=np.int64)                              # [U, 99]
+
+    def refuse(hit: np.ndarray, values: np.ndarray, what: str):        # hit, values [U, K]
+        if hit.any():
+            u, k = np.argwhere(hit)[0]
+            raise DatasetError(f"{path}:{u + 1}: " + what.format(item=values[u, k],
+                                                                  user=user_ids[u]))
+
+    srt = np.sort(negs, axis=1)
+    refuse(srt[:, 1:] == srt[:, :-1], srt[:, 1:],
+           f"item {{item}} more than once among the negatives ({NUM_NEGATIVES} distinct items "
+           f"expected)")
+    seen = np.zeros(num_items + 1, dtype=bool)
+    seen[items] = True
+    refuse(~seen[negs], negs, "negative item {item} appears in no sequence (negatives are drawn "
+                              "from the items of the data)")
+    # (user row, item) pairs as one integer: a negative among the pairs of the user's own items
+    width = num_items + 1
+    own = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths) * width + items
+    mine = np.isin(np.arange(len(negs), dtype=np.int64)[:, None] * width + negs, own)
+    refuse(mine, negs, "negative item {item} is in user {user}'s own sequence (negatives are "
+                       "items the user never interacted with)")
+    return negs.astype(np.int32)
 
 
 def load_release(files: dict[str, Path], name: str, seed: int) -> MemorySource:
