@@ -27,6 +27,7 @@ import torch
 
 from s3rec import distributed as dist
 
+CHECKPOINTS = "checkpoints"   # RUN/checkpoints: a training run's DeepSpeed tags
 LATEST = "latest"
 BEST = "best"
 STATE_FILE = "trainer_state.json"
@@ -133,19 +134,34 @@ def _prune(root: Path, keep_last: int) -> None:
             shutil.rmtree(root / name, ignore_errors=True)
 
 
+def read_state(root: Path, tag: str) -> tuple[Path, dict]:
+    """(trainer_state.json of `tag`, its content); ResumeError if missing or damaged."""
+    state_file = Path(root) / tag / STATE_FILE
+    if not state_file.is_file():
+        raise ResumeError(f"{state_file} is missing: checkpoint tag {tag} is incomplete")
+    try:
+        return state_file, json.loads(state_file.read_text())
+    except ValueError as e:
+        raise ResumeError(f"{state_file}: unreadable ({e}): checkpoint tag {tag} is "
+                          f"damaged") from None
+
+
+def check_world_size(state_file: Path, state: dict, world_size: int) -> None:
+    """A checkpoint resumes at the world size it was saved at (its partitioned states)."""
+    if state.get("world_size") != world_size:
+        raise ResumeError(f"{state_file}: saved at world size {state.get('world_size')}, "
+                          f"resuming at {world_size}; start again with the same number of "
+                          f"processes (or fine-tune from it with --init)")
+
+
 def load(engine, root: Path, tag: str, world_size: int, module_only: bool = False) -> dict:
     """Restore model (+ optimizer unless module_only) and this rank's RNG from `tag`;
     returns the trainer state."""
     root = Path(root)
     tag_dir = root / tag
-    state_file = tag_dir / STATE_FILE
-    if not state_file.is_file():
-        raise ResumeError(f"{state_file} is missing: checkpoint tag {tag} is incomplete")
-    state = json.loads(state_file.read_text())
-    if state.get("world_size") != world_size and not module_only:
-        raise ResumeError(f"{state_file}: saved at world size {state.get('world_size')}, "
-                          f"resuming at {world_size}; start again with the same number of "
-                          f"processes (or fine-tune from it with --init)")
+    state_file, state = read_state(root, tag)
+    if not module_only:
+        check_world_size(state_file, state, world_size)
     if not list(tag_dir.glob("*model_states.pt")):
         raise ResumeError(f"{tag_dir}: no *model_states.pt (the model's weights): checkpoint tag "
                           f"{tag} is incomplete")
@@ -220,7 +236,7 @@ def consolidate_folder(root: Path, tag: str | None = None) -> dict:
 def find_checkpoint_folder(path: Path) -> tuple[Path, str] | None:
     """(root, tag) for a run folder, a checkpoints folder or a tag folder; None if not one."""
     path = Path(path)
-    for root in (path / "checkpoints", path):
+    for root in (path / CHECKPOINTS, path):
         if (root / LATEST).is_file():
             return root, read_latest(root)
     if (path / STATE_FILE).is_file() or list(path.glob("*model_states.pt")):

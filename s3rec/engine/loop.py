@@ -109,7 +109,7 @@ class Trainer:
         self.engine, self.task, self.cfg = engine, task, cfg
         self.dataset = dataset           # resume_check.dataset_fingerprint, kept in checkpoints
         self.run_dir = Path(run_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.ckpt_dir = self.run_dir / ckpt.CHECKPOINTS
         self.precision = precision
         info = dist.info()
         self.device, self.rank, self.world = info.device, info.rank, info.world_size

@@ -13,7 +13,6 @@ NO_RESULT_KEYS and the epochs), and the other stage's settings, which this stage
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 from s3rec.config import NO_RESULT_KEYS, flat_keys
@@ -40,15 +39,7 @@ def saved_state(ckpt_dir: Path) -> tuple[Path, dict] | None:
     """(trainer_state.json, its content) of the tag `latest` names; None without checkpoints."""
     ckpt_dir = Path(ckpt_dir)
     tag = ckpt.read_latest(ckpt_dir) if ckpt_dir.is_dir() else None
-    if tag is None:
-        return None
-    f = ckpt_dir / tag / ckpt.STATE_FILE
-    if not f.is_file():
-        raise ckpt.ResumeError(f"{f} is missing: checkpoint tag {tag} is incomplete")
-    try:
-        return f, json.loads(f.read_text())
-    except ValueError as e:
-        raise ckpt.ResumeError(f"{f}: unreadable ({e}): checkpoint tag {tag} is damaged") from None
+    return None if tag is None else ckpt.read_state(ckpt_dir, tag)
 
 
 def check_before_start(ckpt_dir: Path, stage: str, config: dict, world_size: int,
@@ -62,10 +53,7 @@ def check_before_start(ckpt_dir: Path, stage: str, config: dict, world_size: int
     if state.get("stage") != stage:
         raise ckpt.ResumeError(f"{f}: a {state.get('stage')} checkpoint; this is {stage}: use "
                                f"another --out")
-    if state.get("world_size") != world_size:
-        raise ckpt.ResumeError(f"{f}: saved at world size {state.get('world_size')}, resuming at "
-                               f"{world_size}; start again with the same number of processes "
-                               f"(or fine-tune from it with --init)")
+    ckpt.check_world_size(f, state, world_size)
     saved_ds = state.get("dataset")
     if saved_ds is not None and saved_ds != dataset:
         key = next(k for k in sorted(set(saved_ds) | set(dataset))

@@ -21,7 +21,6 @@ from s3rec.engine import resume_check, signals
 from s3rec.engine.deepspeed_setup import build_ds_config, initialize
 from s3rec.runlog import RunJson, error_line
 
-CHECKPOINTS = "checkpoints"     # RUN/checkpoints (s3rec.engine.loop.Trainer saves there)
 USER_ERRORS = (ConfigError, DatasetError, ckpt.ResumeError, dist.LauncherError)
 
 
@@ -73,7 +72,7 @@ def start(stage: str, args, protocol: str | None) -> Setup:
     run_dir = Path(args.out)
     fingerprint = resume_check.dataset_fingerprint(ds)
     # a run started again resumes: before run.json is rewritten, the checkpoint must be this run's
-    resume_check.check_before_start(run_dir / CHECKPOINTS, stage, cfg.to_dict(),
+    resume_check.check_before_start(run_dir / ckpt.CHECKPOINTS, stage, cfg.to_dict(),
                                     info.world_size, fingerprint)
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
