@@ -32,11 +32,10 @@ def _reduce(total: torch.Tensor, count: int | torch.Tensor, reduction: str) -> t
 
 
 # Every loss is computed in float32 at least, also when the model runs in bf16/fp16 (DeepSpeed
-# casts it):
-# in bf16, sigmoid(x) rounds to exactly 1 from x ~ 6 (float32: ~17), where BCELoss's clamped
-# log and its gradient, which vanishes with p (1 - p), would stop training a confidently wrong
-# attribute; and a sum over thousands of terms keeps its precision. In float32 the cast is a
-# no-op (the same tensor), so fp32 runs are unchanged (float64 stays float64: gradcheck).
+# casts it). In bf16, sigmoid(x) rounds to exactly 1 from x ~ 6 (float32: ~17), where BCELoss's
+# clamped log and its gradient, which vanishes with p (1 - p), would stop training a confidently
+# wrong attribute; and a sum over thousands of terms keeps its precision. In float32 the cast is
+# a no-op (the same tensor), so fp32 runs are unchanged (float64 stays float64: gradcheck).
 LOSS_DTYPE = torch.float32
 
 

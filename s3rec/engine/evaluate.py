@@ -52,12 +52,14 @@ def evaluate(engine, view: EvalView, protocol: str, batch_size: int, device) -> 
     # of them (every rank can count every rank's batches), so pad with repeats, results dropped.
     # A rank with no users at all (more ranks than users) repeats a stand-in batch of user 0.
     most = max(len(length_batches(view, batch_size, r, world)) for r in range(world))
-    padding = batches[-1:] or [view.make_batch(np.zeros(1, dtype=np.int64))] * (most > 0)
+    stand_in = batches[-1] if batches else None
+    if stand_in is None and most > 0:
+        stand_in = view.make_batch(np.zeros(1, dtype=np.int64))
     engine.eval()
     sums = None
     with torch.no_grad():
         for i in range(most):
-            b = (batches[i] if i < len(batches) else padding[0]).to(device)
+            b = (batches[i] if i < len(batches) else stand_in).to(device)
             ranks = engine(_ranks, b, protocol)
             if i < len(batches):
                 s = metrics.metric_sums(ranks, ks, mrr)
