@@ -16,17 +16,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from launch.grid import Cell, GridError, read_run_json, stage_done
-from s3rec.config import NO_RESULT_KEYS, flat_keys, load_config
+from launch.grid import STAGE_PRODUCT, Cell, GridError, read_run_json, stage_done
+from s3rec.config import NO_RESULT_KEYS, Config, flat_keys, load_config
 from s3rec.engine.resume_check import ENGINE_KEYS, MAY_CHANGE, OTHER_STAGE, dataset_fingerprint
-
-PRODUCTS = {"pretrain": "final.pt", "finetune": "results.json"}
-
 
 def check_cells(cells: list[Cell]) -> None:
     """GridError for the first stage folder whose run.json disagrees with its cell's config."""
     fingerprints: dict[str, dict] = {}
     for cell in cells:
+        expected = None                 # the cell's config, made once a stage has a record
         stages = [("pretrain", cell.pretrain_dir), ("finetune", cell.finetune_dir)]
         for stage, run_dir in stages:
             if run_dir is None:
@@ -37,7 +35,9 @@ def check_cells(cells: list[Cell]) -> None:
             where = f"{Path(run_dir) / 'run.json'} (cell {cell.key})"
             if info.get("stage") != stage:
                 raise GridError(f"{where}: a {info.get('stage')} run in the {stage} folder")
-            _check_config(where, cell, stage, info, stage_done(run_dir, PRODUCTS[stage]))
+            expected = expected or load_config(cell.grid.config or None, cell.override_args())
+            _check_config(where, expected, stage, info,
+                          stage_done(run_dir, STAGE_PRODUCT[stage]))
             saved = info.get("dataset_fingerprint")
             # (a dataset folder that is gone: the launch's check_data_exists says so; --dry-run
             # does not ask for the data)
@@ -57,8 +57,7 @@ def check_cells(cells: list[Cell]) -> None:
 _ELSE = "or give the grid another 'out' (or remove this cell's folder to run it again)"
 
 
-def _check_config(where: str, cell: Cell, stage: str, info: dict, done: bool) -> None:
-    expected = load_config(cell.grid.config or None, cell.override_args())
+def _check_config(where: str, expected: Config, stage: str, info: dict, done: bool) -> None:
     old, new = flat_keys(info["config"]), flat_keys(expected.to_dict())
     skip = NO_RESULT_KEYS + (OTHER_STAGE[stage],) + (() if done else MAY_CHANGE)
     if expected.deepspeed.config_file:

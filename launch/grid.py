@@ -153,7 +153,7 @@ class Cell:
         return pre, fine + self.override_args()
 
     def is_done(self) -> bool:
-        return stage_done(self.finetune_dir, "results.json")
+        return stage_done(self.finetune_dir, STAGE_PRODUCT["finetune"])
 
 
 def read_run_json(run_dir: Path) -> dict | None:
@@ -162,6 +162,10 @@ def read_run_json(run_dir: Path) -> dict | None:
         return json.loads((Path(run_dir) / "run.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+# What a finished stage leaves besides run.json's "done" (what the next stage or the report reads).
+STAGE_PRODUCT = {"pretrain": "final.pt", "finetune": "results.json"}
 
 
 def stage_done(run_dir: Path | None, product: str) -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import submitit
 
-from launch.grid import stage_done
+from launch.grid import STAGE_PRODUCT, stage_done
 
 # How long checkpoint() waits for the training child to save and exit before giving up on it.
 CHILD_SAVE_TIMEOUT_S = 45
@@ -63,9 +63,10 @@ class CellJob(submitit.helpers.Checkpointable):
         return state
 
     def __call__(self) -> dict:
-        if self.pretrain_cmd is not None and not stage_done(Path(self.pretrain_dir), "final.pt"):
+        if self.pretrain_cmd is not None and not stage_done(Path(self.pretrain_dir),
+                                                              STAGE_PRODUCT["pretrain"]):
             self._run(self.pretrain_cmd, Path(self.pretrain_dir))
-        if not stage_done(Path(self.finetune_dir), "results.json"):
+        if not stage_done(Path(self.finetune_dir), STAGE_PRODUCT["finetune"]):
             self._run(self.finetune_cmd, Path(self.finetune_dir))
         return json.loads((Path(self.finetune_dir) / "results.json").read_text())
 
