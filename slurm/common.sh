@@ -21,13 +21,18 @@ s3rec_master_env() {
   export MASTER_PORT="${S3REC_MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}"
 }
 
-# 0 if RUN_DIR/run.json says "done" and RUN_DIR/PRODUCT exists.
-s3rec_stage_done() {
-  [ -f "$1/$2" ] && [ -f "$1/run.json" ] || return 1
+# RUN_DIR/run.json's status (running, done, preempted, failed), or nothing without one.
+s3rec_run_status() {
+  [ -f "$1/run.json" ] || return 0
   python3 - "$1/run.json" <<'PY'
 import json, sys
-sys.exit(0 if json.load(open(sys.argv[1])).get("status") == "done" else 1)
+print(json.load(open(sys.argv[1])).get("status", ""))
 PY
+}
+
+# 0 if RUN_DIR/run.json says "done" and RUN_DIR/PRODUCT exists.
+s3rec_stage_done() {
+  [ -f "$1/$2" ] && [ "$(s3rec_run_status "$1")" = done ]
 }
 
 # This job for scancel/scontrol: an array task by its own name (the array's job id would address
@@ -35,15 +40,6 @@ PY
 s3rec_job_id() {
   if [ -n "${SLURM_ARRAY_JOB_ID:-}" ]; then echo "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
   else echo "$SLURM_JOB_ID"; fi
-}
-
-# 0 if RUN_DIR/run.json says "preempted" (the tasks saved a checkpoint and left on the signal).
-s3rec_stage_preempted() {
-  [ -f "$1/run.json" ] || return 1
-  python3 - "$1/run.json" <<'PY'
-import json, sys
-sys.exit(0 if json.load(open(sys.argv[1])).get("status") == "preempted" else 1)
-PY
 }
 
 s3rec_requeue() {
@@ -95,7 +91,7 @@ run_stage() {
   if [ "$s3rec_preempted" = 1 ] && ! s3rec_stage_done "$run_dir" "$product"; then
     # Requeue only what left a checkpoint behind: tasks that failed instead would fail again
     # from the same checkpoint after every requeue, for ever.
-    if [ "$rc" = 0 ] && s3rec_stage_preempted "$run_dir"; then
+    if [ "$rc" = 0 ] && [ "$(s3rec_run_status "$run_dir")" = preempted ]; then
       s3rec_requeue "checkpoint saved"
     fi
     echo "[s3rec] $1 was asked to checkpoint but failed (exit status $rc, run.json not" \
