@@ -3,7 +3,9 @@
 Only strings and paths are pickled into a job (no model, no config object). On preemption or a
 time-out submitit calls `checkpoint()` (SIGUSR2); the training child got the same signal from
 SLURM, saves a checkpoint and exits; we wait for it, then submitit requeues a fresh copy of this
-job, and the training resumes from RUN/checkpoints/latest on its own.
+job, and the training resumes from RUN/checkpoints/latest on its own. A SLURM preemption that
+sends SIGTERM instead (PreemptMode=REQUEUE, no user signal) reaches the child alone; it saves
+and exits, and the job requeues itself (`requeue_slurm_job`).
 """
 from __future__ import annotations
 
@@ -39,6 +41,19 @@ def single_process_env() -> dict:
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     return env
+
+
+def requeue_slurm_job(key: str) -> None:
+    """The training saved a checkpoint on a signal that did not come through submitit: SLURM's
+    own SIGTERM when it preempts the job (PreemptMode=REQUEUE with a GraceTime), which reaches
+    every process of the step while submitit only logs it. SLURM does not requeue a job that
+    ends by itself within the grace time, so the job requeues itself, as submitit does after
+    its USR2, and leaves without a result: the fresh start resumes from latest."""
+    job_id = submitit.JobEnvironment().job_id      # 123 or, in an array, 123_4
+    print(f"[{key}] training saved a checkpoint on SLURM's signal (preemption); requeueing job "
+          f"{job_id}", flush=True)
+    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
+    raise SystemExit(-1)    # not an Exception: submitit writes no result (it does the same)
 
 
 class StageFailed(RuntimeError):
@@ -95,6 +110,8 @@ class CellJob(submitit.helpers.Checkpointable):
         if code != 0:
             raise StageFailed(f"{self.key}: {Path(cmd[0]).name} exited with {code}: "
                               f"{info.get('error') or 'no error recorded in run.json'}")
+        if info.get("status") == "preempted" and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+            requeue_slurm_job(self.key)
         if info.get("status") != "done":
             # Exit 0 after a preemption save (run.json "preempted"): the stage is unfinished,
             # so the next stage must not start; the next launch resumes it from latest.

@@ -295,6 +295,9 @@ class GridRun:
                                        f"is missing")
         if entry["executor"] == "slurm":
             final = slurm_state.final_state(jid)
+            if final == "PREEMPTED":    # PreemptMode=CANCEL; the training saved on SIGTERM
+                return CellState("failed", f"{name} PREEMPTED (cancelled by SLURM) without a "
+                                           f"result; launch again to resume it")
             if final and final != "COMPLETED":
                 return CellState("failed", f"{name} {final} without a result")
             # A job that just ended may not have written its result file yet; only a job this

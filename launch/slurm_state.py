@@ -10,9 +10,12 @@ from __future__ import annotations
 import os
 import subprocess
 
-# squeue/scontrol states of a job that will still run (or is running).
+# squeue/scontrol states of a job that will still run (or is running). PREEMPTED is not one:
+# a job preempted with PreemptMode=REQUEUE goes COMPLETING -> PENDING, and PREEMPTED is where a
+# PreemptMode=CANCEL job ends that did not requeue itself (both seen on the local cluster,
+# slurm 22.05).
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING",
-                 "COMPLETING", "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT", "PREEMPTED",
+                 "COMPLETING", "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT",
                  "RESV_DEL_HOLD", "STOPPED"}
 
 

@@ -88,12 +88,19 @@ run_stage() {
   wait "$s3rec_step_pid"; rc=$?
   set -e
   s3rec_step_pid=""
+  # Tasks that saved a checkpoint on a signal and exited 0 (run.json "preempted") requeue the
+  # job, whoever signalled them: our USR1 (time limit, or preemption with the user signal), or
+  # SLURM's own SIGTERM when it preempts the job (PreemptMode=REQUEUE with a GraceTime). In
+  # the latter case SLURM does not requeue a job whose batch shell ended first: it would end
+  # FAILED or COMPLETED with the stage unfinished. (A user's scancel ends this shell too.)
+  if [ "$rc" = 0 ] && [ "$(s3rec_run_status "$run_dir")" = preempted ] \
+     && ! s3rec_stage_done "$run_dir" "$product"; then
+    if [ "$s3rec_preempted" = 1 ]; then s3rec_requeue "checkpoint saved"; fi
+    s3rec_requeue "checkpoint saved on a signal from SLURM (preemption)"
+  fi
   if [ "$s3rec_preempted" = 1 ] && ! s3rec_stage_done "$run_dir" "$product"; then
     # Requeue only what left a checkpoint behind: tasks that failed instead would fail again
     # from the same checkpoint after every requeue, for ever.
-    if [ "$rc" = 0 ] && [ "$(s3rec_run_status "$run_dir")" = preempted ]; then
-      s3rec_requeue "checkpoint saved"
-    fi
     echo "[s3rec] $1 was asked to checkpoint but failed (exit status $rc, run.json not" \
          "\"preempted\"); not requeueing" >&2
     exit $(( rc == 0 ? 1 : rc ))

@@ -17,6 +17,9 @@
 # `scontrol show job` for MinJobAge (600 s here) with its exact state (COMPLETED, CANCELLED,
 # TIMEOUT, ...); launch/ reads that plus submitit's result files.
 #
+# Partitions: debug (the default) and urgent, on both nodes; an urgent job preempts debug jobs
+# (PreemptMode=REQUEUE, GraceTime=60 s), so preemption is tested for real.
+#
 # Client commands (sbatch, squeue, srun) find this cluster through SLURM_CONF. If the system has no
 # /etc/slurm/slurm.conf, `start` links it to ours so they work without SLURM_CONF too.
 #
@@ -93,7 +96,13 @@ JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 NodeName=node1 NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$NODE_PORT0 CPUs=$cpus RealMemory=$mem State=UNKNOWN
 NodeName=node2 NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$((NODE_PORT0 + 1)) CPUs=$cpus RealMemory=$mem State=UNKNOWN
-PartitionName=debug Nodes=node[1-2] Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+# Preemption as many real clusters have it: a job of the higher tier (partition urgent) takes
+# the nodes of debug jobs, which SLURM requeues. The preempted tasks get SIGTERM at once and
+# SIGKILL GraceTime seconds later; they save a checkpoint in between and resume when requeued.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+PartitionName=debug Nodes=node[1-2] Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO PriorityTier=1 GraceTime=60
+PartitionName=urgent Nodes=node[1-2] MaxTime=INFINITE State=UP OverSubscribe=NO PriorityTier=2 PreemptMode=OFF
 EOF
   mv "$CONF.tmp" "$CONF"
 }

@@ -156,3 +156,23 @@ def seconds_per_epoch(data, tmp_path) -> float:
     times = [v for _, v in scalars(tmp_path / "calibrate")["perf/epoch_s"]]
     assert len(times) == 10 and min(times) > 0, times
     return sum(times[1:]) / len(times[1:])
+
+
+def preempt_both_nodes(env: dict, cwd: Path) -> str:
+    """Submit a job of the higher tier (partition `urgent`) that needs both nodes whole: SLURM
+    preempts the debug jobs there (PreemptMode=REQUEUE: SIGTERM to their tasks at once, the
+    rest of the job killed and requeued after GraceTime). Its job id."""
+    res = subprocess.run(["sbatch", "--parsable", "--partition=urgent", "--nodes=2",
+                          "--exclusive", "--output=/dev/null", "--wrap", "sleep 2"],
+                         env=env, cwd=cwd, capture_output=True, text=True)
+    assert res.returncode == 0, f"sbatch of the preempting job failed: {res.stderr}"
+    return res.stdout.strip().split(";")[0]
+
+
+def wait_for_text(path: Path, pattern: str, timeout_s: float, what: str) -> None:
+    """Until the file at `path` matches the regular expression `pattern`."""
+    import re
+    t0 = time.time()
+    while not re.search(pattern, path.read_text() if path.exists() else ""):
+        assert time.time() - t0 < timeout_s, f"{what}: no {pattern!r} in {path} after {timeout_s} s"
+        time.sleep(0.5)

@@ -15,7 +15,8 @@ from launch import grid_cli
 from launch.grid import Grid
 from launch.runner import launch_grid, open_grid
 from tests.cluster_fixtures import (TINY, cluster, final_metrics, local_run,  # noqa: F401
-                                    seconds_per_epoch, tiny_data)
+                                    preempt_both_nodes, seconds_per_epoch, tiny_data,
+                                    wait_for_text)
 
 pytestmark = pytest.mark.cluster
 
@@ -156,3 +157,41 @@ def test_grid_cell_past_its_time_limit_requeues_and_resumes(cluster, tiny_data, 
     mine, theirs = final_metrics(cell.finetune_dir), final_metrics(ref / "finetune")
     assert mine == pytest.approx(theirs, abs=1e-9)
     print(f"grid time-limit cell: {epochs} epochs at {per_epoch:.2f} s, {time.time() - t0:.0f} s")
+
+
+@pytest.mark.slow
+def test_grid_cell_preempted_by_slurm_requeues_and_resumes(cluster, tiny_data, tmp_path):
+    """SLURM's own preemption (PreemptMode=REQUEUE, a GraceTime, no user signal): SIGTERM reaches
+    the training child, which saves and exits, while submitit only logs it. The cell's job
+    requeues itself (before, the cell failed: "stopped with run.json status 'preempted'"); the
+    training resumes from latest and ends exactly as an uninterrupted run of the same cell."""
+    per_epoch = seconds_per_epoch(tiny_data, tmp_path)
+    epochs = min(3000, max(40, int(30 / per_epoch) + 1))
+    spec = make_grid(tmp_path, tiny_data, name="preempt", variants=["s3rec"], ranks=[], seeds=[1],
+                     overrides={"pretrain.epochs": epochs, "pretrain.save_epochs": [],
+                                "finetune.epochs": 2})
+    run = launch_grid(Grid(**spec))
+    cell = run.cells[0]
+    entry = run.registry[cell.key]
+    paths = JobPaths(entry["folder"], job_id=entry["job_id"], task_id=0)
+    ref = tmp_path / "ref"
+    reference = threading.Thread(target=local_run, args=(tiny_data, ref), daemon=True,
+                                 kwargs=dict(pretrain_args=cell.override_args(),
+                                             finetune_args=cell.override_args()))
+    reference.start()
+    try:
+        wait_for_text(paths.stderr, r"\[pretrain\] epoch 3/", 120, f"job {entry['job_id']}")
+        preempt_both_nodes(cluster, tmp_path)
+        states = run.wait(poll_s=1, timeout_s=600)
+        reference.join(timeout=600)
+    finally:
+        run.cancel()
+    assert states[cell.key].state == "done", states[cell.key]
+    text = paths.stdout.read_text() + paths.stderr.read_text()
+    assert "Bypassing signal SIGTERM" in text and "received here: SIGTERM" in text, text[-3000:]
+    assert "requeueing job" in text and "resumed from" in text, text[-3000:]
+    a = torch.load(cell.pretrain_dir / "final.pt", map_location="cpu", weights_only=False)["model"]
+    b = torch.load(ref / "pretrain" / "final.pt", map_location="cpu", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+    assert final_metrics(cell.finetune_dir) == pytest.approx(final_metrics(ref / "finetune"),
+                                                             abs=1e-9)

@@ -116,6 +116,21 @@ def test_relaunch_resubmits_a_vanished_slurm_job(grid_file, monkeypatch, fake_su
     run.release()
 
 
+def test_a_job_preempted_for_good_is_failed_at_once_and_resubmitted(grid_file, monkeypatch,
+                                                                    fake_submit):
+    """PREEMPTED is where a PreemptMode=CANCEL job ends (a REQUEUE one goes back to PENDING):
+    before, it counted as queued, and the cell waited until squeue forgot it (MinJobAge)."""
+    grid, _ = grid_file("slurm")
+    key = grid.cells()[0].key
+    register(grid, key, "slurm", "999")
+    slurm_answers(monkeypatch, {"999": "PREEMPTED"}, final="PREEMPTED")
+    st = runner.open_grid(grid).states()[key]
+    assert st.state == "failed" and "PREEMPTED" in st.detail and "launch again" in st.detail
+    run = runner.launch_grid(grid)
+    assert key in run.submitted
+    run.release()
+
+
 def test_a_job_seen_queued_by_this_process_gets_the_grace_period(grid_file, monkeypatch):
     grid, _ = grid_file("slurm")
     key = grid.cells()[0].key

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from tests.cluster_fixtures import (FINETUNE_ARGS, PRETRAIN_ARGS, TINY, cluster,  # noqa: F401
-                                    job_state, local_run, run_json, sbatch, final_metrics,
-                                    seconds_per_epoch,
-                                    tiny_data, wait_jobs)
+                                    job_state, local_run, preempt_both_nodes, run_json, sbatch,
+                                    final_metrics, seconds_per_epoch, tiny_data, wait_for_text,
+                                    wait_jobs)
 
 pytestmark = pytest.mark.cluster
 
@@ -131,6 +131,49 @@ def test_time_limit_requeues_and_resumes_to_same_result(cluster, tiny_data, tmp_
     wait_jobs(cluster, [fine], timeout_s=120)
     assert_same_metrics(final_metrics(out / "finetune"), final_metrics(ref / "finetune"))
     print(f"time-limit run: {epochs} epochs at {per_epoch:.2f} s, {elapsed:.0f} s in all")
+
+
+@pytest.mark.slow
+def test_preemption_by_slurm_requeues_and_resumes_to_same_result(cluster, tiny_data, tmp_path):
+    """SLURM's own preemption, as most clusters have it (PreemptMode=REQUEUE, a GraceTime, no user
+    signal): a job of the higher-tier partition takes both nodes; the tasks get SIGTERM, save a
+    checkpoint and exit 0. SLURM does not requeue a job whose batch shell ended within the grace
+    time (before, the job ended FAILED: "exited 0 but ... is not done"), so the script requeues it;
+    it resumes from latest and ends bit-identical to an uninterrupted run."""
+    per_epoch = seconds_per_epoch(tiny_data, tmp_path)
+    epochs = min(3000, max(40, int(30 / per_epoch) + 1))   # ~30 s: preempted well before the end
+    args = [f"pretrain.epochs={epochs}", "pretrain.save_epochs=[]"]
+    out = tmp_path / "slurm"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    with open(ref / "pretrain.log", "w") as log_file:   # a file, not a pipe (see above)
+        reference = subprocess.Popen([shutil.which("s3rec-pretrain"), "--data", str(tiny_data),
+                                      "--out", str(ref / "pretrain"), "--config", str(TINY),
+                                      *args], env=env, stdout=subprocess.DEVNULL,
+                                     stderr=log_file)
+    pre = sbatch(cluster, "pretrain.sbatch", *args, cwd=tmp_path, DATA=tiny_data,
+                 OUT=out / "pretrain", CONFIG=TINY)
+    log_path = tmp_path / f"s3rec-pretrain-{pre}.out"
+    try:
+        wait_for_text(log_path, r"\[pretrain\] epoch 3/", 120, f"job {pre}")
+        urgent = preempt_both_nodes(cluster, tmp_path)
+        wait_jobs(cluster, [pre, urgent], timeout_s=600)
+        assert reference.wait(timeout=600) == 0, (ref / "pretrain.log").read_text()[-2000:]
+    finally:
+        subprocess.run(["scancel", pre], env=cluster)
+        if reference.poll() is None:
+            reference.kill()
+    log = log_path.read_text()
+    assert job_state(cluster, pre) == "COMPLETED", log[-3000:]
+    assert "preempted by a signal (received here: SIGTERM)" in log, log[-3000:]
+    assert "checkpoint saved on a signal from SLURM (preemption)" in log
+    assert "restart 1 " in log and "resumed from" in log, log[-3000:]
+    a = torch.load(out / "pretrain" / "final.pt", map_location="cpu", weights_only=False)["model"]
+    b = torch.load(ref / "pretrain" / "final.pt", map_location="cpu", weights_only=False)["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def test_seed_array(cluster, tiny_data, tmp_path):
