@@ -104,6 +104,8 @@ PreemptMode=REQUEUE
 PartitionName=debug Nodes=node[1-2] Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO PriorityTier=1 GraceTime=60
 PartitionName=urgent Nodes=node[1-2] MaxTime=INFINITE State=UP OverSubscribe=NO PriorityTier=2 PreemptMode=OFF
 EOF
+  # Unchanged: keep the file as it is (a running cluster then needs nothing).
+  if cmp -s "$CONF.tmp" "$CONF"; then rm -f "$CONF.tmp"; return 1; fi
   mv "$CONF.tmp" "$CONF"
 }
 
@@ -147,11 +149,17 @@ start() {
   if live_pid "$DIR/run/slurmctld.pid" slurmctld >/dev/null \
      && live_pid "$DIR/run/slurmd-node1.pid" slurmd >/dev/null \
      && live_pid "$DIR/run/slurmd-node2.pid" slurmd >/dev/null; then
+    # A running cluster started by an older checkout gets this one's slurm.conf (partitions and
+    # scheduling take effect on reconfigure; node definitions would need a stop and start).
+    if write_conf; then
+      SLURM_CONF="$CONF" scontrol reconfigure || die "scontrol reconfigure failed after slurm.conf changed"
+      echo "local-cluster: slurm.conf changed; reconfigured"
+    fi
     resume_nodes
     wait_ready && { echo "local-cluster: already running"; print_env; return 0; }
   fi
   ensure_hosts
-  write_conf
+  write_conf || true
   ensure_default_conf
   export SLURM_CONF="$CONF"
   if ! live_pid "$DIR/run/slurmctld.pid" slurmctld >/dev/null; then
