@@ -30,6 +30,11 @@ class GridError(ValueError):
     """A bad grid; the message names the file and the key."""
 
 
+# How long a cell's job waits, after the time-limit signal, for its training to save a
+# checkpoint and exit (launch/job.py): a SLURM signal_delay_s must leave at least this much.
+CHILD_SAVE_TIMEOUT_S = 45
+
+
 @dataclass
 class ExecutorConfig:
     kind: str = "local"               # (str) local: processes on this machine | slurm: sbatch arrays
@@ -42,6 +47,7 @@ class ExecutorConfig:
     mem_gb: float = 0                 # (float) memory of one cell's job (0 = cluster default)
     gpus_per_node: int = 0            # (int) GPUs of one cell's job (0 = none: CPU training)
     signal_delay_s: int = 60          # (int) USR2 this long before the time limit: checkpoint + requeue
+                                      #   (SLURM: >= CHILD_SAVE_TIMEOUT_S, under the time limit)
     max_num_timeout: int = 20         # (int) requeues allowed per job after time-outs/preemption
     additional: dict = field(default_factory=dict)  # (dict) extra sbatch options, e.g. {constraint: a100}
 
@@ -308,6 +314,13 @@ def validate(grid: Grid) -> None:
     if ex.signal_delay_s < 0 or ex.max_num_timeout < 0 or ex.gpus_per_node < 0 or ex.mem_gb < 0:
         raise GridError(f"{src}: key 'executor': signal_delay_s, max_num_timeout, gpus_per_node "
                         f"and mem_gb must be >= 0")
+    if ex.kind == "slurm" and not CHILD_SAVE_TIMEOUT_S <= ex.signal_delay_s < ex.timeout_min * 60:
+        # Shorter, and SLURM kills the job while the cell still waits for its training to save:
+        # the job ends TIMEOUT, not requeued, and the cell fails.
+        raise GridError(f"{src}: key 'executor.signal_delay_s': expected at least "
+                        f"{CHILD_SAVE_TIMEOUT_S} s (a cell waits that long for its training to "
+                        f"save) and under timeout_min ({ex.timeout_min * 60} s), got "
+                        f"{ex.signal_delay_s}")
 
 
 def _full_rank_head_rank(grid: Grid, hidden: int) -> int | None:

@@ -20,10 +20,7 @@ from pathlib import Path
 
 import submitit
 
-from launch.grid import STAGE_PRODUCT, stage_done
-
-# How long checkpoint() waits for the training child to save and exit before giving up on it.
-CHILD_SAVE_TIMEOUT_S = 45
+from launch.grid import CHILD_SAVE_TIMEOUT_S, STAGE_PRODUCT, stage_done
 
 
 def free_port() -> int:

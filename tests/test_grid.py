@@ -132,6 +132,10 @@ def test_full_rank_grid_needs_no_ranks():
     ({"seeds": [1, "two"]}, "seeds[1]"),
     ({"executor": {"kind": "cloud"}}, "executor.kind"),
     ({"executor": {"timeout_min": "1h"}}, "executor.timeout_min"),
+    # SLURM would kill the job while the cell still waits for its training to save
+    ({"executor": {"kind": "slurm", "signal_delay_s": 10}}, "executor.signal_delay_s"),
+    ({"executor": {"kind": "slurm", "timeout_min": 1, "signal_delay_s": 60}},
+     "executor.signal_delay_s"),
     ({"name": "a b"}, "name"),
     ({"out": None}, "out"),
     ({"data": ["/a/x", "/b/x"]}, "data"),
