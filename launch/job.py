@@ -53,6 +53,21 @@ def requeue_slurm_job(key: str) -> None:
     raise SystemExit(-1)    # not an Exception: submitit writes no result (it does the same)
 
 
+def exited(pid: int, timeout_s: float) -> bool:
+    """Whether the child `pid` has exited within `timeout_s`, without reaping it (WNOWAIT), so
+    that its Popen still gets its exit status."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+        except ChildProcessError:    # reaped already
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+
+
 class StageFailed(RuntimeError):
     """A training command exited non-zero; the message carries its run.json error line."""
 
@@ -125,13 +140,15 @@ class CellJob(submitit.helpers.Checkpointable):
             # SLURM_JOB_ID: a local grid launched inside an salloc or sbatch job has that too.
             if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
                 proc.send_signal(signal.SIGUSR2)
-            try:
-                proc.wait(timeout=CHILD_SAVE_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
+            # Not proc.wait(): the signal may have landed while _run's poll() held Popen's
+            # lock, which this handler (same thread) could then never take: wait(timeout)
+            # would spin to its end and a kill()'s wait() would block for ever. The child is
+            # reaped by _run once this handler has returned.
+            if not exited(proc.pid, CHILD_SAVE_TIMEOUT_S):
                 print(f"[{self.key}] training did not exit {CHILD_SAVE_TIMEOUT_S} s after the "
                       f"signal; killing it (it resumes from its last checkpoint)", file=sys.stderr)
                 proc.kill()
-                proc.wait()
+                exited(proc.pid, 10)
         fresh = CellJob(self.key, self.pretrain_cmd, self.pretrain_dir, self.finetune_cmd,
                         self.finetune_dir)
         return submitit.helpers.DelayedSubmission(fresh)

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import types
 from pathlib import Path
@@ -307,3 +308,26 @@ def test_time_limit_signal_reaches_the_child_of_a_local_job_inside_an_allocation
     job.checkpoint()
     assert job._proc.poll() is not None                  # never left behind
     assert saved.exists() == forwarded
+
+
+def test_checkpoint_landing_while_poll_holds_popens_lock_does_not_hang(tmp_path, monkeypatch):
+    """The signal handler runs on the thread whose proc.poll() it interrupted, maybe inside
+    Popen's lock: before, wait(timeout) spun for the whole save wait and the kill's wait()
+    then blocked for ever. (Held here by the test, as the interrupted poll() would hold it.)"""
+    ready = tmp_path / "ready"
+    child = ("import signal, sys, time, pathlib\n"
+             "signal.signal(signal.SIGUSR2, lambda *a: sys.exit(0))\n"
+             f"pathlib.Path({str(ready)!r}).touch()\ntime.sleep(60)\n")
+    job = job_mod.CellJob("k", None, None, [sys.executable, "-c", child], str(tmp_path))
+    job._proc = proc = subprocess.Popen(job.finetune_cmd)
+    while not ready.exists():
+        time.sleep(0.05)
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")      # checkpoint() sends the USR2 itself
+    done = threading.Event()
+    with proc._waitpid_lock:
+        t0 = time.monotonic()
+        threading.Thread(target=lambda: (job.checkpoint(), done.set()), daemon=True).start()
+        assert done.wait(timeout=20), "checkpoint() hung on Popen's lock"
+        took = time.monotonic() - t0
+    assert took < 10, f"checkpoint() waited {took:.1f} s for a child that exited at once"
+    assert proc.wait(timeout=5) == 0                       # the exit status is still there
