@@ -20,6 +20,7 @@ from launch.grid import STAGE_PRODUCT, Cell, GridError, read_run_json, stage_don
 from s3rec.config import NO_RESULT_KEYS, Config, flat_keys, load_config
 from s3rec.engine.resume_check import ENGINE_KEYS, MAY_CHANGE, OTHER_STAGE, dataset_fingerprint
 
+
 def check_cells(cells: list[Cell]) -> None:
     """GridError for the first stage folder whose run.json disagrees with its cell's config."""
     fingerprints: dict[str, dict] = {}

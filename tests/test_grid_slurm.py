@@ -109,31 +109,46 @@ def test_cancelled_job_is_reported_failed_quickly(cluster, tiny_data, tmp_path, 
     assert "failed=1" in capsys.readouterr().out
 
 
+def one_long_cell(tmp_path, data, name, seconds, **executor):
+    """A grid of one cell whose pretraining takes ~`seconds` here and now, launched on SLURM;
+    the same cell runs uninterrupted meanwhile as plain processes (`reference`, into ref/)."""
+    per_epoch = seconds_per_epoch(data, tmp_path)
+    epochs = min(3000, max(40, int(seconds / per_epoch) + 1))   # capped: see test_sbatch
+    spec = make_grid(tmp_path, data, name=name, variants=["s3rec"], ranks=[], seeds=[1],
+                     overrides={"pretrain.epochs": epochs, "pretrain.save_epochs": [],
+                                "finetune.epochs": 2},
+                     executor={"kind": "slurm", "array_parallelism": 1, "timeout_min": 10,
+                               **executor})
+    run = launch_grid(Grid(**spec))
+    cell = run.cells[0]
+    entry = run.registry[cell.key]
+    paths = JobPaths(entry["folder"], job_id=entry["job_id"], task_id=0)
+    reference = threading.Thread(target=local_run, args=(data, tmp_path / "ref"), daemon=True,
+                                 kwargs=dict(pretrain_args=cell.override_args(),
+                                             finetune_args=cell.override_args()))
+    reference.start()
+    return run, cell, entry["job_id"], paths, reference
+
+
+def assert_same_as_reference(cell, ref) -> None:
+    """Bit-identical pretrained weights, equal fine-tuned test metrics."""
+    a = torch.load(cell.pretrain_dir / "final.pt", map_location="cpu", weights_only=False)["model"]
+    b = torch.load(ref / "pretrain" / "final.pt", map_location="cpu", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+    mine, theirs = final_metrics(cell.finetune_dir), final_metrics(ref / "finetune")
+    assert mine == pytest.approx(theirs, abs=1e-9)
+
+
 @pytest.mark.slow
 def test_grid_cell_past_its_time_limit_requeues_and_resumes(cluster, tiny_data, tmp_path):
     """submitit's USR2 (signal_delay_s before timeout_min) reaches the training, which saves;
     CellJob.checkpoint requeues the cell, whose training resumes from latest and ends exactly as
     an uninterrupted run of the same cell. (As in test_sbatch: sized to need >= 42 s, and the time
     limit is lifted after the first requeue.)"""
-    per_epoch = seconds_per_epoch(tiny_data, tmp_path)
-    epochs = min(3000, max(40, int(60 / per_epoch) + 1))   # capped: see test_sbatch
-    spec = make_grid(tmp_path, tiny_data, name="timeout", variants=["s3rec"], ranks=[], seeds=[1],
-                     overrides={"pretrain.epochs": epochs, "pretrain.save_epochs": [],
-                                "finetune.epochs": 2},
-                     executor={"kind": "slurm", "array_parallelism": 1, "timeout_min": 1,
-                               "signal_delay_s": 50})
-    run = launch_grid(Grid(**spec))
-    cell = run.cells[0]
-    entry = run.registry[cell.key]
-    paths = JobPaths(entry["folder"], job_id=entry["job_id"], task_id=0)
-    log = paths.stdout          # submitit's INFO lines ("Requeued job ...") go to stdout
+    run, cell, job_id, paths, reference = one_long_cell(tmp_path, tiny_data, "timeout", 60,
+                                                        timeout_min=1, signal_delay_s=50)
     t0 = time.time()
-    # The same cell, uninterrupted, as plain processes at the same time.
-    ref = tmp_path / "ref"
-    reference = threading.Thread(target=local_run, args=(tiny_data, ref), daemon=True,
-                                 kwargs=dict(pretrain_args=cell.override_args(),
-                                             finetune_args=cell.override_args()))
-    reference.start()
+    log = paths.stdout          # submitit's INFO lines ("Requeued job ...") go to stdout
     try:
         # Lift the limit once the training saved a checkpoint on the signal and the job requeued.
         while not ("Requeued job" in (log.read_text() if log.exists() else "")
@@ -142,7 +157,7 @@ def test_grid_cell_past_its_time_limit_requeues_and_resumes(cluster, tiny_data, 
             st = run.states()[cell.key]
             assert st.state != "done" and time.time() - t0 < 150, f"no time-limit requeue: {st}"
             time.sleep(1)
-        subprocess.run(["scontrol", "update", f"JobId={entry['job_id']}", "TimeLimit=30"],
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=30"],
                        env=cluster, check=True)
         states = run.wait(poll_s=1, timeout_s=600)
         reference.join(timeout=600)
@@ -151,12 +166,8 @@ def test_grid_cell_past_its_time_limit_requeues_and_resumes(cluster, tiny_data, 
     assert states[cell.key].state == "done", states[cell.key]
     text = log.read_text() + paths.stderr.read_text()
     assert "Caught signal SIGUSR2" in text and "resumed from" in text
-    a = torch.load(cell.pretrain_dir / "final.pt", map_location="cpu", weights_only=False)["model"]
-    b = torch.load(ref / "pretrain" / "final.pt", map_location="cpu", weights_only=False)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
-    mine, theirs = final_metrics(cell.finetune_dir), final_metrics(ref / "finetune")
-    assert mine == pytest.approx(theirs, abs=1e-9)
-    print(f"grid time-limit cell: {epochs} epochs at {per_epoch:.2f} s, {time.time() - t0:.0f} s")
+    assert_same_as_reference(cell, tmp_path / "ref")
+    print(f"grid time-limit cell: {time.time() - t0:.0f} s")
 
 
 @pytest.mark.slow
@@ -165,22 +176,9 @@ def test_grid_cell_preempted_by_slurm_requeues_and_resumes(cluster, tiny_data, t
     the training child, which saves and exits, while submitit only logs it. The cell's job
     requeues itself (before, the cell failed: "stopped with run.json status 'preempted'"); the
     training resumes from latest and ends exactly as an uninterrupted run of the same cell."""
-    per_epoch = seconds_per_epoch(tiny_data, tmp_path)
-    epochs = min(3000, max(40, int(30 / per_epoch) + 1))
-    spec = make_grid(tmp_path, tiny_data, name="preempt", variants=["s3rec"], ranks=[], seeds=[1],
-                     overrides={"pretrain.epochs": epochs, "pretrain.save_epochs": [],
-                                "finetune.epochs": 2})
-    run = launch_grid(Grid(**spec))
-    cell = run.cells[0]
-    entry = run.registry[cell.key]
-    paths = JobPaths(entry["folder"], job_id=entry["job_id"], task_id=0)
-    ref = tmp_path / "ref"
-    reference = threading.Thread(target=local_run, args=(tiny_data, ref), daemon=True,
-                                 kwargs=dict(pretrain_args=cell.override_args(),
-                                             finetune_args=cell.override_args()))
-    reference.start()
+    run, cell, job_id, paths, reference = one_long_cell(tmp_path, tiny_data, "preempt", 30)
     try:
-        wait_for_text(paths.stderr, r"\[pretrain\] epoch 3/", 120, f"job {entry['job_id']}")
+        wait_for_text(paths.stderr, r"\[pretrain\] epoch 3/", 120, f"job {job_id}")
         preempt_both_nodes(cluster, tmp_path)
         states = run.wait(poll_s=1, timeout_s=600)
         reference.join(timeout=600)
@@ -190,8 +188,4 @@ def test_grid_cell_preempted_by_slurm_requeues_and_resumes(cluster, tiny_data, t
     text = paths.stdout.read_text() + paths.stderr.read_text()
     assert "Bypassing signal SIGTERM" in text and "received here: SIGTERM" in text, text[-3000:]
     assert "requeueing job" in text and "resumed from" in text, text[-3000:]
-    a = torch.load(cell.pretrain_dir / "final.pt", map_location="cpu", weights_only=False)["model"]
-    b = torch.load(ref / "pretrain" / "final.pt", map_location="cpu", weights_only=False)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
-    assert final_metrics(cell.finetune_dir) == pytest.approx(final_metrics(ref / "finetune"),
-                                                             abs=1e-9)
+    assert_same_as_reference(cell, tmp_path / "ref")

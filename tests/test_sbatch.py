@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,6 +65,35 @@ def test_sbatch_matches_torchrun(cluster, tiny_data, tmp_path, torchrun_referenc
     assert_same_metrics(final_metrics(out / "finetune"), final_metrics(torchrun_reference))
 
 
+def long_pretraining(data, tmp_path, seconds) -> tuple[list[str], subprocess.Popen]:
+    """Override arguments for a pretraining of ~`seconds` here and now, and the same pretraining
+    started uninterrupted as one plain process (into ref/pretrain)."""
+    per_epoch = seconds_per_epoch(data, tmp_path)
+    # The cap only bounds a pathological calibration; it must stay above 60 s of epochs on an idle
+    # machine (a cap of 250 let the job finish before its limit there).
+    epochs = min(3000, max(40, int(seconds / per_epoch) + 1))
+    args = [f"pretrain.epochs={epochs}", "pretrain.save_epochs=[]"]
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    # Its log goes to a file, not a pipe: ~90 bytes an epoch fill a 64 KB pipe nobody reads
+    # after ~700 epochs, and the run then blocks on write (it did on a fast CI machine).
+    with open(ref / "pretrain.log", "w") as log_file:
+        reference = subprocess.Popen([shutil.which("s3rec-pretrain"), "--data", str(data),
+                                      "--out", str(ref / "pretrain"), "--config", str(TINY),
+                                      *args], env=env, stdout=subprocess.DEVNULL,
+                                     stderr=log_file)
+    return args, reference
+
+
+def assert_same_weights(a_run: Path, b_run: Path) -> None:
+    a = torch.load(a_run / "final.pt", map_location="cpu", weights_only=False)["model"]
+    b = torch.load(b_run / "final.pt", map_location="cpu", weights_only=False)["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 @pytest.mark.slow
 def test_time_limit_requeues_and_resumes_to_same_result(cluster, tiny_data, tmp_path):
     """--time=1 with USR1 50 s before the end: the job checkpoints, requeues itself, resumes from
@@ -72,29 +102,14 @@ def test_time_limit_requeues_and_resumes_to_same_result(cluster, tiny_data, tmp_
     slurmctld checks time limits every 30 s, so the signal comes 10-40 s into the job: the
     training is sized to need ~60 s here and now. After the first requeue the test lifts the
     time limit, so the rest runs through (one interruption is the point, not ten)."""
-    per_epoch = seconds_per_epoch(tiny_data, tmp_path)
-    # The cap only bounds a pathological calibration; it must stay above 60 s of epochs on an idle
-    # machine (a cap of 250 let the job finish before its limit there).
-    epochs = min(3000, max(40, int(60 / per_epoch) + 1))
-    args = [f"pretrain.epochs={epochs}", "pretrain.save_epochs=[]"]
-    out = tmp_path / "slurm"
+    args, reference = long_pretraining(tiny_data, tmp_path, 60)
+    ref, out = tmp_path / "ref", tmp_path / "slurm"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     t0 = time.time()
     pre = sbatch(cluster, "pretrain.sbatch", *args, cwd=tmp_path,
                  options=["--time=1", "--signal=B:USR1@50"], DATA=tiny_data,
                  OUT=out / "pretrain", CONFIG=TINY)
     log_path = tmp_path / f"s3rec-pretrain-{pre}.out"
-    # Meanwhile, the same pretraining uninterrupted, as one plain process.
-    ref = tmp_path / "ref"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    # Its log goes to a file, not a pipe: ~90 bytes an epoch fill a 64 KB pipe nobody reads
-    # after ~700 epochs, and the run then blocks on write (it did on a fast CI machine).
-    ref.mkdir()
-    ref_log = ref / "pretrain.log"
-    with open(ref_log, "w") as log_file:
-        reference = subprocess.Popen([shutil.which("s3rec-pretrain"), "--data", str(tiny_data),
-                                      "--out", str(ref / "pretrain"), "--config", str(TINY),
-                                      *args], env=env, stdout=subprocess.DEVNULL,
-                                     stderr=log_file)
     try:
         # Lift the limit once a checkpoint was saved on the signal and the job requeued.
         while not re.search(r"checkpoint saved at step .*\n(.*\n)*.*requeueing job",
@@ -105,7 +120,7 @@ def test_time_limit_requeues_and_resumes_to_same_result(cluster, tiny_data, tmp_
         subprocess.run(["scontrol", "update", f"JobId={pre}", "TimeLimit=30"], env=cluster,
                        check=True)
         wait_jobs(cluster, [pre], timeout_s=600)
-        assert reference.wait(timeout=600) == 0, ref_log.read_text()[-2000:]
+        assert reference.wait(timeout=600) == 0, (ref / "pretrain.log").read_text()[-2000:]
     finally:
         subprocess.run(["scancel", pre], env=cluster)
         if reference.poll() is None:
@@ -115,11 +130,7 @@ def test_time_limit_requeues_and_resumes_to_same_result(cluster, tiny_data, tmp_
     assert job_state(cluster, pre) == "COMPLETED", log[-3000:]
     assert "restart 1 " in log and "resumed from" in log, log[-3000:]
     assert run_json(out / "pretrain")["status"] == "done"
-    a = torch.load(out / "pretrain" / "final.pt", map_location="cpu", weights_only=False)["model"]
-    b = torch.load(ref / "pretrain" / "final.pt", map_location="cpu", weights_only=False)["model"]
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_weights(out / "pretrain", ref / "pretrain")
     # Fine-tuned from each: the same test metrics.
     fine = sbatch(cluster, "finetune.sbatch", *FINETUNE_ARGS, cwd=tmp_path, DATA=tiny_data,
                   OUT=out / "finetune", INIT=out / "pretrain" / "final.pt", CONFIG=TINY)
@@ -130,7 +141,7 @@ def test_time_limit_requeues_and_resumes_to_same_result(cluster, tiny_data, tmp_
     assert res.returncode == 0, res.stderr[-2000:]
     wait_jobs(cluster, [fine], timeout_s=120)
     assert_same_metrics(final_metrics(out / "finetune"), final_metrics(ref / "finetune"))
-    print(f"time-limit run: {epochs} epochs at {per_epoch:.2f} s, {elapsed:.0f} s in all")
+    print(f"time-limit run: {args[0]}, {elapsed:.0f} s in all")
 
 
 @pytest.mark.slow
@@ -140,18 +151,8 @@ def test_preemption_by_slurm_requeues_and_resumes_to_same_result(cluster, tiny_d
     checkpoint and exit 0. SLURM does not requeue a job whose batch shell ended within the grace
     time (before, the job ended FAILED: "exited 0 but ... is not done"), so the script requeues it;
     it resumes from latest and ends bit-identical to an uninterrupted run."""
-    per_epoch = seconds_per_epoch(tiny_data, tmp_path)
-    epochs = min(3000, max(40, int(30 / per_epoch) + 1))   # ~30 s: preempted well before the end
-    args = [f"pretrain.epochs={epochs}", "pretrain.save_epochs=[]"]
+    args, reference = long_pretraining(tiny_data, tmp_path, 30)  # preempted well before its end
     out = tmp_path / "slurm"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    ref = tmp_path / "ref"
-    ref.mkdir()
-    with open(ref / "pretrain.log", "w") as log_file:   # a file, not a pipe (see above)
-        reference = subprocess.Popen([shutil.which("s3rec-pretrain"), "--data", str(tiny_data),
-                                      "--out", str(ref / "pretrain"), "--config", str(TINY),
-                                      *args], env=env, stdout=subprocess.DEVNULL,
-                                     stderr=log_file)
     pre = sbatch(cluster, "pretrain.sbatch", *args, cwd=tmp_path, DATA=tiny_data,
                  OUT=out / "pretrain", CONFIG=TINY)
     log_path = tmp_path / f"s3rec-pretrain-{pre}.out"
@@ -159,7 +160,7 @@ def test_preemption_by_slurm_requeues_and_resumes_to_same_result(cluster, tiny_d
         wait_for_text(log_path, r"\[pretrain\] epoch 3/", 120, f"job {pre}")
         urgent = preempt_both_nodes(cluster, tmp_path)
         wait_jobs(cluster, [pre, urgent], timeout_s=600)
-        assert reference.wait(timeout=600) == 0, (ref / "pretrain.log").read_text()[-2000:]
+        assert reference.wait(timeout=600) == 0, (tmp_path / "ref/pretrain.log").read_text()[-2000:]
     finally:
         subprocess.run(["scancel", pre], env=cluster)
         if reference.poll() is None:
@@ -169,11 +170,7 @@ def test_preemption_by_slurm_requeues_and_resumes_to_same_result(cluster, tiny_d
     assert "preempted by a signal (received here: SIGTERM)" in log, log[-3000:]
     assert "checkpoint saved on a signal from SLURM (preemption)" in log
     assert "restart 1 " in log and "resumed from" in log, log[-3000:]
-    a = torch.load(out / "pretrain" / "final.pt", map_location="cpu", weights_only=False)["model"]
-    b = torch.load(ref / "pretrain" / "final.pt", map_location="cpu", weights_only=False)["model"]
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_weights(out / "pretrain", tmp_path / "ref" / "pretrain")
 
 
 def test_seed_array(cluster, tiny_data, tmp_path):
