@@ -155,6 +155,33 @@ def route_address(peer: str) -> str:
         return s.getsockname()[0]
 
 
+def interface_of(address: str, addrs: dict | None = None) -> str:
+    """The name of the network interface that holds `address` (psutil.net_if_addrs() shape)."""
+    if addrs is None:
+        import psutil   # a DeepSpeed dependency
+        addrs = psutil.net_if_addrs()
+    for name, entries in addrs.items():
+        if any(e.address == address for e in entries):
+            return name
+    raise LauncherError(f"no network interface holds {address}, this host's address towards "
+                        f"MASTER_ADDR; set GLOO_SOCKET_IFNAME to the interface the hosts share")
+
+
+def gloo_interface(env: dict, single: bool) -> str | None:
+    """The GLOO_SOCKET_IFNAME to set, or None to leave gloo's choice. gloo binds the address its
+    host name resolves to. One machine: loopback, whatever the name resolves to. Several hosts
+    whose own name resolves to loopback (127.0.1.1 in Debian's /etc/hosts): that address, which
+    the other hosts cannot reach, so the interface on the route to MASTER_ADDR instead. (The
+    GPU path needs this too: its CPU-side group is gloo.)"""
+    if "GLOO_SOCKET_IFNAME" in env:
+        return None
+    if single:
+        return "lo"
+    if _is_loopback(socket.gethostname()) and env.get("MASTER_ADDR"):
+        return interface_of(route_address(env["MASTER_ADDR"]))
+    return None
+
+
 # Set by a launcher that starts the ranks itself (torchrun; the deepspeed launcher; this suite's
 # grid jobs for their one-process child): RANK/WORLD_SIZE beside them are theirs.
 OWN_RANK_MARKERS = ("TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE", "LOCAL_SIZE")
@@ -236,9 +263,9 @@ def setup(local_rank_arg: int | None = None, timeout_s: int = 1800) -> DistInfo:
     if _INFO is not None:
         return _INFO
     launcher, rank, local, world, single = resolve(None, local_rank_arg)
-    if single:
-        # gloo picks the interface of the host name, which is not loopback here.
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    ifname = gloo_interface(os.environ, single)
+    if ifname:
+        os.environ["GLOO_SOCKET_IFNAME"] = ifname
     if device_type() == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # ranks on one host share its cores (torchrun sets OMP_NUM_THREADS=1; others do not)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // _local_world(launcher, world)))

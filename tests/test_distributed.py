@@ -107,6 +107,30 @@ def test_route_address_is_the_local_end_of_the_route():
     assert socket.inet_aton(dist.route_address("localhost"))
 
 
+def test_gloo_interface_on_hosts_whose_name_resolves_to_loopback(monkeypatch):
+    """Several hosts, this one named as 127.0.1.1 in /etc/hosts (Debian): gloo would bind that,
+    unreachable from the others; the interface on the route to MASTER_ADDR is chosen instead.
+    Real routes and interfaces of this machine; its host name is the part played."""
+    import socket
+    import psutil
+    mine = [(name, a.address) for name, entries in psutil.net_if_addrs().items()
+            for a in entries if a.family == socket.AF_INET
+            and not a.address.startswith("127.")]
+    if not mine:
+        pytest.skip("this machine has no network interface besides loopback")
+    ifname, address = mine[0]
+    env = {"MASTER_ADDR": address}
+    assert dist.gloo_interface({**env, "GLOO_SOCKET_IFNAME": "ib0"}, single=False) is None
+    assert dist.gloo_interface(env, single=True) == "lo"          # one machine
+    monkeypatch.setattr(dist.socket, "gethostname", lambda: "localhost")
+    assert dist.gloo_interface(env, single=False) == ifname
+    assert dist.gloo_interface({"MASTER_ADDR": "127.0.0.1"}, single=False) == "lo"
+    monkeypatch.setattr(dist.socket, "gethostname", lambda: address)   # a name gloo can use
+    assert dist.gloo_interface(env, single=False) is None
+    with pytest.raises(dist.LauncherError, match="GLOO_SOCKET_IFNAME"):
+        dist.interface_of("10.255.255.1", {"lo": []})
+
+
 def test_gpu_of_a_local_rank_mock_device_counts():
     """(No GPU here: device counts are given.) srun --gpus-per-task binds one GPU to each task,
     which sees it as cuda:0; with all of a node's GPUs visible, the local rank picks."""
