@@ -144,31 +144,53 @@ def test_time_limit_requeues_and_resumes_to_same_result(cluster, tiny_data, tmp_
     print(f"time-limit run: {args[0]}, {elapsed:.0f} s in all")
 
 
+def debug_grace_time(env: dict, seconds: int | None = None) -> int:
+    """The debug partition's GraceTime in seconds; set to `seconds` first when given."""
+    if seconds is not None:
+        subprocess.run(["scontrol", "update", "PartitionName=debug", f"GraceTime={seconds}"],
+                       env=env, check=True)
+    out = subprocess.run(["scontrol", "show", "partition", "-o", "debug"], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    return int(re.search(r"GraceTime=(\d+)", out).group(1))
+
+
 @pytest.mark.slow
-def test_preemption_by_slurm_requeues_and_resumes_to_same_result(cluster, tiny_data, tmp_path):
-    """SLURM's own preemption, as most clusters have it (PreemptMode=REQUEUE, a GraceTime, no user
-    signal): a job of the higher-tier partition takes both nodes; the tasks get SIGTERM, save a
-    checkpoint and exit 0. SLURM does not requeue a job whose batch shell ended within the grace
-    time (before, the job ended FAILED: "exited 0 but ... is not done"), so the script requeues it;
-    it resumes from latest and ends bit-identical to an uninterrupted run."""
+@pytest.mark.parametrize("grace_s", [60, 0])
+def test_preemption_by_slurm_requeues_and_resumes_to_same_result(cluster, tiny_data, tmp_path,
+                                                                 grace_s):
+    """SLURM's own preemption, as most clusters have it (PreemptMode=REQUEUE, no user signal): a
+    job of the higher-tier partition takes both nodes and the tasks get SIGTERM, save a
+    checkpoint and exit 0. With a GraceTime, only the tasks are signalled, and SLURM does not
+    requeue a job whose batch shell ended within it (before, the job ended FAILED: "exited 0
+    but ... is not done"), so the script requeues it. Without one (SLURM's default), the whole
+    job is killed and SLURM requeues it; the tasks save within KillWait. Either way it resumes
+    from latest and ends bit-identical to an uninterrupted run."""
     args, reference = long_pretraining(tiny_data, tmp_path, 30)  # preempted well before its end
     out = tmp_path / "slurm"
-    pre = sbatch(cluster, "pretrain.sbatch", *args, cwd=tmp_path, DATA=tiny_data,
-                 OUT=out / "pretrain", CONFIG=TINY)
-    log_path = tmp_path / f"s3rec-pretrain-{pre}.out"
+    before = debug_grace_time(cluster)
+    pre = None
     try:
+        assert debug_grace_time(cluster, grace_s) == grace_s
+        pre = sbatch(cluster, "pretrain.sbatch", *args, cwd=tmp_path, DATA=tiny_data,
+                     OUT=out / "pretrain", CONFIG=TINY)
+        log_path = tmp_path / f"s3rec-pretrain-{pre}.out"
         wait_for_text(log_path, r"\[pretrain\] epoch 3/", 120, f"job {pre}")
         urgent = preempt_both_nodes(cluster, tmp_path)
         wait_jobs(cluster, [pre, urgent], timeout_s=600)
         assert reference.wait(timeout=600) == 0, (tmp_path / "ref/pretrain.log").read_text()[-2000:]
     finally:
-        subprocess.run(["scancel", pre], env=cluster)
+        debug_grace_time(cluster, before)
+        if pre:
+            subprocess.run(["scancel", pre], env=cluster)
         if reference.poll() is None:
             reference.kill()
     log = log_path.read_text()
     assert job_state(cluster, pre) == "COMPLETED", log[-3000:]
-    assert "preempted by a signal (received here: SIGTERM)" in log, log[-3000:]
-    assert "checkpoint saved on a signal from SLURM (preemption)" in log
+    assert "preempted by a signal (received here: SIGTERM" in log, log[-3000:]
+    if grace_s:
+        assert "checkpoint saved on a signal from SLURM (preemption)" in log
+    else:
+        assert f"JOB {pre} ON node1 CANCELLED" in log and "DUE TO PREEMPTION" in log
     assert "restart 1 " in log and "resumed from" in log, log[-3000:]
     assert_same_weights(out / "pretrain", tmp_path / "ref" / "pretrain")
 
