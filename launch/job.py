@@ -49,7 +49,15 @@ def requeue_slurm_job(key: str) -> None:
     job_id = submitit.JobEnvironment().job_id      # 123 or, in an array, 123_4
     print(f"[{key}] training saved a checkpoint on SLURM's signal (preemption); requeueing job "
           f"{job_id}", flush=True)
-    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
+    res = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True,
+                         timeout=60)
+    if res.returncode != 0:
+        # Preempted without a grace time, SLURM requeues the job itself and refuses ours ("Job
+        # is pending execution"). Any other refusal: the cell shows failed, the next launch
+        # resumes it. Either way there is no result to write.
+        print(f"[{key}] scontrol requeue {job_id}: {res.stderr.strip() or res.returncode} "
+              f"(SLURM requeues a job it preempted without a grace time itself; otherwise "
+              f"launch the grid again to resume this cell)", flush=True)
     raise SystemExit(-1)    # not an Exception: submitit writes no result (it does the same)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -171,8 +172,17 @@ def preempt_both_nodes(env: dict, cwd: Path) -> str:
 
 def wait_for_text(path: Path, pattern: str, timeout_s: float, what: str) -> None:
     """Until the file at `path` matches the regular expression `pattern`."""
-    import re
     t0 = time.time()
     while not re.search(pattern, path.read_text() if path.exists() else ""):
         assert time.time() - t0 < timeout_s, f"{what}: no {pattern!r} in {path} after {timeout_s} s"
         time.sleep(0.5)
+
+
+def debug_grace_time(env: dict, seconds: int | None = None) -> int:
+    """The debug partition's GraceTime in seconds; set to `seconds` first when given."""
+    if seconds is not None:
+        subprocess.run(["scontrol", "update", "PartitionName=debug", f"GraceTime={seconds}"],
+                       env=env, check=True)
+    out = subprocess.run(["scontrol", "show", "partition", "-o", "debug"], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    return int(re.search(r"GraceTime=(\d+)", out).group(1))

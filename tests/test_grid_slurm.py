@@ -15,8 +15,8 @@ from launch import grid_cli
 from launch.grid import Grid
 from launch.runner import launch_grid, open_grid
 from tests.cluster_fixtures import (TINY, cluster, final_metrics, local_run,  # noqa: F401
-                                    preempt_both_nodes, seconds_per_epoch, tiny_data,
-                                    wait_for_text)
+                                    debug_grace_time, preempt_both_nodes, seconds_per_epoch,
+                                    tiny_data, wait_for_text)
 
 pytestmark = pytest.mark.cluster
 
@@ -171,21 +171,32 @@ def test_grid_cell_past_its_time_limit_requeues_and_resumes(cluster, tiny_data, 
 
 
 @pytest.mark.slow
-def test_grid_cell_preempted_by_slurm_requeues_and_resumes(cluster, tiny_data, tmp_path):
-    """SLURM's own preemption (PreemptMode=REQUEUE, a GraceTime, no user signal): SIGTERM reaches
-    the training child, which saves and exits, while submitit only logs it. The cell's job
-    requeues itself (before, the cell failed: "stopped with run.json status 'preempted'"); the
-    training resumes from latest and ends exactly as an uninterrupted run of the same cell."""
-    run, cell, job_id, paths, reference = one_long_cell(tmp_path, tiny_data, "preempt", 30)
+@pytest.mark.parametrize("grace_s", [60, 0])
+def test_grid_cell_preempted_by_slurm_requeues_and_resumes(cluster, tiny_data, tmp_path, grace_s):
+    """SLURM's own preemption (PreemptMode=REQUEUE, no user signal): SIGTERM reaches the training
+    child, which saves and exits, while submitit only logs it. With a GraceTime the cell's job
+    requeues itself (before, the cell failed: "stopped with run.json status 'preempted'");
+    without one SLURM requeues it and refuses the job's own requeue, which then leaves without
+    a result (before the refusal was handled: a traceback and an error result). The training
+    resumes from latest and ends exactly as an uninterrupted run of the same cell."""
+    before = debug_grace_time(cluster)
     try:
-        wait_for_text(paths.stderr, r"\[pretrain\] epoch 3/", 120, f"job {job_id}")
-        preempt_both_nodes(cluster, tmp_path)
-        states = run.wait(poll_s=1, timeout_s=600)
-        reference.join(timeout=600)
+        debug_grace_time(cluster, grace_s)
+        run, cell, job_id, paths, reference = one_long_cell(tmp_path, tiny_data, "preempt", 30)
+        try:
+            wait_for_text(paths.stderr, r"\[pretrain\] epoch 3/", 120, f"job {job_id}")
+            preempt_both_nodes(cluster, tmp_path)
+            states = run.wait(poll_s=1, timeout_s=600)
+            reference.join(timeout=600)
+        finally:
+            run.cancel()
     finally:
-        run.cancel()
+        debug_grace_time(cluster, before)
     assert states[cell.key].state == "done", states[cell.key]
     text = paths.stdout.read_text() + paths.stderr.read_text()
     assert "Bypassing signal SIGTERM" in text and "received here: SIGTERM" in text, text[-3000:]
     assert "requeueing job" in text and "resumed from" in text, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    if grace_s == 0:
+        assert "Job is pending execution" in text, text[-3000:]
     assert_same_as_reference(cell, tmp_path / "ref")

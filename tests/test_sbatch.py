@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from tests.cluster_fixtures import (FINETUNE_ARGS, PRETRAIN_ARGS, TINY, cluster,  # noqa: F401
-                                    job_state, local_run, preempt_both_nodes, run_json, sbatch,
+                                    debug_grace_time, job_state, local_run,
+                                    preempt_both_nodes, run_json, sbatch,
                                     final_metrics, seconds_per_epoch, tiny_data, wait_for_text,
                                     wait_jobs)
 
@@ -142,16 +143,6 @@ def test_time_limit_requeues_and_resumes_to_same_result(cluster, tiny_data, tmp_
     wait_jobs(cluster, [fine], timeout_s=120)
     assert_same_metrics(final_metrics(out / "finetune"), final_metrics(ref / "finetune"))
     print(f"time-limit run: {args[0]}, {elapsed:.0f} s in all")
-
-
-def debug_grace_time(env: dict, seconds: int | None = None) -> int:
-    """The debug partition's GraceTime in seconds; set to `seconds` first when given."""
-    if seconds is not None:
-        subprocess.run(["scontrol", "update", "PartitionName=debug", f"GraceTime={seconds}"],
-                       env=env, check=True)
-    out = subprocess.run(["scontrol", "show", "partition", "-o", "debug"], env=env, check=True,
-                         capture_output=True, text=True).stdout
-    return int(re.search(r"GraceTime=(\d+)", out).group(1))
 
 
 @pytest.mark.slow
