@@ -79,6 +79,19 @@ def test_file_setting_a_derived_key_differently_is_an_error(tmp_path):
         build_ds_config(load_config(None, [f"deepspeed.config_file={f}"]), "pretrain", 1, "cpu")
 
 
+def test_unreadable_deepspeed_file_names_the_file(tmp_path):
+    folder = tmp_path / "dsdir.json"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match=r"deepspeed\.config_file.*dsdir\.json cannot be read"):
+        build_ds_config(load_config(None, [f"deepspeed.config_file={folder}"]), "pretrain", 1,
+                        "cpu")
+    binary = tmp_path / "latin1.json"
+    binary.write_bytes(b'{"bf16": "\xff"}')
+    with pytest.raises(ConfigError, match=r"deepspeed config .*latin1\.json: not UTF-8"):
+        build_ds_config(load_config(None, [f"deepspeed.config_file={binary}"]), "pretrain", 1,
+                        "cpu")
+
+
 def test_file_choosing_zero3_under_a_compiled_step_is_an_error(tmp_path):
     """The config's cross-key rules hold for what a DeepSpeed file chooses: pretrain.compile
     cannot run at ZeRO 3, whether the stage comes from deepspeed.zero_stage or from the file."""
@@ -430,16 +443,53 @@ def test_latest_pruning_and_world_size_check(single_process, tmp_path):
     for step in (1, 2, 3):
         _steps(e, 1, seed=step)
         ckpt.save(e, root, ckpt.step_tag(step), {"trainer": {}, "world_size": 1}, keep_last=2)
-    ckpt.save(e, root, ckpt.BEST, {"trainer": {}, "world_size": 1}, keep_last=2,
-              make_latest=False)
+    ckpt.save_best(e, root, 3, {"trainer": {}, "world_size": 1})
     names = sorted(p.name for p in root.iterdir())
-    assert names == ["best", "latest", "step-00000002", "step-00000003"]
+    assert names == ["best", "best-epoch-0003", "latest", "step-00000002", "step-00000003"]
     assert ckpt.read_latest(root) == "step-00000003"
     with pytest.raises(ckpt.ResumeError, match="world size 1"):
         ckpt.load(e, root, "step-00000003", world_size=2)
     (root / "latest").write_text("step-00000009")
     with pytest.raises(ckpt.ResumeError, match="not a folder"):
         ckpt.read_latest(root)
+
+
+def test_best_is_named_like_latest_and_a_killed_save_leaves_the_previous_best_whole(
+        single_process, tmp_path):
+    """Before, the best epoch was saved over the folder best/ itself: a kill while saving left
+    half-written weights that the end of fine-tuning then tested."""
+    root = tmp_path / "checkpoints"
+    e = _engine()
+    state = {"trainer": {}, "world_size": 1}
+    assert ckpt.read_best(root) is None
+    _steps(e, 1, seed=1)
+    assert ckpt.save_best(e, root, 1, state) == ckpt.read_best(root) == "best-epoch-0001"
+    _steps(e, 1, seed=2)
+    best2 = {k: v.clone() for k, v in e.module.state_dict().items()}
+    assert ckpt.save_best(e, root, 2, state) == ckpt.read_best(root) == "best-epoch-0002"
+    assert not (root / "best-epoch-0001").exists()            # the older best goes
+    _steps(e, 1, seed=3)
+    real_save = e.save_checkpoint
+
+    def killed(save_dir, tag, **kw):          # the process dies with the tag half-written
+        (Path(save_dir) / tag).mkdir(parents=True)
+        (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"\x00" * 10)
+        raise KeyboardInterrupt
+    e.save_checkpoint = killed
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_best(e, root, 3, state)
+    e.save_checkpoint = real_save
+    assert ckpt.read_best(root) == "best-epoch-0002"
+    fresh = _engine()
+    ckpt.load(fresh, root, ckpt.read_best(root), world_size=1, module_only=True)
+    assert all(torch.equal(fresh.module.state_dict()[k], v) for k, v in best2.items())
+    # epoch 2 validated again after a resume: a fresh name, never the tag `best` names
+    assert ckpt.save_best(e, root, 2, state) == "best-epoch-0002.1"
+    # a run saved before best tags: its folder best/ is read, then replaced by the name
+    old = tmp_path / "old"
+    ckpt.save(e, old, ckpt.BEST, state, keep_last=2, make_latest=False)
+    assert ckpt.read_best(old) == "best"
+    assert ckpt.save_best(e, old, 4, state) == ckpt.read_best(old) == "best-epoch-0004"
 
 
 def test_consolidated_weights_equal_the_module(single_process, tmp_path):
@@ -451,6 +501,20 @@ def test_consolidated_weights_equal_the_module(single_process, tmp_path):
     assert set(sd) == set(from_folder) == {"emb.weight", "lin.weight", "lin.bias"}
     for k in sd:
         assert torch.equal(sd[k], from_folder[k])
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_consolidating_a_damaged_tag_names_it(single_process, tmp_path, stage):
+    """--init RUN with a cut-off checkpoint file: before, zero_to_fp32's or torch.load's own
+    traceback (ZeRO 0 reads the model states, ZeRO 1-3 the optimizer states)."""
+    e = _engine(stage=stage)
+    _steps(e, 1, seed=3)
+    ckpt.save(e, tmp_path, "t", {"trainer": {}, "world_size": 1}, keep_last=1)
+    f = next((tmp_path / "t").glob("*optim_states.pt" if stage else "*model_states.pt"))
+    f.write_bytes(f.read_bytes()[:500])
+    with pytest.raises(ckpt.ResumeError, match="could not read its weights") as caught:
+        ckpt.consolidate_folder(tmp_path, "t")
+    assert str(tmp_path / "t") in str(caught.value)
 
 
 # ------------------------------------------------------------------ sharded evaluation

@@ -101,3 +101,20 @@ def test_killed_before_epoch_file_writes_it_when_started_again(tiny_data, tmp_pa
     a = torch.load(tmp_path / "run" / "epoch-1.pt", weights_only=True)["model"]
     b = torch.load(ref / "epoch-1.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_best_weights_gone_stop_the_test_instead_of_testing_the_last_epoch(tiny_data, tmp_path):
+    """A fine-tune started again after its best epoch's tag went missing (a run folder copied
+    without it): before, the test metrics silently came from the last epoch's weights while
+    results.json still named the best epoch."""
+    out = tmp_path / "run"
+    args = train_args(tiny_data, out, "variant=finetune-only", "finetune.epochs=1")
+    run(command("single", "s3rec.finetune", args))
+    ckpts = out / "checkpoints"
+    best = (ckpts / "best").read_text().strip()
+    assert best.startswith("best-epoch-") and (ckpts / best).is_dir()
+    shutil.rmtree(ckpts / best)
+    (ckpts / "best").unlink()
+    p = run(command("single", "s3rec.finetune", args), expect=2)
+    assert f"{ckpts / 'best'} is missing" in p.stderr and "epoch 1 validated best" in p.stderr, \
+        p.stderr[-2000:]

@@ -7,15 +7,16 @@
                                epoch accumulators, world size, stage, config, dataset fingerprint
                                (rank 0; s3rec.engine.resume_check compares them on resume)
         rng-rank00000.pt       python / numpy / torch (and CUDA) generator states of that rank
-      best/                    fine-tuning: the best validation epoch (never pruned)
+      best                     fine-tuning: the tag of the best validation epoch (as `latest`)
+      best-epoch-0007/         that tag (the previous best tag goes once `best` names this one)
 
-A tag is complete once `latest` names it: a process killed while saving leaves `latest` on the
-previous tag. The last `checkpoint.keep_last` step tags are kept.
+A tag is complete once `latest` (or `best`) names it: a process killed while saving leaves the
+name on the previous tag, whole. The last `checkpoint.keep_last` step tags are kept. (Runs saved
+before best tags had the tag folder `best/` itself; it is read as such.)
 """
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import random
 import re
@@ -26,10 +27,12 @@ import numpy as np
 import torch
 
 from s3rec import distributed as dist
+from s3rec.runlog import write_atomic
 
 CHECKPOINTS = "checkpoints"   # RUN/checkpoints: a training run's DeepSpeed tags
 LATEST = "latest"
 BEST = "best"
+_BEST_TAG = "best-epoch-"
 STATE_FILE = "trainer_state.json"
 _STEP_TAG = re.compile(r"^step-(\d+)$")
 
@@ -40,20 +43,6 @@ class ResumeError(RuntimeError):
 
 def step_tag(global_step: int) -> str:
     return f"step-{global_step:08d}"
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)      # e.g. a full disk: no half-written file left behind
-        raise
 
 
 def rng_state() -> dict:
@@ -79,11 +68,16 @@ def seed_everything(seed: int) -> None:
 
 
 def read_latest(root: Path) -> str | None:
-    f = Path(root) / LATEST
+    return _read_name(Path(root), LATEST)
+
+
+def _read_name(root: Path, name: str) -> str | None:
+    """The tag the file root/name (`latest`, `best`) names; None without that file."""
+    f = root / name
     if not f.is_file():
         return None
     tag = f.read_text().strip()
-    if not tag or not (Path(root) / tag).is_dir():
+    if not tag or not (root / tag).is_dir():
         raise ResumeError(f"{f} names tag {tag!r}, which is not a folder in {root}")
     return tag
 
@@ -106,6 +100,37 @@ def save(engine, root: Path, tag: str, state: dict, keep_last: int, make_latest:
     dist.barrier()
     if make_latest:
         mark_latest(root, tag, keep_last)
+
+
+def save_best(engine, root: Path, epoch: int, state: dict) -> str:
+    """The best validation epoch as a tag of its own, then `best` names it. Every rank calls
+    this. Never written over the tag `best` names: a process killed while saving leaves the
+    previous best whole (an epoch validated again after a resume gets a fresh name)."""
+    root = Path(root)
+    tag = None
+    if dist.is_main():
+        tag, n = f"{_BEST_TAG}{epoch:04d}", 0
+        while (root / tag).exists():
+            n += 1
+            tag = f"{_BEST_TAG}{epoch:04d}.{n}"
+    tag = dist.broadcast_object(tag)
+    save(engine, root, tag, state, keep_last=0, make_latest=False)
+    if dist.is_main():
+        if (root / BEST).is_dir():        # the old layout's tag folder
+            shutil.rmtree(root / BEST)
+        write_atomic(root / BEST, tag)
+        for p in root.iterdir():
+            if p.is_dir() and p.name.startswith(_BEST_TAG) and p.name != tag:
+                shutil.rmtree(p, ignore_errors=True)
+    dist.barrier()
+    return tag
+
+
+def read_best(root: Path) -> str | None:
+    """The tag `best` names (None before any validation improved)."""
+    if (Path(root) / BEST).is_dir():
+        return BEST
+    return _read_name(Path(root), BEST)
 
 
 def mark_latest(root: Path, tag: str, keep_last: int) -> None:
@@ -222,14 +247,22 @@ def consolidate_folder(root: Path, tag: str | None = None) -> dict:
     if tag is None:
         raise ResumeError(f"{root}: no '{LATEST}' file and no tag given")
     tag_dir = root / tag
-    if list(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    else:   # ZeRO stage 0: rank 0 wrote the whole module
-        f = tag_dir / "mp_rank_00_model_states.pt"
-        if not f.is_file():
-            raise ResumeError(f"{tag_dir}: neither ZeRO optimizer states nor {f.name}")
-        sd = torch.load(f, map_location="cpu", weights_only=False)["module"]
+    try:
+        if list(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+        else:   # ZeRO stage 0: rank 0 wrote the whole module
+            f = tag_dir / "mp_rank_00_model_states.pt"
+            if not f.is_file():
+                raise ResumeError(f"{tag_dir}: neither ZeRO optimizer states nor {f.name}")
+            sd = torch.load(f, map_location="cpu", weights_only=False)["module"]
+    except ResumeError:
+        raise
+    except (AssertionError, RuntimeError, OSError, EOFError, KeyError, ValueError,
+            pickle.UnpicklingError) as e:
+        # zero_to_fp32's own errors: "Expected N of *_optim_states.pt", a zip reader's message
+        raise ResumeError(f"{tag_dir}: could not read its weights ({type(e).__name__}: "
+                          f"{str(e)[:300]}); the checkpoint tag is damaged or incomplete") from e
     return {k: v.float() for k, v in _strip(dict(sd)).items()}
 
 

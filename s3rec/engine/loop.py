@@ -154,11 +154,11 @@ class Trainer:
         return {"trainer": dataclasses.asdict(self.state), "world_size": self.world,
                 "stage": self.task.stage, "config": self.cfg.to_dict(), "dataset": self.dataset}
 
-    def save(self, epoch_acc: torch.Tensor, tag: str | None = None, latest: bool = True) -> str:
+    def save(self, epoch_acc: torch.Tensor, latest: bool = True) -> str:
         """A checkpoint tag; `latest` names it unless latest=False (then: mark_latest)."""
-        tag = tag or ckpt.step_tag(self.state.global_step)
+        tag = ckpt.step_tag(self.state.global_step)
         ckpt.save(self.engine, self.ckpt_dir, tag, self._state_dict(epoch_acc),
-                  self.cfg.checkpoint.keep_last, make_latest=latest and tag != ckpt.BEST)
+                  self.cfg.checkpoint.keep_last, make_latest=latest)
         return tag
 
     def mark_latest(self, tag: str) -> None:
@@ -339,7 +339,7 @@ class Trainer:
         line = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
         if st.best is None or value > st.best:
             st.best, st.best_epoch, st.bad_epochs, st.best_valid = value, done, 0, metrics
-            self.save(self._new_acc(), tag=ckpt.BEST)
+            ckpt.save_best(self.engine, self.ckpt_dir, done, self._state_dict(self._new_acc()))
             dist.log_main(f"[valid] epoch {done}: {line} (best)")
         else:
             st.bad_epochs += 1
@@ -351,10 +351,17 @@ class Trainer:
                               f"{task.patience} epochs; best epoch {st.best_epoch}")
 
     def load_best(self) -> bool:
-        if (self.ckpt_dir / ckpt.BEST).is_dir():
-            ckpt.load(self.engine, self.ckpt_dir, ckpt.BEST, self.world, module_only=True)
-            return True
-        return False
+        """The best validation epoch's weights; False when no epoch was validated (no best)."""
+        tag = ckpt.read_best(self.ckpt_dir)
+        if tag is None:
+            if self.state.best_epoch > 0:     # testing the last epoch instead would be silent
+                raise ckpt.ResumeError(
+                    f"{self.ckpt_dir / ckpt.BEST} is missing, but the trainer state says epoch "
+                    f"{self.state.best_epoch} validated best: its weights are gone (a run folder "
+                    f"copied without them?); test metrics would not be the best epoch's")
+            return False
+        ckpt.load(self.engine, self.ckpt_dir, tag, self.world, module_only=True)
+        return True
 
     def close(self) -> None:
         self.profiler.close()
