@@ -17,8 +17,8 @@ from pathlib import Path
 from analysis.atomic import write_csv, write_text
 from analysis.figures import Figure, all_grid_figures
 from analysis.paper_numbers import PAPER_SOURCE, reference_for
-from analysis.read_runs import (SCALAR_COLUMNS, Run, read_runs, runs_table, scalars_table,
-                                sort_metrics)
+from analysis.read_runs import (SCALAR_COLUMNS, Run, RunFolderError, read_runs, runs_table,
+                                scalars_table, sort_metrics)
 
 LOWRANK_TABLE_RANKS = (1, 2, 4, 8, 16, 32)
 
@@ -243,8 +243,13 @@ def build_report(runs_dir: Path, out: Path, checkpoint: Path | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
+    from s3rec.model import CheckpointError
     args = get_args_parser().parse_args(argv)
-    report = build_report(args.runs, args.out, args.checkpoint, anatomy=not args.no_anatomy)
+    try:
+        report = build_report(args.runs, args.out, args.checkpoint, anatomy=not args.no_anatomy)
+    except (CheckpointError, RunFolderError, OSError) as e:
+        print(f"s3rec-report: error: {e}", file=sys.stderr)
+        return 2
     print(f"s3rec-report: wrote {report}")
     return 0
 

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             print(verify(ns.dataset))
         else:
             prepare(ns)
-    except DatasetError as e:
+    except (DatasetError, OSError) as e:
         print(f"s3rec-prep {ns.verb}: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -80,10 +80,17 @@ def write_dataset(source: Source, out: Path, num_shards: int, seed: int, args: d
              "num_items": source.num_items, "num_attributes": source.num_attributes,
              "seed": seed, "negatives_source": source.negatives_source, "command": command,
              "sources": sources}
+    setup_err = ""
     if comm.rank == 0:
         shutil.rmtree(tmp_dir, ignore_errors=True)   # leftovers of a killed run
-        tmp_dir.mkdir(parents=True)
-    comm.barrier()
+        try:
+            tmp_dir.mkdir(parents=True)
+        except OSError as e:   # e.g. a parent of --out is a file
+            setup_err = f"{out}: cannot create {tmp_dir} ({e.strerror}); choose another --out"
+    # Also the barrier: no rank writes before the folder exists, and none waits on a failed rank 0.
+    setup_err = comm.bcast(setup_err)
+    if setup_err:
+        raise DatasetError(setup_err)
     records, err = [], ""
     try:
         for i in range(comm.rank, num_shards, comm.size):

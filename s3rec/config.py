@@ -274,7 +274,14 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"override '{text}': empty key")
-    return key, yaml.safe_load(raw) if raw != "" else ""
+    if raw == "":
+        return key, ""
+    try:
+        return key, yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        why = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise ConfigError(f"override '{text}': value for '{key}' is not valid YAML ({why})") \
+            from None
 
 
 # Keys (dotted prefixes) that change what a run logs, keeps or how fast it goes, not its results:
@@ -409,6 +416,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
             data = yaml.safe_load(path.read_text()) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
+        except OSError as e:
+            raise ConfigError(f"config file {path}: cannot be read: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path}: not UTF-8 text (byte {e.start}): expected a "
+                              f"YAML file") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path}: not valid YAML: {e}") from None
         try:

@@ -46,8 +46,14 @@ def run_import(checkpoint: str, data: str, out: str, config: str | None,
 
 
 def run_export(model_file: str, out: str, data: str | None) -> Path:
-    obj = torch.load(model_file, map_location="cpu", weights_only=True) \
-        if Path(model_file).is_file() else None
+    # Read once here for its stored config and dataset; load_model_file below needs the latter.
+    obj = None
+    if Path(model_file).is_file():
+        try:
+            obj = torch.load(model_file, map_location="cpu", weights_only=True)
+        except Exception as e:   # a truncated or foreign file: as load_model_file words it
+            raise CheckpointError(f"model file {model_file}: cannot be read by torch.load: {e}") \
+                from None
     if not isinstance(obj, dict) or "config" not in obj or "dataset" not in obj:
         raise CheckpointError(f"{model_file}: not a project model file (needs 'model', 'config', "
                               f"'dataset')")
@@ -88,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.data:
                 raise ConfigError("import needs --data DATASET (its sizes are checked)")
             path = run_import(args.checkpoint, args.data, args.out, args.config, args.overrides)
-    except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, ValueError, OSError) as e:
         print(f"s3rec-import-original: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")

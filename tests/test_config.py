@@ -1,4 +1,6 @@
 """The typed config: defaults reproduce the reference; bad keys and types are named."""
+import re
+
 import pytest
 
 from s3rec.config import Config, ConfigError, config_from_dict, load_config
@@ -56,6 +58,24 @@ def test_lowrank_variant_makes_aap_and_map_lowrank():
 def test_bad_override_names_the_key(override, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("override", ["model.hidden_size=[1", 'x="a'])
+def test_override_that_is_not_yaml_names_the_override(override):
+    named = re.escape(f"override '{override}': value for '{override.split('=')[0]}'")
+    with pytest.raises(ConfigError, match=named + " is not valid YAML"):
+        load_config(None, [override])
+
+
+def test_unreadable_config_file_names_the_file(tmp_path):
+    folder = tmp_path / "conf.yaml"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match=r"config file .*conf\.yaml: cannot be read"):
+        load_config(folder)
+    binary = tmp_path / "latin1.yaml"
+    binary.write_bytes(b"model:\n  hidden_size: \xff\n")
+    with pytest.raises(ConfigError, match=r"config file .*latin1\.yaml: not UTF-8"):
+        load_config(binary)
 
 
 def test_bad_yaml_key_names_file_and_key(tmp_path):

@@ -144,6 +144,20 @@ def test_cli_import_export_with_real_dataset_folders(tmp_path, capsys):
     assert not (tmp_path / "x.pt").exists()
 
 
+def test_cli_export_of_a_damaged_file_or_unwritable_out_is_an_error_line(tmp_path, capsys):
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(b"\x80\x02not a pickle at all")
+    assert cli_main([str(damaged), "--export", "--out", str(tmp_path / "a.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("s3rec-import-original: error: model file ") and "damaged.pt" in err
+    assert not (tmp_path / "a.pt").exists()
+    good = save_model_file(tmp_path / "good.pt", toy_model(), Config(), INFO)
+    (tmp_path / "afile").write_text("")
+    assert cli_main([str(good), "--export", "--out", str(tmp_path / "afile" / "a.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("s3rec-import-original: error: ") and "afile" in err
+
+
 def test_console_script_is_installed(tmp_path):
     r = subprocess.run(["s3rec-import-original", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--export" in r.stdout

@@ -78,3 +78,14 @@ def test_small_item_sets_always_leave_99_negatives(tmp_path, capsys):
     assert main(["synthetic", "--users", "10", "--items", "104", "--attributes", "5",
                  "--out", str(tmp_path / "b")]) == 1
     assert "--items must be > 104" in capsys.readouterr().err
+
+
+def test_out_under_a_file_is_an_error_naming_the_path(tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine")
+    assert main(["synthetic", "--users", "50", "--items", "200", "--attributes", "5",
+                 "--out", str(tmp_path / "afile" / "ds")]) == 1
+    err = capsys.readouterr().err
+    out = tmp_path / "afile" / "ds"
+    assert err.startswith(f"s3rec-prep synthetic: error: {out}: cannot create")
+    assert "choose another --out" in err and "Traceback" not in err
+    assert (tmp_path / "afile").read_text() == "mine"

@@ -113,12 +113,26 @@ def test_grid_without_ablations_or_finished_finetunes_skips_figures_with_a_note(
     assert "No finished full-rank pretraining with a final.pt" in text
 
 
-def test_explicit_checkpoint_must_exist(fabricated_grid, tmp_path):  # noqa: F811
-    from s3rec.model import CheckpointError
+def test_explicit_checkpoint_must_exist(fabricated_grid, tmp_path, capsys):  # noqa: F811
     root, _ = fabricated_grid
-    with pytest.raises(CheckpointError, match="does not exist"):
-        main([str(root), "--out", str(tmp_path / "r"), "--no-anatomy",
-              "--checkpoint", str(tmp_path / "missing.pt")])
+    assert main([str(root), "--out", str(tmp_path / "r"), "--no-anatomy",
+                 "--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("s3rec-report: error: --checkpoint ")
+    assert "missing.pt does not exist" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_runs_folder_or_bad_run_json_is_an_error_line(tmp_path, capsys):
+    assert main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"), "--no-anatomy"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("s3rec-report: error: ") and "nowhere does not exist" in err
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "run.json").write_text("{broken")
+    assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "r"), "--no-anatomy"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("s3rec-report: error: ") and "run.json: not valid JSON" in err
+    assert not (tmp_path / "r").exists()
 
 
 def test_fine_tunes_are_tabled_by_the_pretraining_they_started_from(tmp_path):

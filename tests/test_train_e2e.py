@@ -118,6 +118,17 @@ def test_bad_init_and_variants_stop_with_a_message(pretrained, tiny_data, tmp_pa
     assert "finetune-only has no pretraining stage" in p.stderr
 
 
+def test_out_that_is_a_file_or_under_one_stops_with_a_message(tiny_data, tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    for module, out, extra, why in (
+            ("s3rec.pretrain", tmp_path / "afile", [], "exists and is not a folder"),
+            ("s3rec.finetune", tmp_path / "afile" / "run", ["variant=finetune-only"],
+             "cannot be created (Not a directory")):
+        p = run(command("single", module, train_args(tiny_data, out, *extra)), expect=2)
+        assert f"error: --out {out}: {why}" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
 def test_bf16_zero2_final_pt_holds_the_fp32_master_weights(tiny_data, tmp_path, shm_clean):
     """bf16 (CPU: ZeRO >= 1): the module runs in bf16; final.pt must hold the fp32 masters."""
     pre = tmp_path / "pre"

@@ -78,6 +78,12 @@ def _read_file(path: str) -> dict:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"config key 'deepspeed.config_file': {path} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"config key 'deepspeed.config_file': {path} cannot be read: "
+                          f"{e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"deepspeed config {path}: not UTF-8 text (byte {e.start}): expected "
+                          f"a JSON object") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"deepspeed config {path}: not valid JSON (line {e.lineno}): {e.msg}") \
             from None

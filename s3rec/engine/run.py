@@ -74,9 +74,18 @@ def start(stage: str, args, protocol: str | None) -> Setup:
     # a run started again resumes: before run.json is rewritten, the checkpoint must be this run's
     resume_check.check_before_start(run_dir / ckpt.CHECKPOINTS, stage, cfg.to_dict(),
                                     info.world_size, fingerprint)
+    err = None
     if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            why = "exists and is not a folder" if run_dir.exists() else \
+                f"cannot be created ({e.strerror}: {e.filename})"
+            err = f"--out {run_dir}: {why}; choose another --out"
+    # Also the barrier: every rank waits for the folder, and hears of rank 0 failing to make it.
+    err = dist.broadcast_object(err)
+    if err:
+        raise ConfigError(err)
     runjson = RunJson(run_dir, dist.is_main(), stage=stage, config=cfg.to_dict(),
                       data=str(Path(args.data).resolve()), dataset=dataset_info(ds),
                       dataset_fingerprint=fingerprint,
