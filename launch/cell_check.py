@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from launch.grid import STAGE_PRODUCT, Cell, GridError, read_run_json, stage_done
+from launch.grid import STAGE_PRODUCT, Cell, GridError, dataset_name, read_run_json, stage_done
 from s3rec.config import NO_RESULT_KEYS, Config, flat_keys, load_config
 from s3rec.engine.resume_check import ENGINE_KEYS, MAY_CHANGE, OTHER_STAGE, dataset_fingerprint
 
@@ -44,8 +44,7 @@ def check_cells(cells: list[Cell]) -> None:
             # does not ask for the data)
             if saved is not None and (Path(cell.data) / "manifest.json").exists():
                 if cell.data not in fingerprints:
-                    from s3rec.data.reader import Dataset
-                    fingerprints[cell.data] = dataset_fingerprint(Dataset(cell.data))
+                    fingerprints[cell.data] = _fingerprint(cell)
                 now = fingerprints[cell.data]
                 if saved != now:
                     key = next(k for k in sorted(set(saved) | set(now))
@@ -53,6 +52,18 @@ def check_cells(cells: list[Cell]) -> None:
                     raise GridError(f"{where}: run on another version of {cell.data} ({key}: "
                                     f"{saved.get(key)!r} then, {now.get(key)!r} now); prepare it as it "
                                     f"was, {_ELSE}")
+
+
+def _fingerprint(cell: Cell) -> dict:
+    """The fingerprint of a cell's dataset; a damaged one is a GridError naming its data[i]."""
+    from s3rec.data.format import DatasetError
+    from s3rec.data.reader import Dataset
+    try:
+        return dataset_fingerprint(Dataset(cell.data))
+    except DatasetError as e:
+        grid = cell.grid
+        i = [dataset_name(d) for d in grid.data].index(cell.dataset)   # names are unique
+        raise GridError(f"{grid.source}: key 'data[{i}]': {e}") from None
 
 
 _ELSE = "or give the grid another 'out' (or remove this cell's folder to run it again)"

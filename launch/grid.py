@@ -221,12 +221,7 @@ def grid_from_dict(data: Any, source: str = "<dict>") -> Grid:
 def load_grid(path: str | Path, executor_kind: str | None = None) -> Grid:
     """Read and check a grid file; `executor_kind` (from the command line) overrides executor.kind."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise GridError(f"grid file {path} does not exist") from None
-    except yaml.YAMLError as e:
-        raise GridError(f"grid file {path}: not valid YAML: {e}") from None
+    data = _read_yaml(path, f"grid file {path}", "a YAML file")
     if executor_kind is not None and isinstance(data, dict):
         if data.get("executor") is None:   # an empty `executor:` key is all defaults
             data["executor"] = {}
@@ -259,6 +254,8 @@ def validate(grid: Grid) -> None:
         raise GridError(f"{src}: key 'out': expected a folder path, got {grid.out!r}")
     if not isinstance(grid.config, str):
         raise GridError(f"{src}: key 'config': expected a YAML path, got {grid.config!r}")
+    if grid.config:
+        _check_config_file(grid)
     _check_list(grid, "data", str)
     _check_list(grid, "variants", str)
     _check_list(grid, "seeds", int)
@@ -281,9 +278,15 @@ def validate(grid: Grid) -> None:
     if not isinstance(grid.overrides, dict):
         raise GridError(f"{src}: key 'overrides': expected a mapping of dotted config keys, "
                         f"got {grid.overrides!r}")
-    for k in grid.overrides:
+    for k, v in grid.overrides.items():
         if k in ("variant", "seed", "model.head_rank"):
             raise GridError(f"{src}: key 'overrides.{k}': set by the grid's axes, not an override")
+        try:
+            json.dumps(v)       # how override_args passes it to the training commands
+        except (TypeError, ValueError) as e:
+            raise GridError(f"{src}: key 'overrides.{k}': expected a number, string, boolean, "
+                            f"null, or a list or mapping of them, got {type(v).__name__} {v!r} "
+                            f"({e}; quote it to pass it as a string)") from None
     # The training config must accept the overrides, in every variant and at every rank.
     try:
         # head_rank=1: the default rank (16) must not fail a grid whose hidden size is small;
@@ -321,6 +324,29 @@ def validate(grid: Grid) -> None:
                         f"{CHILD_SAVE_TIMEOUT_S} s (a cell waits that long for its training to "
                         f"save) and under timeout_min ({ex.timeout_min * 60} s), got "
                         f"{ex.signal_delay_s}")
+
+
+def _read_yaml(path: Path, where: str, expected: str):
+    """The YAML in `path`; a GridError starting with `where` if it cannot be read or parsed."""
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GridError(f"{where} does not exist") from None
+    except IsADirectoryError:
+        raise GridError(f"{where} is a folder, expected {expected}") from None
+    except UnicodeDecodeError as e:
+        raise GridError(f"{where}: expected UTF-8 YAML text: {e}") from None
+    except OSError as e:
+        raise GridError(f"{where}: cannot read it: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise GridError(f"{where}: not valid YAML: {e}") from None
+
+
+def _check_config_file(grid: Grid) -> None:
+    """The grid's `config` must be a readable UTF-8 YAML file: a GridError naming the key, not
+    an error of the training config's loader (or a traceback) later."""
+    _read_yaml(Path(grid.config), f"{grid.source}: key 'config': {grid.config}",
+               "a training YAML file")
 
 
 def _full_rank_head_rank(grid: Grid, hidden: int) -> int | None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import submitit
-from submitit.core.utils import JobPaths, pickle_load
+from submitit.core.utils import FailedJobError, JobPaths, pickle_load
 
 from launch import slurm_state
 from launch.cell_check import check_cells
@@ -57,8 +57,12 @@ def _now() -> str:
 def _write_json(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))   # open(): honours the umask
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))   # open(): honours the umask
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)     # no half-written temp file left behind
+        raise
 
 
 def local_controller_alive(pid: str, folder: str) -> bool:
@@ -90,6 +94,12 @@ def make_job(cell: Cell, exes: tuple[str, str]) -> CellJob:
 
 def make_executor(grid: Grid) -> submitit.AutoExecutor:
     ex = grid.executor
+    if ex.kind == "slurm":
+        for tool in ("sbatch", "srun"):    # submitit's SlurmExecutor needs both
+            if shutil.which(tool) is None:
+                raise GridError(f"{grid.source}: key 'executor.kind': slurm, but {tool} is not "
+                                f"on PATH (submit from a SLURM login node, or use --executor "
+                                f"local)")
     folder = grid.out_path / "_submitit"
     # AutoExecutor picks SLURM whenever sbatch is on PATH: always name the cluster.
     executor = submitit.AutoExecutor(folder=folder, cluster=ex.kind,
@@ -183,13 +193,32 @@ class GridRun:
     def _submit(self, todo: list[Cell]) -> None:
         self._executor = make_executor(self.grid)
         if self.grid.executor.kind == "slurm":
-            with self._executor.batch():     # one sbatch --array=0-N%parallelism
-                jobs = [self._executor.submit(make_job(c, self._exes)) for c in todo]
+            # Nothing is recorded before sbatch accepted the whole array: a refused submission
+            # leaves jobs.json as it was.
+            try:
+                with self._executor.batch():     # one sbatch --array=0-N%parallelism
+                    jobs = [self._executor.submit(make_job(c, self._exes)) for c in todo]
+            except FailedJobError as e:     # sbatch ran and refused (partition, account, ...)
+                raise GridError(self._sbatch_refused(len(todo), e)) from None
+            except FileNotFoundError as e:
+                if e.filename != "sbatch":
+                    raise
+                raise GridError(f"{self.grid.source}: key 'executor.kind': slurm, but sbatch "
+                                f"could not be run ({e.strerror}); submit from a SLURM login "
+                                f"node, or use --executor local") from None
             for cell, job in zip(todo, jobs):
                 self._record(cell, job)
         else:
             self.waiting = list(todo)
             self._start_local()
+
+    def _sbatch_refused(self, n: int, e: FailedJobError) -> str:
+        """The error line of a submission sbatch refused, with sbatch's own message."""
+        src, ex = self.grid.source, self.grid.executor
+        msg = " / ".join(ln.strip() for ln in str(e).splitlines() if ln.strip()) or "no message"
+        return (f"{src}: sbatch refused the grid's {n} cell{'s' * (n != 1)}, nothing submitted: "
+                f"{msg}; check executor.partition ({ex.partition!r}), executor.account "
+                f"({ex.account!r}) and executor.qos ({ex.qos!r})")
 
     @property
     def lock_path(self) -> Path:

@@ -236,3 +236,41 @@ def test_small_hidden_size_allows_full_rank_variants():
 def test_head_rank_override_still_refused(tmp_path, capsys):
     msg = refused(tmp_path, grid_with(overrides={"model.head_rank": 8}), capsys)
     assert "overrides.model.head_rank" in msg
+
+
+@pytest.mark.parametrize("kind", ["folder", "latin-1"])
+def test_unreadable_grid_file_names_it(tmp_path, capsys, kind):
+    path = tmp_path / "grid.yaml"
+    if kind == "folder":
+        path.mkdir()
+    else:
+        path.write_bytes(yaml.safe_dump(grid_with()).encode() + "# caf\xe9\n".encode("latin-1"))
+    with pytest.raises(GridError, match=f"grid file {path}"):
+        load_grid(path)
+    assert grid_cli.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"s3rec-grid: grid file {path}")
+    assert ("is a folder" if kind == "folder" else "UTF-8") in err
+
+
+@pytest.mark.parametrize("kind", ["folder", "latin-1"])
+def test_unreadable_config_file_names_the_key(tmp_path, capsys, kind):
+    config = tmp_path / "train.yaml"
+    if kind == "folder":
+        config.mkdir()
+    else:
+        config.write_bytes("model:\n  hidden_size: 8  # caf\xe9\n".encode("latin-1"))
+    msg = refused(tmp_path, grid_with(config=str(config)), capsys)
+    assert "key 'config'" in msg and str(config) in msg
+    assert ("is a folder" if kind == "folder" else "UTF-8") in msg
+
+
+def test_override_value_json_cannot_write_names_the_key(tmp_path, capsys):
+    """YAML reads an unquoted 2020-01-01 as a date, which the override arguments cannot carry."""
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid_with(overrides=None))
+                    + "overrides:\n  pretrain.lr: 2020-01-01\n")
+    msg = refused(tmp_path, yaml.safe_load(path.read_text()), capsys)
+    assert "key 'overrides.pretrain.lr'" in msg and "date" in msg
+    with pytest.raises(GridError, match=r"overrides\.pretrain\.save_epochs.*type set"):
+        grid_from_dict({**grid_with(), "overrides": {"pretrain.save_epochs": [1, {2, 3}]}})

@@ -331,3 +331,87 @@ def test_checkpoint_landing_while_poll_holds_popens_lock_does_not_hang(tmp_path,
         took = time.monotonic() - t0
     assert took < 10, f"checkpoint() waited {took:.1f} s for a child that exited at once"
     assert proc.wait(timeout=5) == 0                       # the exit status is still there
+
+
+# ---------------------------------------------------------------- bad input on (re)launch
+
+def test_relaunch_names_a_damaged_dataset_by_its_key(grid_file, fake_submit, capsys):
+    """A cell's run.json records the dataset's fingerprint; the dataset (its manifest "{}")
+    is damaged since: the launch says which data[i] and why, not a DatasetError traceback."""
+    grid, path = grid_file("local")
+    run_dir = grid.cells()[0].finetune_dir
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps(
+        {"stage": "finetune", "status": "running", "config": {},
+         "dataset_fingerprint": {"name": "beauty"}}))
+    with pytest.raises(GridError, match=r"key 'data\[0\]'.*manifest"):
+        runner.launch_grid(grid)
+    for argv in ([str(path)], [str(path), "--dry-run"]):
+        assert grid_cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"s3rec-grid: {path}: key 'data[0]'") and "manifest" in err
+    assert fake_submit == []            # nothing submitted
+
+
+def _fake_bin(tmp_path: Path, **scripts: str) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in scripts.items():
+        (bin_dir / name).write_text("#!/bin/sh\n" + body)
+        (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
+def test_slurm_launch_without_sbatch_is_a_grid_error(grid_file, tmp_path, monkeypatch, capsys):
+    grid, path = grid_file("slurm")
+    monkeypatch.setattr(runner, "resolve_commands", lambda: ("s3rec-pretrain", "s3rec-finetune"))
+    monkeypatch.setenv("PATH", str(_fake_bin(tmp_path)))     # a folder without sbatch
+    assert grid_cli.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"s3rec-grid: {path}: key 'executor.kind'") and "sbatch" in err
+    assert not (grid.out_path / "_grid" / "jobs.json").exists()
+    with pytest.raises(GridError, match="sbatch"):     # the lock went with the failed launch
+        runner.launch_grid(grid)
+    # sbatch found by the check but gone when submitit runs it: the same error, not a traceback
+    monkeypatch.setattr(runner.shutil, "which", lambda name: f"/nowhere/{name}")
+    with pytest.raises(GridError, match="key 'executor.kind': slurm, but sbatch could not be run"):
+        runner.launch_grid(grid)
+    assert not (grid.out_path / "_grid" / "jobs.json").exists()
+
+
+def test_slurm_submission_refused_by_sbatch_records_nothing(grid_file, tmp_path, monkeypatch,
+                                                            capsys):
+    grid, path = grid_file("slurm")
+    text = json.loads(path.read_text())
+    text["executor"]["partition"] = "nope"
+    path.write_text(json.dumps(text))
+    key = grid.cells()[0].key
+    register(grid, key, "slurm", "999")          # an earlier job, gone: both cells resubmitted
+    registry = grid.out_path / "_grid" / "jobs.json"
+    before = registry.read_text()
+    slurm_answers(monkeypatch, {}, final=None)
+    monkeypatch.setattr(runner, "resolve_commands", lambda: ("s3rec-pretrain", "s3rec-finetune"))
+    called = tmp_path / "sbatch-called"
+    bin_dir = _fake_bin(tmp_path, srun="exit 1\n", sbatch=(
+        f"touch {called}\n"
+        "echo 'sbatch: error: invalid partition specified: nope' >&2\n"
+        "echo 'sbatch: error: Batch job submission failed: Invalid partition name specified' >&2\n"
+        "exit 1\n"))
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert grid_cli.main([str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert called.exists()
+    assert err.startswith(f"s3rec-grid: {path}: sbatch refused")
+    assert "invalid partition specified: nope" in err and "Invalid partition name" in err
+    assert "executor.partition ('nope')" in err and "executor.account" in err \
+        and "executor.qos" in err
+    assert registry.read_text() == before        # nothing recorded as submitted
+    assert runner.open_grid(grid).launch_holder() is None    # the lock was released
+
+
+def test_registry_write_that_fails_leaves_no_temp_file(tmp_path):
+    registry = tmp_path / "_grid" / "jobs.json"
+    registry.mkdir(parents=True)          # the rename onto it fails after the temp file is written
+    with pytest.raises(OSError):
+        runner._write_json(registry, {"k": {"job_id": "1"}})
+    assert sorted(p.name for p in registry.parent.iterdir()) == ["jobs.json"]
