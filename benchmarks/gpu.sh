@@ -20,7 +20,7 @@
 #
 # Why fp32 ZeRO 0 as well as the issue's bf16 ZeRO 2: this 0.9M-parameter model's step is bound by the host launching kernels,
 # not by arithmetic. On an H100 (session 4) a DeepSpeed step took 13.5 ms at fp32 ZeRO 0 and
-# 24.2 ms at bf16 ZeRO 2 (plain PyTorch 12.1 ms), and an epoch 28.7 s against 37.6 s: bf16 and
+# 24.2 ms at bf16 ZeRO 2 (plain PyTorch 11.6-12.3 ms), and an epoch 28.7 s against 37.6 s: bf16 and
 # ZeRO add kernels and buy nothing at this size. torch.compile of the loss with the batches' own
 # shapes was slower still (56.9 s for its second epoch: every new shape compiles); hence fixed
 # shapes (s3rec/static_objectives.py), under which one graph serves every step.

@@ -2,7 +2,8 @@
 # The reproduction fine-tunes of issue 3 on one lent GPU, beside benchmarks/gpu.sh, in one call:
 #   1. fine-tune from the authors' Beauty-epochs-150.pt (imported), early stopping as the reference;
 #   2. fine-tune without pretraining (variant finetune-only, the SASRec-style baseline);
-#   3. benchmarks/gpu.sh (NCCL, bf16, ZeRO 2, one Beauty pretraining epoch timed).
+#   3. benchmarks/gpu.sh (NCCL; pretraining epochs timed at bf16 ZeRO 2 and fp32 ZeRO 0, fixed
+#      shapes in CUDA graphs and eager; step comparisons; see its header).
 # Runs 1-3 concurrently (they are small next to an H100). fp32 for 1 and 2, as the original.
 #
 #   bash benchmarks/gpu_reproduce.sh BEAUTY_DATASET AUTHORS_CKPT OUT

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
@@ -46,7 +45,6 @@ def main(argv=None) -> int:
     from s3rec.model import build_model
     from s3rec.objectives import pretrain_index, pretrain_losses
     from s3rec.pretrain_step import pretrain_sampler
-    from s3rec.runlog import write_json_atomic
 
     cfg = load_config(REPO / "configs/beauty.yaml", args.overrides)
     pc = cfg.pretrain
@@ -117,8 +115,8 @@ def main(argv=None) -> int:
                "eager_step_ms": eager_ms, "graph_step_ms": graph_ms, "steps_per_epoch": n,
                "eager_epoch_s": n * eager_ms / 1000,
                "graph_epoch_s": n * graph_ms / 1000 if graph_ms is not None else None}
-    write_json_atomic(Path(args.json), figures)
-    print(json.dumps(figures, indent=2))
+    from bench_common import finish
+    finish(figures, args.json)
     return 0
 
 

@@ -10,7 +10,6 @@ free cores spin and can make a step ten times slower (seen here).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -53,7 +52,6 @@ def main(argv=None) -> int:
     from s3rec.config import load_config
     from s3rec.data.reader import Dataset
     from s3rec.pretrain_step import pretrain_sampler
-    from s3rec.runlog import write_json_atomic
     cfg = load_config(None, args.overrides)
     ds = Dataset(args.data)
     samples = pretrain_sampler(cfg, ds).num_samples
@@ -66,9 +64,8 @@ def main(argv=None) -> int:
         out[f"world{world}"] = {**r, "threads_per_rank": threads,
                                 "samples_per_s": samples / r["epoch_s"]}
     out["speedup"] = out["world2"]["samples_per_s"] / out["world1"]["samples_per_s"]
-    write_json_atomic(Path(args.json), out)
-    print(json.dumps(out, indent=2))
-    return 0
+    from bench_common import finish
+    return finish(out, args.json)
 
 
 if __name__ == "__main__":

@@ -69,7 +69,8 @@ def step_overhead(data: str, overrides: list[str], steps: int) -> dict:
                                  cfg.pretrain.batch_size, device)
     warm = 20
     every_epoch = itertools.chain.from_iterable(     # as many epochs as a small dataset needs
-        sampler.batches(cfg.seed, e, cfg.pretrain.batch_size) for e in itertools.count())
+        sampler.batches(cfg.seed, e, cfg.pretrain.batch_size, cfg.data.bucket_by_length,
+                        cfg.data.bucket_size) for e in itertools.count())
     batches = [prepare(b) for b in itertools.islice(every_epoch, steps + warm)]
     cuda = device.type == "cuda"
 
@@ -223,11 +224,9 @@ def main(argv=None) -> int:
 
 
 def _write(figures: dict, path: str) -> int:
-    from s3rec.runlog import write_json_atomic
+    from bench_common import finish
     figures["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    write_json_atomic(Path(path), figures)
-    print(json.dumps(figures, indent=2))
-    return 0
+    return finish(figures, path)
 
 
 if __name__ == "__main__":

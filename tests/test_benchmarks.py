@@ -42,6 +42,20 @@ def test_scaling_runs_world_sizes_one_and_two(tiny_data, tmp_path):
     assert f["speedup"] == pytest.approx(f["world2"]["samples_per_s"] / f["world1"]["samples_per_s"])
 
 
+def test_micro_times_each_host_piece_and_records_the_machine(tiny_data, tmp_path):
+    out = tmp_path / "sub" / "micro.json"          # a folder that does not exist yet
+    p = run([sys.executable, "benchmarks/micro.py", "--data", str(tiny_data), "--json", str(out),
+             "--steps", "3", *TINY_MODEL], timeout=200)
+    f = read_json(out)
+    assert set(f["adam_step_ms"]) == {"fused", "foreach", "loop"}
+    assert all(v > 0 for v in f["adam_step_ms"].values()) and f["tensors"] > 10
+    assert f["sample_epoch_s"] > 0 and f["batch_ms"] > 0 and f["batches_per_epoch"] > 0
+    assert f["dropout_speedup"] == pytest.approx(f["dropout_ms"]["bernoulli"]
+                                                 / f["dropout_ms"]["packed"])
+    assert f["machine"]["cpus"] >= 1 and f["machine"]["device"] == "cpu"
+    assert "| adam_step_ms.fused |" in p.stdout                 # the printed table
+
+
 def test_graph_step_times_the_eager_step_and_says_where_no_graph_ran(tiny_data, tmp_path):
     """benchmarks/graph_step.py on CPU: the eager step is timed and the epoch projected from the
     real batch count; the CUDA-graph figures are null (no CUDA here), not invented."""
