@@ -159,9 +159,10 @@ def lowrank_section(checkpoint: Path | None, explicit: bool, out: Path, ranks: l
     try:
         spectra = analyse_checkpoint(checkpoint)
     except (CheckpointError, KeyError) as e:
-        if explicit:
-            raise
-        return f"The default checkpoint {checkpoint} could not be analysed: {e}\n"
+        msg = e.args[0] if isinstance(e, KeyError) else str(e)    # str(KeyError) adds quotes
+        if explicit:    # main reports a CheckpointError as an error line
+            raise CheckpointError(f"--checkpoint {msg}") from None
+        return f"The default checkpoint {checkpoint} could not be analysed: {msg}\n"
     d = len(spectra[0].singular)
     stem = out / "figures" / "lowrank_spectra"
     spectra_figure(spectra, stem, f"head matrices of {checkpoint}", ranks)

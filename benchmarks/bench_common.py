@@ -4,12 +4,31 @@ Imported by the scripts beside it (`python benchmarks/NAME.py` puts this folder 
 """
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def arguments(doc: str) -> argparse.ArgumentParser:
+    """The options every benchmark takes: --data, --json and trailing key=value overrides (add
+    the script's own options to the parser returned)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="prepared dataset folder (s3rec-prep)")
+    p.add_argument("--json", required=True, help="where to write the figures")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    return p
+
+
+def config_and_data(args):
+    """(config from the defaults and the overrides, the dataset at --data)."""
+    sys.path.insert(0, str(REPO))
+    from s3rec.config import load_config
+    from s3rec.data.reader import Dataset
+    return load_config(None, args.overrides), Dataset(args.data)
 
 
 def machine() -> dict:

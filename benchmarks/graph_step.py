@@ -19,23 +19,21 @@ Without CUDA only the eager step is timed (graph_* are null), which is what the 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import sys
 import time
 from pathlib import Path
 
+from bench_common import arguments, finish
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="prepared dataset folder (s3rec-prep)")
-    p.add_argument("--json", required=True, help="where to write the figures")
+    p = arguments(__doc__)
     p.add_argument("--steps", type=int, default=300, help="timed steps of each kind")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
 
     import torch
@@ -115,7 +113,6 @@ def main(argv=None) -> int:
                "eager_step_ms": eager_ms, "graph_step_ms": graph_ms, "steps_per_epoch": n,
                "eager_epoch_s": n * eager_ms / 1000,
                "graph_epoch_s": n * graph_ms / 1000 if graph_ms is not None else None}
-    from bench_common import finish
     finish(figures, args.json)
     return 0
 

@@ -14,13 +14,12 @@ Extra `key=value` arguments override the config (e.g. model.hidden_size=128).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
 import time
 
-from bench_common import REPO, finish
+from bench_common import arguments, config_and_data, finish
 
 
 def per_call_ms(fn, calls: int, warm: int = 5) -> float:
@@ -33,26 +32,18 @@ def per_call_ms(fn, calls: int, warm: int = 5) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True)
-    p.add_argument("--json", required=True)
+    p = arguments(__doc__)
     p.add_argument("--steps", type=int, default=200, help="Adam steps and dropout calls timed")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
-    sys.path.insert(0, str(REPO))
+    cfg, ds = config_and_data(args)
     import torch
     import torch.nn.functional as F
 
-    from s3rec.config import load_config
-    from s3rec.data.reader import Dataset
     from s3rec.engine.deepspeed_setup import ADAM_KERNEL_ARGS
     from s3rec.model import build_model
     from s3rec.model.dropout import fast_dropout
     from s3rec.objectives import pretrain_index
     from s3rec.pretrain_step import pretrain_sampler
-
-    cfg = load_config(None, args.overrides)
-    ds = Dataset(args.data)
     figures: dict = {"data": os.path.abspath(args.data), "threads": torch.get_num_threads()}
 
     torch.manual_seed(0)

@@ -9,12 +9,13 @@ free cores spin and can make a step ten times slower (seen here).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from bench_common import arguments, config_and_data, finish
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,18 +43,11 @@ def run(world: int, data: str, out: Path, overrides: list[str], threads: int) ->
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True)
-    p.add_argument("--json", required=True)
+    p = arguments(__doc__)
     p.add_argument("--threads", type=int, default=0, help="threads per rank (0: cores / world)")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
-    sys.path.insert(0, str(REPO))
-    from s3rec.config import load_config
-    from s3rec.data.reader import Dataset
+    cfg, ds = config_and_data(args)
     from s3rec.pretrain_step import pretrain_sampler
-    cfg = load_config(None, args.overrides)
-    ds = Dataset(args.data)
     samples = pretrain_sampler(cfg, ds).num_samples
     cores = os.cpu_count() or 1
     root = Path(tempfile.mkdtemp(prefix="s3rec-scaling-"))
@@ -64,7 +58,6 @@ def main(argv=None) -> int:
         out[f"world{world}"] = {**r, "threads_per_rank": threads,
                                 "samples_per_s": samples / r["epoch_s"]}
     out["speedup"] = out["world2"]["samples_per_s"] / out["world1"]["samples_per_s"]
-    from bench_common import finish
     return finish(out, args.json)
 
 

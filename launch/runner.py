@@ -138,9 +138,7 @@ class GridRun:
         self.grid = grid
         self.cells = grid.cells()
         self.registry_path = grid.out_path / "_grid" / "jobs.json"
-        self.registry: dict = {}
-        if self.registry_path.exists():
-            self.registry = json.loads(self.registry_path.read_text())
+        self.registry: dict = self._read_registry()
         self.jobs: dict[str, submitit.Job] = {}     # jobs submitted by this process
         self.waiting: list[Cell] = []                 # local cells not started yet (throttle)
         self.submitted: list[str] = []                # keys submitted by this launch
@@ -150,6 +148,24 @@ class GridRun:
         self._lock = None                             # OUT/_grid/launch.lock while launching
         self._executor: submitit.AutoExecutor | None = None
         self._exes: tuple[str, str] | None = None
+
+    def _read_registry(self) -> dict:
+        """OUT/_grid/jobs.json ({} before the first launch); a damaged one is named, not
+        guessed at: it is what finds the cells' jobs."""
+        path = self.registry_path
+        if not path.exists():
+            return {}
+        try:
+            registry = json.loads(path.read_text())
+            if isinstance(registry, dict) and all(
+                    isinstance(e, dict) and {"executor", "job_id", "folder"} <= set(e)
+                    for e in registry.values()):
+                return registry
+            why = "expected {cell key: {executor, job_id, folder, ...}}"
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            why = str(e)
+        raise GridError(f"{path}: not a job registry this launcher wrote ({why}); restore it, or "
+                        f"move it away to launch the grid's unfinished cells afresh")
 
     @property
     def to_run(self) -> list[str]:
@@ -175,8 +191,7 @@ class GridRun:
 
     def _cells_to_submit(self) -> list[Cell]:
         # The registry may have changed since __init__ (a launch that ended while we waited).
-        if self.registry_path.exists():
-            self.registry = json.loads(self.registry_path.read_text())
+        self.registry = self._read_registry()
         todo = []
         ids = [e["job_id"] for e in self.registry.values() if e["executor"] == "slurm"]
         queued = slurm_state.queue_states(ids) if ids else {}   # one squeue call for all cells

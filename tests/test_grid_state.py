@@ -132,6 +132,19 @@ def test_a_job_preempted_for_good_is_failed_at_once_and_resubmitted(grid_file, m
     run.release()
 
 
+@pytest.mark.parametrize("text", ["{broken", '{"beauty/s3rec/rfull/s1": 7}'])
+def test_a_damaged_job_registry_is_named(grid_file, capsys, text):
+    """Before: a raw JSONDecodeError (or KeyError) from `s3rec-grid status` and a launch."""
+    grid, path = grid_file("slurm")
+    reg = grid.out_path / "_grid" / "jobs.json"
+    reg.parent.mkdir(parents=True)
+    reg.write_text(text)
+    for args in (["status", str(path)], [str(path)]):
+        assert grid_cli.main(args) == 2
+        err = capsys.readouterr().err
+        assert f"{reg}: not a job registry this launcher wrote" in err, err
+
+
 def test_a_job_seen_queued_by_this_process_gets_the_grace_period(grid_file, monkeypatch):
     grid, _ = grid_file("slurm")
     key = grid.cells()[0].key

@@ -123,6 +123,19 @@ def test_explicit_checkpoint_must_exist(fabricated_grid, tmp_path, capsys):  # n
     assert not (tmp_path / "r").exists()
 
 
+def test_explicit_checkpoint_without_heads_is_an_error_line(fabricated_grid, tmp_path, capsys):  # noqa: F811
+    """Before: a raw KeyError from the head lookup."""
+    import torch
+    root, _ = fabricated_grid
+    f = tmp_path / "no_heads.pt"
+    torch.save({"model": {"item_embeddings.weight": torch.zeros(3, 2)}}, f)
+    assert main([str(root), "--out", str(tmp_path / "r"), "--no-anatomy",
+                 "--checkpoint", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("s3rec-report: error: --checkpoint ") and "no_heads.pt" in err
+    assert "aap_norm.weight" in err
+
+
 def test_missing_runs_folder_or_bad_run_json_is_an_error_line(tmp_path, capsys):
     assert main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"), "--no-anatomy"]) == 2
     err = capsys.readouterr().err
