@@ -244,6 +244,10 @@ class Trainer:
         if win_steps:
             epoch_acc += self._log_window(win_acc, time.perf_counter() - win_t0, None,
                                           write=False)
+        if self.device.type == "cuda":
+            # The host may still be ahead of the device by the steps since the last log step's
+            # read-back: the epoch ends when its work does (one wait an epoch).
+            torch.cuda.synchronize(self.device)
         epoch_time = time.perf_counter() - t0
         done = st.epoch + 1
         totals = self._global(epoch_acc)
