@@ -19,8 +19,8 @@ import torch
 
 from s3rec.config import ConfigError, config_from_dict, load_config
 from s3rec.model import build_model, export_original, import_original
-from s3rec.model.checkpoint_io import (CheckpointError, dataset_info, load_model_file,
-                                       read_state_dict, save_model_file)
+from s3rec.model.checkpoint_io import (CheckpointError, check_model_file, dataset_info,
+                                       read_model_file, read_state_dict, save_model_file)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,14 +46,7 @@ def run_import(checkpoint: str, data: str, out: str, config: str | None,
 
 
 def run_export(model_file: str, out: str, data: str | None) -> Path:
-    # Read once here for its stored config and dataset; load_model_file below needs the latter.
-    obj = None
-    if Path(model_file).is_file():
-        try:
-            obj = torch.load(model_file, map_location="cpu", weights_only=True)
-        except Exception as e:   # a truncated or foreign file: as load_model_file words it
-            raise CheckpointError(f"model file {model_file}: cannot be read by torch.load: {e}") \
-                from None
+    obj = read_model_file(model_file)       # its stored config and dataset are used below
     if not isinstance(obj, dict) or "config" not in obj or "dataset" not in obj:
         raise CheckpointError(f"{model_file}: not a project model file (needs 'model', 'config', "
                               f"'dataset')")
@@ -61,7 +54,7 @@ def run_export(model_file: str, out: str, data: str | None) -> Path:
     if data is not None:
         from s3rec.data.reader import Dataset
         info = dataset_info(Dataset(data))
-    state = load_model_file(model_file, None, info)          # refuses other dataset sizes
+    state = check_model_file(obj, model_file, None, info)    # refuses other dataset sizes
     cfg = config_from_dict(obj["config"])
     item_size = int(state["item_embeddings.weight"].shape[0])
     attribute_size = int(state["attribute_embeddings.weight"].shape[0])

@@ -175,13 +175,22 @@ def save_model_file(path: str | Path, model, cfg: Config, dataset_info: Mapping)
 def load_model_file(path: str | Path, cfg: Config | None, dataset_info: Mapping) -> dict:
     """The state dict of a project model file, refusing a file made for other dataset sizes.
     Pass the result to `build_model(cfg, ..., init_state=...)` (which adapts head layouts)."""
+    return check_model_file(read_model_file(path), path, cfg, dataset_info)
+
+
+def read_model_file(path: str | Path):
+    """What torch.load reads from `path`; CheckpointError if it is missing or unreadable."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model file {path} does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"model file {path}: cannot be read by torch.load: {e}") from None
+
+
+def check_model_file(obj, path: str | Path, cfg: Config | None, dataset_info: Mapping) -> dict:
+    """load_model_file on a file already read (read_model_file)."""
     if not isinstance(obj, Mapping) or not {"model", "dataset"} <= set(obj):
         raise CheckpointError(f"model file {path}: not a project model file (needs 'model' and "
                               f"'dataset'); convert the authors' checkpoints with "
