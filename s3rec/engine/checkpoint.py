@@ -35,6 +35,9 @@ BEST = "best"
 _BEST_TAG = "best-epoch-"
 STATE_FILE = "trainer_state.json"
 _STEP_TAG = re.compile(r"^step-(\d+)$")
+# What reading a damaged tag raises (DeepSpeed's loader, zero_to_fp32, torch.load's zip reader)
+_UNREADABLE = (AssertionError, RuntimeError, OSError, EOFError, KeyError, ValueError,
+               pickle.UnpicklingError)
 
 
 class ResumeError(RuntimeError):
@@ -194,8 +197,7 @@ def load(engine, root: Path, tag: str, world_size: int, module_only: bool = Fals
         path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_only=module_only,
                                          load_optimizer_states=not module_only,
                                          load_lr_scheduler_states=not module_only)
-    except (AssertionError, RuntimeError, OSError, EOFError, KeyError, ValueError,
-            pickle.UnpicklingError) as e:
+    except _UNREADABLE as e:
         # DeepSpeed's own errors here are a bare assert or a zip reader's message
         raise ResumeError(f"{tag_dir}: DeepSpeed could not read this checkpoint "
                           f"({type(e).__name__}: {str(e)[:300]}); the tag is damaged: point "
@@ -247,19 +249,17 @@ def consolidate_folder(root: Path, tag: str | None = None) -> dict:
     if tag is None:
         raise ResumeError(f"{root}: no '{LATEST}' file and no tag given")
     tag_dir = root / tag
+    zero = bool(list(tag_dir.glob("*zero_pp_rank_*optim_states.pt")))
+    f = tag_dir / "mp_rank_00_model_states.pt"   # ZeRO stage 0: rank 0 wrote the whole module
+    if not zero and not f.is_file():
+        raise ResumeError(f"{tag_dir}: neither ZeRO optimizer states nor {f.name}")
     try:
-        if list(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
+        if zero:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
             sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-        else:   # ZeRO stage 0: rank 0 wrote the whole module
-            f = tag_dir / "mp_rank_00_model_states.pt"
-            if not f.is_file():
-                raise ResumeError(f"{tag_dir}: neither ZeRO optimizer states nor {f.name}")
+        else:
             sd = torch.load(f, map_location="cpu", weights_only=False)["module"]
-    except ResumeError:
-        raise
-    except (AssertionError, RuntimeError, OSError, EOFError, KeyError, ValueError,
-            pickle.UnpicklingError) as e:
+    except _UNREADABLE as e:
         # zero_to_fp32's own errors: "Expected N of *_optim_states.pt", a zip reader's message
         raise ResumeError(f"{tag_dir}: could not read its weights ({type(e).__name__}: "
                           f"{str(e)[:300]}); the checkpoint tag is damaged or incomplete") from e
