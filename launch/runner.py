@@ -33,6 +33,7 @@ from launch import slurm_state
 from launch.cell_check import check_cells
 from launch.grid import Cell, Grid, GridError, check_data_exists, read_run_json
 from launch.job import CHILD_SAVE_TIMEOUT_S, CellJob
+from s3rec.runlog import write_atomic
 
 STATES = ("pending", "running", "done", "failed")
 # A job gone from squeue but without a result file yet: allow this long for the file to appear
@@ -56,13 +57,7 @@ def _now() -> str:
 
 def _write_json(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))   # open(): honours the umask
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)     # no half-written temp file left behind
-        raise
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def local_controller_alive(pid: str, folder: str) -> bool:
