@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from s3rec.config import VARIANTS, ConfigError, load_config
+from s3rec.config import VARIANTS, ConfigError, load_config, read_yaml_file
 
 LOWRANK_VARIANTS = ("s3rec-lowrank",)      # variants whose heads take the `ranks` axis
 NO_PRETRAIN_VARIANTS = ("finetune-only",)  # variants that skip pretraining
@@ -221,7 +220,10 @@ def grid_from_dict(data: Any, source: str = "<dict>") -> Grid:
 def load_grid(path: str | Path, executor_kind: str | None = None) -> Grid:
     """Read and check a grid file; `executor_kind` (from the command line) overrides executor.kind."""
     path = Path(path)
-    data = _read_yaml(path, f"grid file {path}", "a YAML file")
+    try:
+        data = read_yaml_file(path, "grid file")
+    except ConfigError as e:
+        raise GridError(str(e)) from None
     if executor_kind is not None and isinstance(data, dict):
         if data.get("executor") is None:   # an empty `executor:` key is all defaults
             data["executor"] = {}
@@ -326,27 +328,13 @@ def validate(grid: Grid) -> None:
                         f"{ex.signal_delay_s}")
 
 
-def _read_yaml(path: Path, where: str, expected: str):
-    """The YAML in `path`; a GridError starting with `where` if it cannot be read or parsed."""
-    try:
-        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise GridError(f"{where} does not exist") from None
-    except IsADirectoryError:
-        raise GridError(f"{where} is a folder, expected {expected}") from None
-    except UnicodeDecodeError as e:
-        raise GridError(f"{where}: expected UTF-8 YAML text: {e}") from None
-    except OSError as e:
-        raise GridError(f"{where}: cannot read it: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise GridError(f"{where}: not valid YAML: {e}") from None
-
-
 def _check_config_file(grid: Grid) -> None:
-    """The grid's `config` must be a readable UTF-8 YAML file: a GridError naming the key, not
-    an error of the training config's loader (or a traceback) later."""
-    _read_yaml(Path(grid.config), f"{grid.source}: key 'config': {grid.config}",
-               "a training YAML file")
+    """The grid's `config` must be a readable YAML file: a GridError naming the key, not one
+    naming 'overrides' when the training config's loader meets it later."""
+    try:
+        read_yaml_file(grid.config)
+    except ConfigError as e:
+        raise GridError(f"{grid.source}: key 'config': {e}") from None
 
 
 def _full_rank_head_rank(grid: Grid, hidden: int) -> int | None:

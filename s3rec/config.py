@@ -407,22 +407,32 @@ def validate(cfg: Config) -> None:
                           f">= 1), got {bad[0]!r} in {p.save_epochs!r}")
 
 
+def read_yaml_file(path: str | Path, what: str = "config file"):
+    """The YAML in `path`; a ConfigError naming `what` and the file if it cannot be read or
+    parsed (also for the grid file, launch/grid.py)."""
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path}: cannot be read: is a folder, expected a YAML "
+                          f"file") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: cannot be read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path}: not UTF-8 text (byte {e.start}): expected a YAML "
+                          f"file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {path}: not valid YAML: {e}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
     """Defaults, then the YAML file at `path`, then `key=value` overrides; validated."""
     cfg = Config()
     if path:
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except OSError as e:
-            raise ConfigError(f"config file {path}: cannot be read: {e.strerror or e}") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"config file {path}: not UTF-8 text (byte {e.start}): expected a "
-                              f"YAML file") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path}: not valid YAML: {e}") from None
+        data = read_yaml_file(path) or {}
         try:
             _apply(cfg, data)
         except ConfigError as e:
