@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from s3rec.config import VARIANTS, ConfigError, load_config, read_yaml_file
 
 LOWRANK_VARIANTS = ("s3rec-lowrank",)      # variants whose heads take the `ranks` axis
