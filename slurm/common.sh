@@ -93,10 +93,10 @@ run_stage() {
   # SLURM's own SIGTERM when it preempts the job (PreemptMode=REQUEUE with a GraceTime). In
   # the latter case SLURM does not requeue a job whose batch shell ended first: it would end
   # FAILED or COMPLETED with the stage unfinished. (A user's scancel ends this shell too.)
-  if [ "$rc" = 0 ] && [ "$(s3rec_run_status "$run_dir")" = preempted ] \
-     && ! s3rec_stage_done "$run_dir" "$product"; then
-    if [ "$s3rec_preempted" = 1 ]; then s3rec_requeue "checkpoint saved"; fi
-    s3rec_requeue "checkpoint saved on a signal from SLURM (preemption)"
+  if [ "$rc" = 0 ] && [ "$(s3rec_run_status "$run_dir")" = preempted ]; then
+    local why="checkpoint saved"
+    [ "$s3rec_preempted" = 1 ] || why="$why on a signal from SLURM (preemption)"
+    s3rec_requeue "$why"
   fi
   if [ "$s3rec_preempted" = 1 ] && ! s3rec_stage_done "$run_dir" "$product"; then
     # Requeue only what left a checkpoint behind: tasks that failed instead would fail again
