@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))      # the s3rec package of this checkout, for every script here
 
 
 def arguments(doc: str) -> argparse.ArgumentParser:
@@ -25,7 +26,6 @@ def arguments(doc: str) -> argparse.ArgumentParser:
 
 def config_and_data(args):
     """(config from the defaults and the overrides, the dataset at --data)."""
-    sys.path.insert(0, str(REPO))
     from s3rec.config import load_config
     from s3rec.data.reader import Dataset
     return load_config(None, args.overrides), Dataset(args.data)
@@ -44,7 +44,6 @@ def machine() -> dict:
 
 def print_table(figures: dict) -> None:
     """A Markdown table of every figure (nested keys dotted), as the README quotes them."""
-    sys.path.insert(0, str(REPO))
     from s3rec.config import flat_keys
     print("\n| figure | value |\n|---|---|")
     for k, v in flat_keys(figures).items():
@@ -55,7 +54,6 @@ def print_table(figures: dict) -> None:
 
 def finish(figures: dict, path) -> int:
     """Add the machine, print the table, write the JSON (atomically); exit status 0."""
-    sys.path.insert(0, str(REPO))
     from s3rec.runlog import write_json_atomic
     figures["machine"] = machine()
     print_table(figures)        # first: a bad --json folder loses no figure

@@ -23,12 +23,8 @@ import dataclasses
 import itertools
 import sys
 import time
-from pathlib import Path
 
-from bench_common import arguments, finish
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench_common import REPO, arguments, finish
 
 
 def main(argv=None) -> int:

@@ -15,9 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_common import arguments, config_and_data, finish
+from bench_common import REPO, arguments, config_and_data, finish
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def run(world: int, data: str, out: Path, overrides: list[str], threads: int) -> dict:

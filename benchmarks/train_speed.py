@@ -18,7 +18,6 @@ Extra `key=value` arguments override the config of every stage (e.g. deepspeed.z
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -28,8 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench_common import arguments, finish
 
 
 def epoch_seconds(run_dir: Path) -> float:
@@ -173,16 +171,13 @@ def eval_seconds(data: str, init: Path, overrides: list[str]) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="prepared dataset folder (s3rec-prep)")
-    p.add_argument("--json", required=True, help="where to write the figures")
+    p = arguments(__doc__)
     p.add_argument("--out", default=None, help="run folders (default: a temporary folder)")
     p.add_argument("--overhead-steps", type=int, default=200,
                    help="pretraining steps timed for the DeepSpeed overhead (0 = skip)")
     p.add_argument("--overhead-only", action="store_true",
                    help="only the step comparison (with tiny model.* / batch overrides it measures "
                         "the host's cost per step: what bounds a GPU step of this small model)")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     if args.overhead_only and not args.overhead_steps:
         raise SystemExit("--overhead-only needs --overhead-steps > 0")
@@ -224,7 +219,6 @@ def main(argv=None) -> int:
 
 
 def _write(figures: dict, path: str) -> int:
-    from bench_common import finish
     figures["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     return finish(figures, path)
 
