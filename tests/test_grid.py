@@ -238,31 +238,32 @@ def test_head_rank_override_still_refused(tmp_path, capsys):
     assert "overrides.model.head_rank" in msg
 
 
+def unreadable(path, kind: str, yaml_text: str) -> str:
+    """`path` made a folder, or YAML text with a latin-1 byte; the words its error must hold."""
+    if kind == "folder":
+        path.mkdir()
+        return "is a folder"
+    path.write_bytes(yaml_text.encode() + "# caf\xe9\n".encode("latin-1"))
+    return "UTF-8"
+
+
 @pytest.mark.parametrize("kind", ["folder", "latin-1"])
 def test_unreadable_grid_file_names_it(tmp_path, capsys, kind):
     path = tmp_path / "grid.yaml"
-    if kind == "folder":
-        path.mkdir()
-    else:
-        path.write_bytes(yaml.safe_dump(grid_with()).encode() + "# caf\xe9\n".encode("latin-1"))
+    words = unreadable(path, kind, yaml.safe_dump(grid_with()))
     with pytest.raises(GridError, match=f"grid file {path}"):
         load_grid(path)
     assert grid_cli.main([str(path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"s3rec-grid: grid file {path}")
-    assert ("is a folder" if kind == "folder" else "UTF-8") in err
+    assert err.startswith(f"s3rec-grid: grid file {path}") and words in err
 
 
 @pytest.mark.parametrize("kind", ["folder", "latin-1"])
 def test_unreadable_config_file_names_the_key(tmp_path, capsys, kind):
     config = tmp_path / "train.yaml"
-    if kind == "folder":
-        config.mkdir()
-    else:
-        config.write_bytes("model:\n  hidden_size: 8  # caf\xe9\n".encode("latin-1"))
+    words = unreadable(config, kind, "model:\n  hidden_size: 8\n")
     msg = refused(tmp_path, grid_with(config=str(config)), capsys)
-    assert "key 'config'" in msg and str(config) in msg
-    assert ("is a folder" if kind == "folder" else "UTF-8") in msg
+    assert "key 'config'" in msg and str(config) in msg and words in msg
 
 
 def test_override_value_json_cannot_write_names_the_key(tmp_path, capsys):
