@@ -1,15 +1,20 @@
 """S3Rec training suite: pip install -e .[dev]"""
 from setuptools import find_packages, setup
 
+SUBPACKAGES = ("launch", "analysis", "data_prep")
+
 setup(
     name="s3rec",
     version="0.1.0",
     description="S3Rec (CIKM 2020) and low-rank variants: HDF5 data, DeepSpeed training, "
                 "SLURM/submitit grids, TensorBoard analysis",
     python_requires=">=3.10",
-    packages=find_packages(include=["s3rec", "s3rec.*", "data_prep", "data_prep.*",
-                                    "launch", "launch.*", "analysis", "analysis.*"]),
-    package_data={"launch": ["*.yaml"], "": ["*.json", "*.yaml"]},
+    # launch/, analysis/ and data_prep/ are folders of the checkout's top level (one per job of the
+    # suite) but install as s3rec.launch, s3rec.analysis and s3rec.data_prep: top-level names
+    # that would collide with other packages in a shared environment.
+    packages=find_packages(include=["s3rec", "s3rec.*"]) + [f"s3rec.{p}" for p in SUBPACKAGES],
+    package_dir={f"s3rec.{p}": p for p in SUBPACKAGES},
+    package_data={"": ["*.json", "*.yaml"]},
     install_requires=[
         # The CPU wheel on disk; a bare `torch` pulls a CUDA build of several GB.
         "torch==2.13.0",
@@ -25,11 +30,11 @@ setup(
     ],
     extras_require={"dev": ["pytest>=8", "mpich"]},
     entry_points={"console_scripts": [
-        "s3rec-prep=data_prep.cli:main",
+        "s3rec-prep=s3rec.data_prep.cli:main",
         "s3rec-pretrain=s3rec.pretrain:main",
         "s3rec-finetune=s3rec.finetune:main",
         "s3rec-import-original=s3rec.import_original:main",
-        "s3rec-grid=launch.grid_cli:main",
-        "s3rec-report=analysis.report:main",
+        "s3rec-grid=s3rec.launch.grid_cli:main",
+        "s3rec-report=s3rec.analysis.report:main",
     ]},
 )

@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch, Rectangle  # noqa: E402
 
-from analysis.atomic import save_figure, write_csv  # noqa: E402
+from s3rec.analysis.atomic import save_figure, write_csv  # noqa: E402
 from s3rec.config import HEAD_NAMES, HeadConfig, load_config  # noqa: E402
 from s3rec.model import S3RecModel, build_model, make_head  # noqa: E402
 from s3rec.model.encoder import attention_bias  # noqa: E402

@@ -18,9 +18,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from analysis.atomic import save_figure  # noqa: E402
-from analysis.paper_numbers import reference_for  # noqa: E402
-from analysis.read_runs import OBJECTIVES, Run, sort_metrics  # noqa: E402
+from s3rec.analysis.atomic import save_figure  # noqa: E402
+from s3rec.analysis.paper_numbers import reference_for  # noqa: E402
+from s3rec.analysis.read_runs import OBJECTIVES, Run, sort_metrics  # noqa: E402
 
 plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "legend.fontsize": 8.5,
                      "axes.grid": True, "grid.alpha": 0.3})
@@ -139,7 +139,7 @@ def metric_vs_rank(runs: list[Run], out: Path) -> tuple[list[Figure], list[str]]
 # ---------------------------------------------------------------- (b) parameters against metric
 
 def params_vs_metric(runs: list[Run], out: Path) -> tuple[list[Figure], list[str]]:
-    from analysis.read_runs import head_params
+    from s3rec.analysis.read_runs import head_params
     figs, notes = [], []
     for (dataset, protocol), fts in _done_finetunes(runs).items():
         arms = _by_arm([r for r in fts if r.pretrain_params.get("total")])

@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from analysis.atomic import save_figure, write_csv  # noqa: E402
+from s3rec.analysis.atomic import save_figure, write_csv  # noqa: E402
 from s3rec.model import read_state_dict  # noqa: E402
 
 HEADS = ("aap", "map", "mip", "sp")

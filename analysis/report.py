@@ -14,10 +14,10 @@ from collections import Counter, defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from analysis.atomic import write_csv, write_text
-from analysis.figures import Figure, all_grid_figures
-from analysis.paper_numbers import PAPER_SOURCE, reference_for
-from analysis.read_runs import (SCALAR_COLUMNS, Run, RunFolderError, read_runs, runs_table,
+from s3rec.analysis.atomic import write_csv, write_text
+from s3rec.analysis.figures import Figure, all_grid_figures
+from s3rec.analysis.paper_numbers import PAPER_SOURCE, reference_for
+from s3rec.analysis.read_runs import (SCALAR_COLUMNS, Run, RunFolderError, read_runs, runs_table,
                                 scalars_table, sort_metrics)
 
 LOWRANK_TABLE_RANKS = (1, 2, 4, 8, 16, 32)
@@ -151,7 +151,7 @@ def default_checkpoint(runs: list[Run]) -> Path | None:
 
 
 def lowrank_section(checkpoint: Path | None, explicit: bool, out: Path, ranks: list[int]) -> str:
-    from analysis.lowrank import analyse_checkpoint, spectra_figure, write_spectra_csv
+    from s3rec.analysis.lowrank import analyse_checkpoint, spectra_figure, write_spectra_csv
     from s3rec.model import CheckpointError
     if checkpoint is None:
         return ("No finished full-rank pretraining with a final.pt under RUNS, and no "
@@ -180,7 +180,7 @@ def lowrank_section(checkpoint: Path | None, explicit: bool, out: Path, ranks: l
 
 
 def anatomy_section(out: Path) -> str:
-    from analysis.anatomy import all_anatomy_figures, write_breakdown_csv
+    from s3rec.analysis.anatomy import all_anatomy_figures, write_breakdown_csv
     res = all_anatomy_figures(out / "figures")
     write_breakdown_csv(res["breakdown"], out / "params_breakdown.csv")
     figs = [Figure("Architecture (full-rank heads)", "figures/architecture_full",

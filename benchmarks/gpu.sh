@@ -42,7 +42,7 @@ fi
 
 if [ ! -f "$DATA/manifest.json" ]; then
   if [ -f "$DATA/Beauty.txt" ]; then
-    python -m data_prep.cli release --src "$DATA" --name Beauty --out "$OUT/beauty"
+    python -m s3rec.data_prep.cli release --src "$DATA" --name Beauty --out "$OUT/beauty"
     DATA="$OUT/beauty"
   else
     echo "$DATA: neither a prepared dataset (manifest.json) nor a release folder (Beauty.txt)" >&2

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.source import MemorySource
+from s3rec.data_prep.source import MemorySource
 from s3rec.data.format import DatasetError
 
 USER_CORE = ITEM_CORE = 5

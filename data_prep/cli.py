@@ -9,8 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from data_prep.mpi import world
-from data_prep.writer import check_out_folder, log, up_to_date, write_dataset
+from s3rec.data_prep.mpi import world
+from s3rec.data_prep.writer import check_out_folder, log, up_to_date, write_dataset
 from s3rec.data.format import DatasetError, sha256_file
 
 DEFAULT_SEED = 12345
@@ -79,7 +79,7 @@ def canonical(ns: argparse.Namespace) -> tuple[dict, str]:
 
 def input_files(ns) -> dict[str, Path]:
     if ns.verb == "release":
-        from data_prep.release import release_files
+        from s3rec.data_prep.release import release_files
         return release_files(ns.src, ns.name, ns.negatives)
     if ns.verb == "amazon":
         for f in (ns.reviews, ns.meta):
@@ -91,13 +91,13 @@ def input_files(ns) -> dict[str, Path]:
 
 def make_source(ns, files: dict[str, Path]):
     if ns.verb == "release":
-        from data_prep.release import load_release
+        from s3rec.data_prep.release import load_release
         return load_release(files, ns.name, ns.seed)
     if ns.verb == "amazon":
-        from data_prep.amazon import load_amazon
+        from s3rec.data_prep.amazon import load_amazon
         name = ns.name or ns.reviews.name.split(".")[0].removeprefix("reviews_").removesuffix("_5")
         return load_amazon(ns.reviews, ns.meta, name, ns.seed)
-    from data_prep.synthetic import SyntheticSource
+    from s3rec.data_prep.synthetic import SyntheticSource
     return SyntheticSource(ns.users, ns.items, ns.attributes, ns.seed, ns.clusters,
                            ns.mean_length, ns.max_length)
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         if ns.verb == "verify":
-            from data_prep.verify import verify
+            from s3rec.data_prep.verify import verify
             print(verify(ns.dataset))
         else:
             prepare(ns)

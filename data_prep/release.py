@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.source import MemorySource
+from s3rec.data_prep.source import MemorySource
 from s3rec.data.format import NUM_NEGATIVES, DatasetError
 
 MIN_LENGTH = 3   # leave-one-out needs a train, a validation and a test item

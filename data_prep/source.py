@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_prep.negatives import BLOCK, block_negatives
+from s3rec.data_prep.negatives import BLOCK, block_negatives
 from s3rec.data.format import NUM_NEGATIVES, DatasetError
 
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from data_prep.negatives import BLOCK, block_negatives, block_rng
-from data_prep.source import Block, Source
+from s3rec.data_prep.negatives import BLOCK, block_negatives, block_rng
+from s3rec.data_prep.source import Block, Source
 from s3rec.data.format import NUM_NEGATIVES, DatasetError
 
 STRUCTURE_STREAM, SEQUENCE_STREAM = 2, 3

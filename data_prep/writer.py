@@ -15,9 +15,9 @@ import shutil
 import traceback
 from pathlib import Path
 
-from data_prep.mpi import Serial
-from data_prep.negatives import BLOCK
-from data_prep.source import Source
+from s3rec.data_prep.mpi import Serial
+from s3rec.data_prep.negatives import BLOCK
+from s3rec.data_prep.source import Source
 from s3rec.data.format import (FORMAT_VERSION, MANIFEST, NUM_NEGATIVES, DatasetError, ShardWriter,
                                check_shard_file, read_manifest, sha256_file, shard_bounds,
                                shard_name, write_text_atomic)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from launch.grid import STAGE_PRODUCT, Cell, GridError, dataset_name, read_run_json, stage_done
+from s3rec.launch.grid import STAGE_PRODUCT, Cell, GridError, dataset_name, read_run_json, stage_done
 from s3rec.config import NO_RESULT_KEYS, Config, flat_keys, load_config
 from s3rec.engine.resume_check import ENGINE_KEYS, MAY_CHANGE, OTHER_STAGE, dataset_fingerprint
 

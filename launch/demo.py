@@ -12,8 +12,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from launch.grid import Grid, GridError
-from launch.runner import format_states, launch_grid
+from s3rec.launch.grid import Grid, GridError
+from s3rec.launch.runner import format_states, launch_grid
 
 DEMO_OVERRIDES = {
     "model.hidden_size": 32, "model.inner_size": 64, "model.max_seq_length": 20,

@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launch.cell_check import check_cells
-from launch.grid import GridError, load_grid
-from launch.runner import format_states, launch_grid, open_grid
+from s3rec.launch.cell_check import check_cells
+from s3rec.launch.grid import GridError, load_grid
+from s3rec.launch.runner import format_states, launch_grid, open_grid
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -39,7 +39,7 @@ def _print_states(states) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.demo:
-        from launch.demo import run_demo
+        from s3rec.launch.demo import run_demo
         if not args.out:
             raise GridError("--demo needs --out DIR")
         return run_demo(args.out, executor=args.executor or "local")

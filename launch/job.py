@@ -20,7 +20,7 @@ from pathlib import Path
 
 import submitit
 
-from launch.grid import CHILD_SAVE_TIMEOUT_S, STAGE_PRODUCT, stage_done
+from s3rec.launch.grid import CHILD_SAVE_TIMEOUT_S, STAGE_PRODUCT, stage_done
 
 
 def free_port() -> int:

@@ -29,10 +29,10 @@ from pathlib import Path
 import submitit
 from submitit.core.utils import FailedJobError, JobPaths, pickle_load
 
-from launch import slurm_state
-from launch.cell_check import check_cells
-from launch.grid import Cell, Grid, GridError, check_data_exists, read_run_json
-from launch.job import CHILD_SAVE_TIMEOUT_S, CellJob
+from s3rec.launch import slurm_state
+from s3rec.launch.cell_check import check_cells
+from s3rec.launch.grid import Cell, Grid, GridError, check_data_exists, read_run_json
+from s3rec.launch.job import CHILD_SAVE_TIMEOUT_S, CellJob
 from s3rec.runlog import write_atomic
 
 STATES = ("pending", "running", "done", "failed")

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from analysis.read_runs import RunFolderError, read_runs, runs_table, scalars_table
+from s3rec.analysis.read_runs import RunFolderError, read_runs, runs_table, scalars_table
 from tests.test_analysis_fixtures import FAILED, KILLED, fabricated_grid  # noqa: F401
 
 
@@ -86,7 +86,7 @@ def test_no_sampling_limit_on_long_curves(tmp_path):
     """EventAccumulator keeps only a sample by default; every point must come back."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from analysis.read_runs import read_scalars
+    from s3rec.analysis.read_runs import read_scalars
     with SummaryWriter(str(tmp_path)) as tb:
         for step in range(12_000):
             tb.add_scalar("loss/mip", step * 0.5, step)
@@ -124,7 +124,7 @@ def test_a_resumed_run_reads_without_the_purged_steps(tmp_path):
     checkpoint by the killed process must not appear twice."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from analysis.read_runs import read_scalars
+    from s3rec.analysis.read_runs import read_scalars
     with SummaryWriter(str(tmp_path)) as tb:          # first start, killed after step 9
         for step in range(10):
             tb.add_scalar("loss/total", 100.0 + step, step)
@@ -191,7 +191,7 @@ def test_settings_differing_within_one_grid_are_not_pooled(tmp_path, fabricated_
 
 
 def test_many_differing_settings_get_a_short_hash(tmp_path):
-    from analysis.read_runs import _settings_labels
+    from s3rec.analysis.read_runs import _settings_labels
     a = json.dumps({"x": 1, "y": 1, "z": 1, "w": 1})
     b = json.dumps({"x": 2, "y": 2, "z": 2, "w": 2})
     labels = _settings_labels([a, b])

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from analysis.anatomy import (PAPER_BEAUTY, RELEASED_BEAUTY, all_anatomy_figures,
+from s3rec.analysis.anatomy import (PAPER_BEAUTY, RELEASED_BEAUTY, all_anatomy_figures,
                               architecture_facts, breakdown, head_param_counts, masks, model_for)
-from analysis.lowrank import analyse_checkpoint, spectrum
+from s3rec.analysis.lowrank import analyse_checkpoint, spectrum
 from tests.test_report import assert_real_figure
 
 REFERENCE = Path("/work/shared/reference/Beauty-epochs-150.pt")

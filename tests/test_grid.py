@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch import grid_cli
-from launch.grid import Grid, GridError, grid_from_dict, load_grid
+from s3rec.launch import grid_cli
+from s3rec.launch.grid import Grid, GridError, grid_from_dict, load_grid
 
 BASE = {
     "name": "t",

@@ -7,10 +7,10 @@ import subprocess
 
 import pytest
 
-from launch import grid_cli
-from launch.demo import demo_grid
-from launch.grid import GridError
-from launch.runner import launch_grid
+from s3rec.launch import grid_cli
+from s3rec.launch.demo import demo_grid
+from s3rec.launch.grid import GridError
+from s3rec.launch.runner import launch_grid
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
@@ -46,7 +46,7 @@ def test_demo_end_to_end_and_rerun_is_a_no_op(tmp_path, capsys):
                                             rf"the done pretrain ran with '{key}'="):
             launch_grid(changed)
     # --dry-run says so too, from the grid file, before any launch is tried
-    from launch.demo import DEMO_OVERRIDES
+    from s3rec.launch.demo import DEMO_OVERRIDES
     grid_yaml = out / "changed.yaml"
     grid_yaml.write_text(json.dumps({
         "name": "demo", "data": [str(out / "data" / "synthetic")],

@@ -11,9 +11,9 @@ import torch
 import yaml
 from submitit.core.utils import JobPaths
 
-from launch import grid_cli
-from launch.grid import Grid
-from launch.runner import launch_grid, open_grid
+from s3rec.launch import grid_cli
+from s3rec.launch.grid import Grid
+from s3rec.launch.runner import launch_grid, open_grid
 from tests.cluster_fixtures import (TINY, cluster, final_metrics, local_run,  # noqa: F401
                                     debug_grace_time, preempt_both_nodes, seconds_per_epoch,
                                     tiny_data, wait_for_text)

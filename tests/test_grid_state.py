@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from launch import grid_cli, job as job_mod, runner, slurm_state
-from launch.grid import GridError, grid_from_dict
+from s3rec.launch import grid_cli, job as job_mod, runner, slurm_state
+from s3rec.launch.grid import GridError, grid_from_dict
 
 BASE = {"name": "g", "variants": ["finetune-only"], "seeds": [1, 2],
         "overrides": {"finetune.epochs": 1}}

@@ -111,7 +111,7 @@ def test_authors_beauty_checkpoint_imports_exactly():
 
 def _prep(tmp_path, name, items, attrs):
     out = tmp_path / name
-    subprocess.run([sys.executable, "-m", "data_prep.cli", "synthetic", "--users", "12",
+    subprocess.run([sys.executable, "-m", "s3rec.data_prep.cli", "synthetic", "--users", "12",
                     "--items", str(items), "--attributes", str(attrs), "--out", str(out)],
                    check=True, capture_output=True)
     return out

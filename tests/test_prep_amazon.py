@@ -1,8 +1,8 @@
 """s3rec-prep amazon: the S3Rec preprocessing of raw Amazon 2014 dumps on a hand-checked fixture."""
 import pytest
 
-from data_prep.cli import main
-from data_prep.fixtures import write_amazon
+from s3rec.data_prep.cli import main
+from s3rec.data_prep.fixtures import write_amazon
 from s3rec.data.reader import Dataset
 
 

@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from data_prep.fixtures import random_release
+from s3rec.data_prep.fixtures import random_release
 from s3rec.data.format import sha256_file
 
 pytestmark = pytest.mark.multiproc

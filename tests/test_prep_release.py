@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep.cli import main
-from data_prep.fixtures import random_release, write_release
+from s3rec.data_prep.cli import main
+from s3rec.data_prep.fixtures import random_release, write_release
 from s3rec.data.format import MANIFEST
 from s3rec.data.reader import Dataset
 

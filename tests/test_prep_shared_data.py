@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.cli import main
+from s3rec.data_prep.cli import main
 from s3rec.data.reader import Dataset
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -2,10 +2,10 @@
 with the planted structure (clusters, cluster-bound attributes, cluster Markov chain)."""
 import numpy as np
 
-from data_prep import writer
-from data_prep.cli import main
-from data_prep.negatives import BLOCK
-from data_prep.synthetic import SyntheticSource
+from s3rec.data_prep import writer
+from s3rec.data_prep.cli import main
+from s3rec.data_prep.negatives import BLOCK
+from s3rec.data_prep.synthetic import SyntheticSource
 from s3rec.data.reader import Dataset
 
 ARGS = ["--users", "9000", "--items", "600", "--attributes", "64", "--seed", "5"]

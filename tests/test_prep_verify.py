@@ -4,8 +4,8 @@ import subprocess
 
 import pytest
 
-from data_prep.cli import main
-from data_prep.fixtures import random_release
+from s3rec.data_prep.cli import main
+from s3rec.data_prep.fixtures import random_release
 from s3rec.data.format import DatasetError, open_shard
 from s3rec.data.reader import Dataset
 

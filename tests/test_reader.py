@@ -5,8 +5,8 @@ import pickle
 import numpy as np
 import pytest
 
-from data_prep.cli import main
-from data_prep.fixtures import random_release
+from s3rec.data_prep.cli import main
+from s3rec.data_prep.fixtures import random_release
 from s3rec.data.reader import Dataset, UserSequences, collate_users, user_share
 
 

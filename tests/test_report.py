@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis.report import build_report, main
+from s3rec.analysis.report import build_report, main
 from tests.test_analysis_fixtures import FAILED, KILLED, fabricated_grid  # noqa: F401
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -196,7 +196,7 @@ def test_written_files_honour_the_umask(tmp_path, mask):
     """Files written temp-then-rename get the mode a plain open() gives (not mkstemp's 0600)."""
     import os
 
-    from analysis.atomic import write_csv, write_text
+    from s3rec.analysis.atomic import write_csv, write_text
     old = os.umask(mask)
     try:
         write_text(tmp_path / "report.md", "x")
@@ -213,8 +213,8 @@ def test_written_files_honour_the_umask(tmp_path, mask):
 def test_rank_figure_keeps_grids_of_other_settings_apart(tmp_path, fabricated_grid,  # noqa: F811
                                                          monkeypatch):
     """Low-rank runs of two grids with other settings are two lines, not one pooled line."""
-    from analysis import figures
-    from analysis.read_runs import read_runs
+    from s3rec.analysis import figures
+    from s3rec.analysis.read_runs import read_runs
     from tests.test_analysis_read import copy_lowrank_cell
     root, _ = fabricated_grid
     runs_dir = tmp_path / "runs"

@@ -77,7 +77,7 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 def make_dataset(root: Path, users=200, items=150, attributes=20, seed=12345) -> Path:
     out = root / f"synthetic-u{users}-i{items}-a{attributes}-s{seed}"
     if not (out / "manifest.json").is_file():       # shared by the modules of one session
-        subprocess.run([sys.executable, "-m", "data_prep.cli", "synthetic", "--users", str(users),
+        subprocess.run([sys.executable, "-m", "s3rec.data_prep.cli", "synthetic", "--users", str(users),
                         "--items", str(items), "--attributes", str(attributes), "--seed",
                         str(seed), "--out", str(out)], check=True, capture_output=True,
                        cwd=REPO, env=clean_env())

@@ -18,7 +18,7 @@ fi
 here=$(pwd -P)
 installed=$(cd / && python3 -c "import os, s3rec; print(os.path.dirname(os.path.dirname(os.path.realpath(s3rec.__file__))))" 2>/dev/null || true)
 if [ "$installed" != "$here" ] \
-   || ! (cd / && python3 -c "import deepspeed, h5py, mpi4py, submitit, tensorboard, matplotlib, data_prep, launch, analysis") 2>/dev/null \
+   || ! (cd / && python3 -c "import deepspeed, h5py, mpi4py, submitit, tensorboard, matplotlib, s3rec.data_prep, s3rec.launch, s3rec.analysis") 2>/dev/null \
    || ! command -v s3rec-prep >/dev/null || ! command -v mpiexec >/dev/null; then
   python3 -m pip install -q -e ".[dev]"
 fi
