@@ -4,7 +4,8 @@ bars, pretraining losses, and ours against the paper.
 Every function takes the runs (analysis.read_runs.Run) and an output folder, writes PNG and SVG,
 and returns (figures, notes): figures as `Figure(title, stem, caption)`, notes saying what was
 skipped and why (a grid without ablation runs has no ablation figure; that is not an error).
-Spread over seeds is always drawn as the min..max band, the line being the mean.
+Spread over seeds is always drawn as the 95% Student-t interval of the mean over seeds
+(s3rec.analysis.stats.mean_interval; none for a single seed), the line or marker being the mean.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from s3rec.analysis.atomic import save_figure  # noqa: E402
 from s3rec.analysis.paper_numbers import reference_for  # noqa: E402
 from s3rec.analysis.read_runs import OBJECTIVES, Run, sort_metrics  # noqa: E402
+from s3rec.analysis.stats import mean_interval  # noqa: E402
 
 plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "legend.fontsize": 8.5,
                      "axes.grid": True, "grid.alpha": 0.3})
@@ -41,7 +43,9 @@ def _save(fig, out: Path, name: str) -> str:
 
 
 def _stats(values: list[float]) -> tuple[float, float, float]:
-    return sum(values) / len(values), min(values), max(values)
+    """Mean and its 95% interval over seeds."""
+    iv = mean_interval(values)
+    return iv.mean, iv.lo, iv.hi
 
 
 def _colors(keys) -> dict:
@@ -131,8 +135,8 @@ def metric_vs_rank(runs: list[Run], out: Path) -> tuple[list[Figure], list[str]]
         fig.tight_layout()
         stem = _save(fig, out, f"metric_vs_rank_{_tag(dataset, protocol)}")
         figs.append(Figure(f"Test metric against head rank ({dataset}, {protocol})", stem,
-                           "Line: mean over seeds; band: min..max over seeds. Horizontal lines: "
-                           "full-rank variants (band = their seed range)."))
+                           "Line: mean over seeds; band: its 95% interval. Horizontal lines: "
+                           "full-rank variants (band = their 95% interval)."))
     return figs, notes
 
 
@@ -172,7 +176,7 @@ def params_vs_metric(runs: list[Run], out: Path) -> tuple[list[Figure], list[str
         fig.tight_layout()
         stem = _save(fig, out, f"params_vs_metric_{_tag(dataset, protocol)}")
         figs.append(Figure(f"Parameters against {m} ({dataset}, {protocol})", stem,
-                           "Marker: mean over seeds; bar: min..max. Parameters from the cell's "
+                           "Marker: mean over seeds; bar: its 95% interval. Parameters from the cell's "
                            "pretraining run.json."))
     return figs, notes
 
@@ -180,14 +184,15 @@ def params_vs_metric(runs: list[Run], out: Path) -> tuple[list[Figure], list[str
 # ---------------------------------------------------------------- (c) learning curves
 
 def _mean_band(curves: list[tuple[list[int], list[float]]]):
-    """Mean and min..max at each step that any curve has (curves of different lengths)."""
+    """Mean and its 95% interval at each step that any curve has (curves of different lengths:
+    a step's interval is over the curves that reach it)."""
     at = defaultdict(list)
     for xs, ys in curves:
         for x, y in zip(xs, ys):
             at[x].append(y)
     xs = sorted(at)
-    return xs, [sum(at[x]) / len(at[x]) for x in xs], [min(at[x]) for x in xs], \
-        [max(at[x]) for x in xs]
+    st = [_stats(at[x]) for x in xs]
+    return xs, [m for m, _, _ in st], [lo for _, lo, _ in st], [hi for _, _, hi in st]
 
 
 def learning_curves(runs: list[Run], out: Path) -> tuple[list[Figure], list[str]]:
@@ -218,7 +223,7 @@ def learning_curves(runs: list[Run], out: Path) -> tuple[list[Figure], list[str]
         stem = _save(fig, out, f"learning_curves_{_tag(dataset, protocol)}")
         figs.append(Figure(f"Fine-tuning learning curves ({dataset}, {protocol})", stem,
                            "Finished fine-tunes only. Line: mean over seeds at each epoch; band: "
-                           "min..max. Runs stop at different epochs (early stopping)."))
+                           "its 95% interval. Runs stop at different epochs (early stopping)."))
     return figs, notes
 
 
@@ -258,7 +263,7 @@ def ablation_bars(runs: list[Run], out: Path) -> tuple[list[Figure], list[str]]:
         fig.tight_layout()
         stem = _save(fig, out, f"ablation_{_tag(dataset, protocol)}")
         figs.append(Figure(f"Ablation of the pretraining objectives ({dataset}, {protocol})",
-                           stem, "Bar: mean over seeds; whisker: min..max. 'w/o X' = pretraining "
+                           stem, "Bar: mean over seeds; whisker: its 95% interval. 'w/o X' = pretraining "
                            "weight of X set to 0 (read from run.json config pretrain.weights)."))
     if not found_any:
         notes.append("ablation bars: no finished fine-tune of a cell whose pretraining had an "
@@ -338,7 +343,7 @@ def pretrain_losses(runs: list[Run], out: Path) -> tuple[list[Figure], list[str]
                 if lab not in labels:
                     handles.append(h)
                     labels.append(lab)
-        fig.suptitle(f"{dataset}: pretraining losses (mean over seeds, band min..max)")
+        fig.suptitle(f"{dataset}: pretraining losses (mean over seeds, band: 95% interval)")
         if len(names) < nrow * ncol:  # an empty panel holds the legend
             axes[-1][-1].legend(handles, labels, loc="center", title="arm")
             fig.tight_layout()
@@ -387,7 +392,7 @@ def vs_paper(runs: list[Run], out: Path) -> tuple[list[Figure], list[str]]:
                    hatch=None if ours else "//", edgecolor="white", label=n)
         ax.set_xticks(range(len(metrics)), metrics)
         ax.set_ylabel(f"test metric ({protocol})")
-        ax.set_title(f"{dataset}: ours (mean, min..max over seeds) and published numbers")
+        ax.set_title(f"{dataset}: ours (mean, 95% interval over seeds) and published numbers")
         ax.legend(loc="upper left", ncol=2)
         ax.set_ylim(0, 1.3 * max(v[0] for s in series.values() for v in s.values()))
         fig.tight_layout()

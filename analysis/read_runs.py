@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from s3rec.config import (HEAD_NAMES, OBJECTIVES, Config, ConfigError, config_from_dict,
                           NO_RESULT_KEYS, flat_keys)
+from s3rec.runlog import TEST_RANKS
 
 # The order metrics appear in tables; others follow alphabetically.
 METRIC_ORDER = ("HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20", "MRR")
@@ -96,6 +98,21 @@ class Run:
     def curve(self, tag: str) -> tuple[list[int], list[float]]:
         pts = self.scalars.get(tag, [])
         return [p[0] for p in pts], [p[1] for p in pts]
+
+    def test_ranks(self) -> np.ndarray | None:
+        """Each user's 0-based test rank (RUN/test_ranks.npy, int64 [users]); None without the
+        file. A file that is not a plain 1-d integer array is a RunFolderError."""
+        path = self.path / TEST_RANKS
+        if not path.is_file():
+            return None
+        try:
+            ranks = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise RunFolderError(f"{path}: not a readable .npy of ranks ({e})") from None
+        if ranks.ndim != 1 or ranks.dtype.kind not in "iu" or (ranks.size and ranks.min() < 0):
+            raise RunFolderError(f"{path}: expected a 1-d array of ranks >= 0, got "
+                                 f"{ranks.dtype} {list(ranks.shape)}")
+        return ranks
 
 
 # ---------------------------------------------------------------- reading one folder

@@ -8,17 +8,18 @@ DIR/params_breakdown.csv. Every file is written under a temporary name and renam
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 from s3rec.analysis.atomic import write_csv, write_text
+from s3rec.analysis.compare import paired_rows, pick_baseline
 from s3rec.analysis.figures import Figure, all_grid_figures
 from s3rec.analysis.paper_numbers import PAPER_SOURCE, reference_for
 from s3rec.analysis.read_runs import (SCALAR_COLUMNS, Run, RunFolderError, read_runs, runs_table,
                                 scalars_table, sort_metrics)
+from s3rec.analysis.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, mean_interval
 
 LOWRANK_TABLE_RANKS = (1, 2, 4, 8, 16, 32)
 
@@ -30,6 +31,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="model file (final.pt, or the authors' state dict) for the low-rank "
                         "analysis; default: the first finished full-rank pretraining's final.pt")
+    p.add_argument("--baseline", default=None, metavar="ARM",
+                   help="the arm every other arm is tested against, paired by user (an arm as "
+                        "the results table names it, e.g. 's3rec' or 'finetune-only'); default: "
+                        "s3rec where present")
     p.add_argument("--no-anatomy", action="store_true",
                    help="skip the model-anatomy figures (they build full-size models)")
     return p
@@ -38,13 +43,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- pieces of the report
 
 def _fmt(vals: list[float]) -> str:
-    if not vals:
-        return ""
-    mean = sum(vals) / len(vals)
-    if len(vals) == 1:
-        return f"{mean:.4f}"
-    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
-    return f"{mean:.4f} ± {sd:.4f}"
+    return mean_interval(vals).fmt() if vals else ""
 
 
 def _md_table(header: list[str], rows: list[list]) -> str:
@@ -53,8 +52,8 @@ def _md_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def results_section(runs: list[Run]) -> str:
-    """Ours (mean ± sample sd over seeds, finished fine-tunes) beside the published numbers."""
+def _finished_groups(runs: list[Run]):
+    """(dataset, protocol) -> arm -> finished fine-tunes; and the count of unfinished ones."""
     groups: dict[tuple[str, str], dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
     not_done: Counter = Counter()
     for r in runs:
@@ -63,6 +62,12 @@ def results_section(runs: list[Run]) -> str:
             groups[key][r.arm].append(r)
         elif r.stage == "finetune":
             not_done[key + (r.arm,)] += 1
+    return groups, not_done
+
+
+def results_section(runs: list[Run]) -> str:
+    """Ours (mean and 95% interval over seeds, finished fine-tunes) beside the published numbers."""
+    groups, not_done = _finished_groups(runs)
     if not groups:
         return "No finished fine-tune runs: no results to tabulate.\n"
     out = []
@@ -87,9 +92,34 @@ def results_section(runs: list[Run]) -> str:
                    + _md_table(["", "seeds", "grid", *metrics], rows) + "\n")
         if not refs:
             out.append(f"The paper reports no {protocol} numbers for {dataset}.\n")
-    out.append(f"Ours: mean ± sample standard deviation over seeds of the test metrics at the "
-               f"best validation epoch (results.json). Published: {PAPER_SOURCE}.\n")
+    out.append(f"Ours: mean over seeds of the test metrics at the best validation epoch "
+               f"(results.json), with its 95% Student-t interval [low, high] where there are two "
+               f"seeds or more. Published: {PAPER_SOURCE}.\n")
     return "\n".join(out)
+
+
+def paired_section(runs: list[Run], baseline: str | None) -> str:
+    """Each arm against the baseline arm, paired by test user (s3rec.analysis.compare)."""
+    groups, _ = _finished_groups(runs)
+    out = []
+    for (dataset, protocol), arms in sorted(groups.items()):
+        base = pick_baseline(arms, baseline)
+        if base is None or len(arms) < 2:
+            continue
+        rows, notes = paired_rows(arms, base)
+        if rows:
+            out.append(f"### {dataset}, protocol {protocol}: against {base}\n\n" + _md_table(
+                ["arm", "seeds", "metric", "arm", base, "difference [95%]", "relative", "p"],
+                rows) + "\n")
+        out += [f"- {n}" for n in notes]
+    if not out:
+        return ""
+    return "\n".join(out) + (
+        f"\n\nPaired bootstrap over test users ({BOOTSTRAP_RESAMPLES:,} resamples, seed "
+        f"{BOOTSTRAP_SEED}): each user's metric averaged over an arm's seeds, the difference "
+        f"arm - baseline resampled by user; interval: 2.5 and 97.5 percentiles of the resampled "
+        f"mean difference; p: two-sided. It holds the trained models fixed; the intervals over "
+        f"seeds above hold the training's own variation.\n")
 
 
 def pretraining_section(runs: list[Run]) -> str:
@@ -206,7 +236,7 @@ def anatomy_section(out: Path) -> str:
 # ---------------------------------------------------------------- the command
 
 def build_report(runs_dir: Path, out: Path, checkpoint: Path | None = None,
-                 anatomy: bool = True) -> Path:
+                 anatomy: bool = True, baseline: str | None = None) -> Path:
     if checkpoint is not None and not Path(checkpoint).is_file():   # fail before any work
         from s3rec.model import CheckpointError
         raise CheckpointError(f"--checkpoint {checkpoint} does not exist")
@@ -228,6 +258,8 @@ def build_report(runs_dir: Path, out: Path, checkpoint: Path | None = None,
              f"stage), [scalars.csv](scalars.csv) (every logged scalar).\n",
              "## Runs\n", status_section(runs),
              "## Results beside the paper\n", results_section(runs),
+             *(["## Arms against the baseline, paired by test user\n", paired]
+               if (paired := paired_section(runs, baseline)) else []),
              *(["## Fine-tunes by their pretraining epochs\n", pre]
                if (pre := pretraining_section(runs)) else []),
              "## Figures of the grid\n", *[_figure_md(f) for f in figs]]
@@ -247,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     from s3rec.model import CheckpointError
     args = get_args_parser().parse_args(argv)
     try:
-        report = build_report(args.runs, args.out, args.checkpoint, anatomy=not args.no_anatomy)
+        report = build_report(args.runs, args.out, args.checkpoint, anatomy=not args.no_anatomy,
+                              baseline=args.baseline)
     except (CheckpointError, RunFolderError, OSError) as e:
         print(f"s3rec-report: error: {e}", file=sys.stderr)
         return 2

@@ -16,9 +16,11 @@ loss mean and, measured on Beauty from the authors' checkpoint, costs about .01 
 from __future__ import annotations
 
 import dataclasses
+import io
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from s3rec import distributed as dist
@@ -27,7 +29,7 @@ from s3rec.engine import checkpoint as ckpt
 from s3rec.engine import run
 from s3rec.engine.evaluate import evaluate
 from s3rec.engine.loop import Task, Trainer
-from s3rec.runlog import RESULTS_JSON, write_json_atomic
+from s3rec.runlog import RESULTS_JSON, TEST_RANKS, write_atomic, write_json_atomic
 
 PROG = "s3rec-finetune"
 
@@ -66,6 +68,12 @@ def load_init(path: str, cfg, ds) -> dict:
             f"{att.shape[0]}, but dataset {ds.name} has item_size {ds.item_size}, "
             f"attribute_size {ds.attribute_size}")
     return sd
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
 
 
 def _body(argv, holder) -> str:
@@ -136,12 +144,14 @@ def _body(argv, holder) -> str:
         return status
     trainer.load_best()
     valid = st.best_valid or task.evaluate("valid")   # finetune.epochs=0: the initial weights
-    test = task.evaluate("test")
+    test, test_ranks = evaluate(engine, views["test"], f.protocol, f.eval_batch_size,
+                                info.device, with_ranks=True)
     trainer.events.scalars(test, st.best_epoch, prefix="test/")
     trainer.events.hparams(run.hparams(s, "finetune"), [f"test/{k}" for k in test])
     results = {"protocol": protocol, "valid": valid, "test": test, "best_epoch": st.best_epoch,
                "seed": cfg.seed, "params": params}
     if dist.is_main():
+        write_atomic(s.run_dir / TEST_RANKS, npy_bytes(test_ranks.numpy()))
         write_json_atomic(s.run_dir / RESULTS_JSON, results)
     s.runjson.finish("done")
     dist.log_main("[test] " + " ".join(f"{k}={v:.4f}" for k, v in test.items())

@@ -67,20 +67,35 @@ def full_ranks(scores: torch.Tensor, answers: torch.Tensor, history=None) -> tor
     return (scores >= answer_score).sum(dim=1) - 1
 
 
+def user_values(ranks: torch.Tensor, key: str) -> torch.Tensor:
+    """Each user's value of one metric (HR@k, NDCG@k, MRR) from 0-based ranks -> float64 [U];
+    a metric is the mean of these over users."""
+    r = ranks.detach().to(torch.float64).reshape(-1).cpu()
+    name, _, k = key.partition("@")
+    if name == "MRR" and not k:
+        return 1.0 / (r + 1.0)
+    if name in ("HR", "NDCG") and k.isdigit() and int(k) >= 1:
+        hit = r < int(k)
+        if name == "HR":
+            return hit.to(torch.float64)
+        return torch.where(hit, 1.0 / torch.log2(r + 2.0), torch.zeros_like(r))
+    raise ValueError(f"unknown metric {key!r}: expected HR@k, NDCG@k or MRR")
+
+
+def metric_keys(ks: Iterable[int] = SAMPLED_KS, mrr: bool = True) -> list[str]:
+    """HR@k and NDCG@k for each k (HR@1 without NDCG@1, as reported), then MRR."""
+    keys = []
+    for k in ks:
+        keys += [f"HR@{k}"] + ([f"NDCG@{k}"] if k > 1 else [])
+    return keys + (["MRR"] if mrr else [])
+
+
 def metric_sums(ranks: torch.Tensor, ks: Iterable[int] = SAMPLED_KS, mrr: bool = True
                 ) -> dict[str, float]:
     """Per-shard sums of every metric (float64) plus "count": add these across shards, then
-    `finalize`. Keys: HR@k and NDCG@k for each k (HR@1 without NDCG@1, as reported), MRR."""
-    r = ranks.detach().to(torch.float64).reshape(-1).cpu()
-    out: dict[str, float] = {}
-    for k in ks:
-        hit = r < k
-        out[f"HR@{k}"] = float(hit.sum())
-        if k > 1:
-            out[f"NDCG@{k}"] = float((1.0 / torch.log2(r + 2.0))[hit].sum())
-    if mrr:
-        out["MRR"] = float((1.0 / (r + 1.0)).sum())
-    out["count"] = float(r.numel())
+    `finalize`. Keys: metric_keys(ks, mrr)."""
+    out = {key: float(user_values(ranks, key).sum()) for key in metric_keys(ks, mrr)}
+    out["count"] = float(ranks.numel())
     return out
 
 

@@ -17,6 +17,9 @@ from pathlib import Path
 
 RUN_JSON = "run.json"
 RESULTS_JSON = "results.json"
+# each user's 0-based rank of the test answer under the run's protocol (int64 .npy, index = user
+# row of the dataset), beside results.json: what the report's paired per-user test reads
+TEST_RANKS = "test_ranks.npy"
 
 
 def now_iso() -> str:

@@ -6,6 +6,7 @@ are different (equally valid) random draws. The data side needs nothing: every r
 same global batch, sliced. Tolerance: relative 1e-5 on every logged step loss (float sums in a
 different order, compounded over the steps); weights after an epoch within 1e-4; metrics
 equal to 1e-12 (float64 sums)."""
+import numpy as np
 import pytest
 import torch
 
@@ -47,6 +48,9 @@ def test_finetune_world2_matches_world1(zero, accum, reference_finetune, tiny_da
     assert r2["best_epoch"] == r1["best_epoch"]
     for split in ("valid", "test"):
         assert r2[split] == pytest.approx(r1[split], rel=1e-12, abs=1e-12)
+    # each rank ranked its own share of the users; the gathered ranks are one process's
+    assert np.array_equal(np.load(out / "test_ranks.npy"),
+                          np.load(reference_finetune / "test_ranks.npy"))
 
 
 @pytest.mark.parametrize("static", ["false", "true"])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -80,7 +81,10 @@ def test_report_table_means_equal_the_runs(report):
     vals = [truth[("demo", "Synth", "s3rec", "full", s, "finetune")]["test"]["HR@10"]
             for s in (1, 2)]
     line = next(ln for ln in text.splitlines() if ln.startswith("| ours: s3rec | 2 (1,2)"))
-    assert f"{sum(vals) / 2:.4f} ±" in line
+    # 95% t-interval over 2 seeds: mean ± t(0.975, df 1) * sd / sqrt(2), t from a printed table
+    mean, sd = sum(vals) / 2, abs(vals[0] - vals[1]) / math.sqrt(2)
+    half = 12.706204736 * sd / math.sqrt(2)
+    assert f"{mean:.4f} [{mean - half:.4f}, {mean + half:.4f}]" in line
     assert "| **paper S3-Rec** |  | published | 0.2192 | 0.4502 |" in text
     # The killed and the failed runs are named with their reason, not dropped.
     assert "demo/Synth/s3rec-lowrank/r8/s2 | finetune | unfinished | 2" in text

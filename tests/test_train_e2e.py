@@ -2,9 +2,11 @@
 files of the contract (final.pt, epoch-N.pt, run.json, results.json, TensorBoard events in RUN/
 with HParams); --init from a DeepSpeed checkpoint folder (world size 2, ZeRO-3) consolidates to
 the same weights as final.pt; bad --init and bad variants stop with a clear message."""
+import numpy as np
 import pytest
 import torch
 
+from s3rec.metrics import metrics_from_ranks
 from tests.train_helpers import (command, make_dataset, read_json, run, scalars, shm_clean,  # noqa: F401
                                  tiny_data, train_args)
 
@@ -66,6 +68,10 @@ def test_finetune_from_final_pt(pretrained, tiny_data, tmp_path):
     assert res["protocol"] == "sampled-99" and set(res["valid"]) == set(res["test"]) == SAMPLED
     assert 1 <= res["best_epoch"] <= 3 and res["seed"] == 42
     assert res["params"] == read_json(pretrained / "run.json")["params"]
+    # every user's test rank beside results.json, giving back its test metrics
+    ranks = np.load(out / "test_ranks.npy", allow_pickle=False)
+    assert ranks.dtype == np.int64 and ranks.shape == (200,) and ranks.min() >= 0
+    assert metrics_from_ranks(torch.from_numpy(ranks)) == pytest.approx(res["test"], abs=1e-12)
     info = read_json(out / "run.json")
     assert info["stage"] == "finetune" and info["status"] == "done"
     assert info["protocol"] == "sampled-99"

@@ -42,8 +42,11 @@ def length_batches(view: EvalView, batch_size: int, rank: int, world: int) -> li
     return out
 
 
-def evaluate(engine, view: EvalView, protocol: str, batch_size: int, device) -> dict[str, float]:
-    """Metrics of `view` under `protocol` (sampled | full); every rank calls it."""
+def evaluate(engine, view: EvalView, protocol: str, batch_size: int, device,
+             with_ranks: bool = False):
+    """Metrics of `view` under `protocol` (sampled | full); every rank calls it. With_ranks:
+    (metrics, ranks), ranks int64 [view.num_users] every user's 0-based rank of the answer,
+    the same on every rank (each rank fills its own users, the rest are summed in)."""
     info = dist.info()
     rank, world = info.rank, info.world_size
     ks, mrr = (metrics.SAMPLED_KS, True) if protocol == "sampled" else (metrics.FULL_KS, False)
@@ -57,11 +60,15 @@ def evaluate(engine, view: EvalView, protocol: str, batch_size: int, device) -> 
         stand_in = view.make_batch(np.zeros(1, dtype=np.int64))
     engine.eval()
     sums = None
+    # rank + 1 of each of this rank's users, 0 elsewhere: one sum over ranks gathers them all
+    all_ranks = torch.zeros(view.num_users, dtype=torch.int64) if with_ranks else None
     with torch.no_grad():
         for i in range(most):
             b = (batches[i] if i < len(batches) else stand_in).to(device)
             ranks = engine(_ranks, b, protocol)
             if i < len(batches):
+                if all_ranks is not None:
+                    all_ranks[b.users.cpu()] = ranks.cpu() + 1
                 s = metrics.metric_sums(ranks, ks, mrr)
                 sums = s if sums is None else metrics.add_sums(sums, s)
     engine.train()
@@ -69,4 +76,8 @@ def evaluate(engine, view: EvalView, protocol: str, batch_size: int, device) -> 
         sums = {k: 0.0 for k in metrics.metric_sums(torch.zeros(0), ks, mrr)}
     keys = list(sums)
     total = dist.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
-    return metrics.finalize(dict(zip(keys, total.tolist())))
+    result = metrics.finalize(dict(zip(keys, total.tolist())))
+    if all_ranks is None:
+        return result
+    all_ranks = dist.all_reduce_sum(all_ranks.to(device)).cpu() - 1
+    return result, all_ranks
