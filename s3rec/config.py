@@ -172,6 +172,9 @@ class CheckpointConfig:
 class LoggingConfig:
     tensorboard: bool = True         # (bool) write TensorBoard events (rank 0 only)
     every_steps: int = 50            # (int) scalar logging interval in optimizer steps
+    progress_every_s: float = 30.0   # (float) a progress line (epoch, step, samples/s, ETAs) on
+                                     #   stderr and in run.json at a logging step at most this
+                                     #   often (rank 0; s3rec.engine.progress); 0 = every one
     profile_steps: list = field(default_factory=list)   # (list) [START, STOP]: torch.profiler
                                      #   over optimizer steps START..STOP-1 (whole loop
                                      #   iterations), trace and operator table per rank in

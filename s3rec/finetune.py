@@ -128,6 +128,7 @@ def _body(argv, holder) -> str:
                                                 f.eval_batch_size, info.device),
                 select_metric="MRR" if f.protocol == "sampled" else "NDCG@20",
                 patience=f.patience, on_epoch_end=on_epoch_end,
+                on_progress=lambda rec: s.runjson.update(progress=rec),
                 prepare=lambda b: dataclasses.replace(
                     b, plan=finetune_plan(b.items, b.target_pos, f.length_chunks)),
                 batches=lambda epoch, start: sampler.batches(

@@ -81,6 +81,7 @@ def _body(argv, holder) -> str:
 
     task = Task(stage="pretrain", epochs=p.epochs, num_batches=sampler.num_batches(p.batch_size),
                 log_names=names, count=count, loss=loss, on_epoch_end=on_epoch_end,
+                on_progress=lambda rec: s.runjson.update(progress=rec),
                 log_per_denominator=p.reduction == "mean",
                 prepare=prepare,
                 batches=lambda epoch, start: sampler.batches(

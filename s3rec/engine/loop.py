@@ -36,6 +36,7 @@ from s3rec import distributed as dist
 from s3rec.engine import checkpoint as ckpt
 from s3rec.engine import resume_check, signals
 from s3rec.engine.profile import StepProfiler
+from s3rec.engine.progress import Progress
 from s3rec.runlog import Events
 
 
@@ -59,6 +60,8 @@ class Task:
     on_epoch_end: Callable[[int, str], None] | None = None   # (epochs done, checkpoint tag)
     prepare: Callable[[object], object] | None = None   # CPU micro-batch -> CPU micro-batch, run
                                                  # on the host just before the copy to the device
+    on_progress: Callable[[dict], None] | None = None   # rank 0: progress.Progress.record, at
+                                                 # each progress line and each epoch end
 
 
 @dataclass
@@ -123,6 +126,9 @@ class Trainer:
         self.events_enabled = events_enabled
         self.profiler = StepProfiler(cfg.logging.profile_steps, self.run_dir, self.rank,
                                      self.device)
+        self.progress = (Progress(task.stage, task.epochs, task.num_batches,
+                                  cfg.logging.progress_every_s) if dist.is_main() else None)
+        self._rate: float | None = None      # samples/s of the last logged window
         # DeepSpeed reports a gradient norm for ZeRO >= 1 and half precision, except where it is
         # told not to compute one each step (zero_optimization.compute_grad_norm=false, see
         # deepspeed_setup); plain fp32 stage 0 computes none (unless clipping). In those two
@@ -232,6 +238,8 @@ class Trainer:
                 self._flush_counts(win_acc, wc)
                 epoch_acc += self._log_window(win_acc, time.perf_counter() - win_t0, manual_norm)
                 win_acc.zero_()
+                if self.progress is not None and self.progress.due():
+                    self._report_progress(time.perf_counter() - t0, show=True)
                 win_t0, win_steps = time.perf_counter(), 0
             if every_ckpt and st.global_step % every_ckpt == 0 and st.batch < task.num_batches:
                 st.epoch_time = time.perf_counter() - t0
@@ -256,12 +264,16 @@ class Trainer:
                              for i, name in enumerate(task.log_names)}, done)
         self.events.scalar("perf/epoch_s", epoch_time, done)
         self.events.scalar("perf/peak_rss_mb", peak_rss_mb(), done)
+        if self.progress is not None:
+            self.progress.end_line()
         dist.log_main(f"[{task.stage}] epoch {done}/{task.epochs} "
                       + " ".join(f"{name}={totals[i] / max(per, 1.0):.4f}"
                                  for i, name in enumerate(task.log_names))
                       + f" ({epoch_time:.1f} s)")
         if task.evaluate is not None:
             self._validate(done)
+        if self.progress is not None:
+            self._report_progress(epoch_time, show=False)
         st.epoch, st.batch, st.epoch_time = done, 0, 0.0
         zero = self._new_acc()
         # `latest` moves to the epoch's tag only after on_epoch_end (epoch-N.pt): killed in
@@ -274,6 +286,17 @@ class Trainer:
         if signals.should_stop():
             return self._preempt(zero, self._new_acc(), time.perf_counter(), saved=True)
         return "ok"
+
+    def _report_progress(self, epoch_seconds: float, show: bool) -> None:
+        """Rank 0: the progress record into run.json (Task.on_progress), and the line if `show`."""
+        st, task = self.state, self.task
+        best = ({"metric": task.select_metric, "value": st.best, "epoch": st.best_epoch}
+                if task.select_metric and st.best is not None else None)
+        rec = self.progress.record(st.epoch, st.batch, epoch_seconds, self._rate, best)
+        if show:
+            self.progress.show(rec)
+        if task.on_progress is not None:
+            task.on_progress(rec)
 
     def _flush_counts(self, win_acc: torch.Tensor, wc: list) -> None:
         if any(wc):
@@ -329,7 +352,8 @@ class Trainer:
             norm = float(norm)
             if math.isfinite(norm):
                 self.events.scalar("train/grad_norm", norm, step)
-        self.events.scalar("perf/samples_per_s", g[self.n] / max(seconds, 1e-9), step)
+        self._rate = g[self.n] / max(seconds, 1e-9)
+        self.events.scalar("perf/samples_per_s", self._rate, step)
         self.events.scalar("perf/tokens_per_s", g[self.n + 1] / max(seconds, 1e-9), step)
         return local
 
