@@ -29,7 +29,7 @@ BOOTSTRAP_SEED = 0
 
 
 def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz), for x < (a+1)/(a+b+2)."""
+    """The incomplete beta function's continued fraction (modified Lentz), x < (a+1)/(a+b+2)."""
     tiny, eps = 1e-300, 1e-15
     c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
     d = 1.0 / (d if abs(d) > tiny else tiny)
