@@ -33,6 +33,7 @@ setup(
         "s3rec-prep=s3rec.data_prep.cli:main",
         "s3rec-pretrain=s3rec.pretrain:main",
         "s3rec-finetune=s3rec.finetune:main",
+        "s3rec-evaluate=s3rec.evaluate:main",
         "s3rec-import-original=s3rec.import_original:main",
         "s3rec-grid=s3rec.launch.grid_cli:main",
         "s3rec-report=s3rec.analysis.report:main",

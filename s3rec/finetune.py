@@ -16,11 +16,9 @@ loss mean and, measured on Beauty from the authors' checkpoint, costs about .01 
 from __future__ import annotations
 
 import dataclasses
-import io
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from s3rec import distributed as dist
@@ -29,7 +27,8 @@ from s3rec.engine import checkpoint as ckpt
 from s3rec.engine import run
 from s3rec.engine.evaluate import evaluate
 from s3rec.engine.loop import Task, Trainer
-from s3rec.runlog import RESULTS_JSON, TEST_RANKS, write_atomic, write_json_atomic
+from s3rec.runlog import (BEST_MODEL, RESULTS_JSON, TEST_RANKS, write_json_atomic,
+                          write_npy_atomic)
 
 PROG = "s3rec-finetune"
 
@@ -70,10 +69,17 @@ def load_init(path: str, cfg, ds) -> dict:
     return sd
 
 
-def npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
+def save_best_model(engine, cfg, s, best_tag: str | None) -> None:
+    """RUN/best.pt: the weights being tested. Half precision takes the fp32 master weights of the
+    best tag; with no validated epoch (finetune.epochs=0) the fp32 module is the initial one."""
+    from s3rec.model import save_model_file
+    precision = cfg.deepspeed.precision
+    if precision != "fp32" and best_tag is None:
+        return                          # nothing was trained: no master weights to consolidate
+    sd = ckpt.full_state_dict(engine, precision, s.run_dir / ckpt.CHECKPOINTS, best_tag)
+    if dist.is_main():
+        save_model_file(s.run_dir / BEST_MODEL, sd, cfg, run.dataset_info(s.ds))
+    dist.barrier()
 
 
 def _body(argv, holder) -> str:
@@ -144,6 +150,7 @@ def _body(argv, holder) -> str:
         s.runjson.finish("preempted")
         return status
     trainer.load_best()
+    save_best_model(engine, cfg, s, ckpt.read_best(trainer.ckpt_dir))
     valid = st.best_valid or task.evaluate("valid")   # finetune.epochs=0: the initial weights
     test, test_ranks = evaluate(engine, views["test"], f.protocol, f.eval_batch_size,
                                 info.device, with_ranks=True)
@@ -152,7 +159,7 @@ def _body(argv, holder) -> str:
     results = {"protocol": protocol, "valid": valid, "test": test, "best_epoch": st.best_epoch,
                "seed": cfg.seed, "params": params}
     if dist.is_main():
-        write_atomic(s.run_dir / TEST_RANKS, npy_bytes(test_ranks.numpy()))
+        write_npy_atomic(s.run_dir / TEST_RANKS, test_ranks.numpy())
         write_json_atomic(s.run_dir / RESULTS_JSON, results)
     s.runjson.finish("done")
     dist.log_main("[test] " + " ".join(f"{k}={v:.4f}" for k, v in test.items())

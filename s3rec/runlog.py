@@ -20,6 +20,9 @@ RESULTS_JSON = "results.json"
 # each user's 0-based rank of the test answer under the run's protocol (int64 .npy, index = user
 # row of the dataset), beside results.json: what the report's paired per-user test reads
 TEST_RANKS = "test_ranks.npy"
+# a fine-tune's best validation epoch's weights as a model file (like pretraining's final.pt):
+# what s3rec-evaluate reads from a run folder
+BEST_MODEL = "best.pt"
 
 
 def now_iso() -> str:
@@ -44,6 +47,16 @@ def write_atomic(path: Path, data: bytes | str) -> None:
 
 def write_json_atomic(path: Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_npy_atomic(path: Path, array) -> None:
+    """A plain (never pickled) .npy file, atomically: np.load(path, allow_pickle=False) reads it."""
+    import io
+
+    import numpy as np
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array), allow_pickle=False)
+    write_atomic(path, buf.getvalue())
 
 
 def git_revision() -> str | None:

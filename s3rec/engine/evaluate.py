@@ -43,13 +43,19 @@ def length_batches(view: EvalView, batch_size: int, rank: int, world: int) -> li
 
 
 def evaluate(engine, view: EvalView, protocol: str, batch_size: int, device,
-             with_ranks: bool = False):
-    """Metrics of `view` under `protocol` (sampled | full); every rank calls it. With_ranks:
-    (metrics, ranks), ranks int64 [view.num_users] every user's 0-based rank of the answer,
-    the same on every rank (each rank fills its own users, the rest are summed in)."""
+             with_ranks: bool = False, ks: tuple[int, ...] | None = None,
+             mrr: bool | None = None):
+    """Metrics of `view` under `protocol` (sampled: against the view's negatives, whichever way
+    they were drawn | full); every rank calls it. ks / mrr: the metrics (default: the
+    protocol's, metrics.SAMPLED_KEYS or FULL_KEYS). With_ranks: (metrics, ranks), ranks int64
+    [view.num_users] every user's 0-based rank of the answer, the same on every rank (each rank
+    fills its own users, the rest are summed in)."""
     info = dist.info()
     rank, world = info.rank, info.world_size
-    ks, mrr = (metrics.SAMPLED_KS, True) if protocol == "sampled" else (metrics.FULL_KS, False)
+    default_ks, default_mrr = ((metrics.SAMPLED_KS, True) if protocol == "sampled"
+                               else (metrics.FULL_KS, False))
+    ks = default_ks if ks is None else ks
+    mrr = default_mrr if mrr is None else mrr
     batches = [view.make_batch(u) for u in length_batches(view, batch_size, rank, world)]
     # ZeRO-3 gathers parameters collectively in every forward: all ranks must run the same number
     # of them (every rank can count every rank's batches), so pad with repeats, results dropped.
