@@ -17,6 +17,7 @@ from s3rec.analysis.atomic import write_csv, write_text
 from s3rec.analysis.compare import paired_rows, pick_baseline
 from s3rec.analysis.figures import Figure, all_grid_figures
 from s3rec.analysis.paper_numbers import PAPER_SOURCE, reference_for
+from s3rec.analysis.protocols import protocols_section
 from s3rec.analysis.read_runs import (SCALAR_COLUMNS, Run, RunFolderError, read_runs, runs_table,
                                 scalars_table, sort_metrics)
 from s3rec.analysis.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, mean_interval
@@ -260,6 +261,8 @@ def build_report(runs_dir: Path, out: Path, checkpoint: Path | None = None,
              "## Results beside the paper\n", results_section(runs),
              *(["## Arms against the baseline, paired by test user\n", paired]
                if (paired := paired_section(runs, baseline)) else []),
+             *(["## Arms under every evaluation protocol\n", by_protocol]
+               if (by_protocol := protocols_section(runs)) else []),
              *(["## Fine-tunes by their pretraining epochs\n", pre]
                if (pre := pretraining_section(runs)) else []),
              "## Figures of the grid\n", *[_figure_md(f) for f in figs]]
