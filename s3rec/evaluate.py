@@ -33,7 +33,7 @@ from s3rec.config import Config, ConfigError, config_from_dict
 from s3rec.engine import checkpoint as ckpt
 from s3rec.engine import run
 from s3rec.engine.evaluate import evaluate, length_batches
-from s3rec.runlog import (BEST_MODEL, RESULTS_JSON, write_atomic, write_json_atomic,
+from s3rec.runlog import (BEST_MODEL, RESULTS_JSON, Events, write_atomic, write_json_atomic,
                           write_npy_atomic)
 
 PROG = "s3rec-evaluate"
@@ -194,6 +194,11 @@ def write_outputs(out: Path, key: str, args, metrics: dict, ranks: torch.Tensor,
         data = json.loads(results.read_text())
         data.setdefault("protocols", {}).setdefault(key, {})[args.split] = metrics
         write_json_atomic(results, data)
+        if key != data.get("protocol"):
+            # beside the run's own test/ tags, for the HParams tab: "<split>-<protocol>/<metric>"
+            events = Events(out, enabled=True)
+            events.scalars(metrics, int(data.get("best_epoch") or 0), prefix=f"{args.split}-{key}/")
+            events.close()
 
 
 def main(argv=None) -> int:

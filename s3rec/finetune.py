@@ -155,7 +155,7 @@ def _body(argv, holder) -> str:
     test, test_ranks = evaluate(engine, views["test"], f.protocol, f.eval_batch_size,
                                 info.device, with_ranks=True)
     trainer.events.scalars(test, st.best_epoch, prefix="test/")
-    trainer.events.hparams(run.hparams(s, "finetune"), [f"test/{k}" for k in test])
+    trainer.events.hparams(run.hparams(s, "finetune", args.overrides, args.init))
     results = {"protocol": protocol, "valid": valid, "test": test, "best_epoch": st.best_epoch,
                "seed": cfg.seed, "params": params}
     if dist.is_main():

@@ -100,8 +100,7 @@ def _body(argv, holder) -> str:
     if tag is None:          # pretrain.epochs=0: save the initial weights
         tag = trainer.save(trainer._new_acc())
     save_weights("final.pt", tag)
-    trainer.events.hparams(run.hparams(s, "pretrain"),
-                           [f"epoch/loss_{n}" for n in names])
+    trainer.events.hparams(run.hparams(s, "pretrain", args.overrides))
     s.runjson.finish("done")
     dist.log_main(f"pretraining done: {s.run_dir / 'final.pt'}")
     return status

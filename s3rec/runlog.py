@@ -131,16 +131,22 @@ class Events:
         for k, v in values.items():
             self.scalar(prefix + k, v, step)
 
-    def hparams(self, hparams: dict, metric_tags: list[str]) -> None:
-        """HParams plugin summaries in this writer's own event file."""
+    def hparams(self, hparams: dict) -> None:
+        """This run's HParams session (its hyperparameters; start and end) in its own event file.
+
+        No experiment summary: TensorBoard's HParams plugin takes the first one it finds as the
+        whole experiment, so one run's (a pretraining's losses) hid every other run's metrics.
+        Without one, the plugin gathers the experiment from the sessions under whatever folder it
+        is opened on: the union of their hyperparameters, and every scalar they logged as a
+        metric (pretraining losses, valid/ and test/ metrics, other protocols' test metrics)."""
         if self.writer is None:
             return
         from torch.utils.tensorboard.summary import hparams as hp_summary
         clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                  for k, v in hparams.items()}
-        exp, ssi, sei = hp_summary(clean, {t: 0.0 for t in metric_tags})
+        _, ssi, sei = hp_summary(clean, {})
         fw = self.writer.file_writer
-        for s in (exp, ssi, sei):
+        for s in (ssi, sei):
             fw.add_summary(s)
 
     def flush(self) -> None:

@@ -13,8 +13,8 @@ from s3rec import metrics
 from s3rec.data.format import DatasetError
 from s3rec.data.popular_negatives import popular_negatives, training_counts
 from s3rec.data.reader import Dataset
-from tests.train_helpers import (command, read_json, run, shm_clean, tiny_data,  # noqa: F401
-                                 train_args)
+from tests.train_helpers import (command, read_json, run, scalars, shm_clean,  # noqa: F401
+                                 tiny_data, train_args)
 
 # 8 users over 30 items; item 1 is in every training part, items 21..30 in none
 SEQS = [[1, 2, 3, 4, 25], [1, 5, 6, 7, 8, 26], [1, 2, 9, 27, 28], [1, 10, 11, 12, 13, 29],
@@ -89,6 +89,13 @@ def test_evaluate_gives_back_the_finetunes_own_numbers(finetuned, tiny_data):
     after = read_json(finetuned / "results.json")
     assert after["protocols"]["sampled-99"]["test"] == rec["metrics"]
     assert {k: after[k] for k in res} == res           # today's shape kept for its own protocol
+    # another protocol: added to results.json and, for the HParams tab, as scalars of the run
+    _evaluate("single", tiny_data, finetuned, "--protocol", "popular")
+    pop = read_json(finetuned / "evaluation" / "popular-99-test.json")["metrics"]
+    assert read_json(finetuned / "results.json")["protocols"]["popular-99"]["test"] == pop
+    tags = scalars(finetuned)
+    assert tags["test-popular-99/NDCG@10"] == [(res["best_epoch"], pytest.approx(pop["NDCG@10"]))]
+    assert "test-sampled-99/NDCG@10" not in tags       # its own protocol: the test/ tags
 
 
 @pytest.mark.multiproc

@@ -11,6 +11,7 @@ from s3rec.launch import grid_cli
 from s3rec.launch.demo import demo_grid
 from s3rec.launch.grid import GridError
 from s3rec.launch.runner import launch_grid
+from tests.tensorboard_server import hparams_experiment, hparams_sessions, tensorboard
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
@@ -32,6 +33,19 @@ def test_demo_end_to_end_and_rerun_is_a_no_op(tmp_path, capsys):
             assert pre["config"]["model"]["head_rank"] == c.rank
     if shutil.which("s3rec-report"):
         assert (out / "report" / "report.md").exists()
+    # TensorBoard's HParams tab over the grid, and over one cell: every axis is an hparam, and
+    # every fine-tune session carries its test metrics
+    for logdir in (out, out / "synthetic" / "s3rec-lowrank"):
+        with tensorboard(logdir) as url:
+            names = {h["name"] for h in hparams_experiment(url)["hparamInfos"]}
+            assert {"dataset", "variant", "rank", "seed", "stage", "init",
+                    "model.hidden_size", "pretrain.epochs"} <= names, names
+            sessions = hparams_sessions(url)
+            finetunes = [x for x in sessions if x["name"].endswith("finetune")]
+            assert len(finetunes) == (3 if logdir == out else 2)
+            for x in finetunes:
+                tags = {m["name"]["tag"] for m in x["metricValues"]}
+                assert {"test/HR@10", "test/NDCG@10", "valid/HR@10"} <= tags, tags
     # Launched again: nothing to run.
     again = launch_grid(grid)
     assert again.to_run == [] and len(again.skipped) == 3

@@ -6,6 +6,7 @@ Exit status: 0 done (or preempted after a checkpoint; run.json says which), 2 a 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 
 from s3rec import distributed as dist
-from s3rec.config import Config, ConfigError, load_config
+from s3rec.config import Config, ConfigError, flat_keys, load_config
 from s3rec.data.format import DatasetError
 from s3rec.engine import checkpoint as ckpt
 from s3rec.engine import resume_check, signals
@@ -104,12 +105,24 @@ def make_engine(s: Setup, stage: str, model, groups):
     return engine
 
 
-def hparams(s: Setup, stage: str) -> dict:
+def hparams(s: Setup, stage: str, overrides=(), init: str | None = None) -> dict:
+    """The run's HParams: the grid's fixed axes and set-up, plus every key the command line
+    overrode (a grid passes each of its axes as one, so any swept key is an hparam), with its
+    effective value; fine-tunes name the file they started from (e.g. epoch-10.pt)."""
     cfg = s.cfg
-    return {"stage": stage, "variant": cfg.variant,
-            "rank": cfg.model.head_rank if cfg.variant == "s3rec-lowrank" else 0,
-            "seed": cfg.seed, "dataset": s.ds.name, "world_size": s.info.world_size,
-            "zero_stage": cfg.deepspeed.zero_stage, "precision": cfg.deepspeed.precision}
+    out = {"stage": stage, "variant": cfg.variant,
+           "rank": cfg.model.head_rank if cfg.variant == "s3rec-lowrank" else 0,
+           "seed": cfg.seed, "dataset": s.ds.name, "world_size": s.info.world_size,
+           "zero_stage": cfg.deepspeed.zero_stage, "precision": cfg.deepspeed.precision}
+    flat = flat_keys(cfg.to_dict())
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if key in flat and key not in out:
+            value = flat[key]
+            out[key] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+    if stage == "finetune":
+        out["init"] = Path(init).name if init else "none"
+    return out
 
 
 def guarded(prog: str, body, argv) -> int:
