@@ -1,16 +1,19 @@
 """Typed configuration: dataclasses, YAML files and `key=value` overrides.
 
 Every other module receives a `Config` (or one of its parts), never a raw dict or an argparse
-namespace. Defaults reproduce the published S3Rec numbers (see shared notes/s3rec-reference.md);
-every departure from the original is a named option here.
+namespace. Defaults reproduce the published S3Rec numbers (Zhou et al., CIKM 2020); every
+departure from the original is a named option here.
 
 Priority: defaults < YAML file (`--config`) < command-line `key=value` overrides.
-An unknown key or a value of the wrong type raises `ConfigError` naming the dotted key.
+An unknown key, a value of the wrong type, a NaN or infinite float or a number outside its range
+(RANGES) raises `ConfigError` naming the dotted key, before anything is written.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +125,16 @@ class FinetuneConfig:
     bucket_by_length: bool = False   # (bool) length-bucketed batches (less padding, faster); off =
                                      #   the original's plain random batches, which the published
                                      #   numbers need (bucketing changes each batch's loss mean)
+    loss: str = "bce"                # (str) bce: the original, one negative per position |
+                                     #   ce: full softmax over every item | sampled_softmax:
+                                     #   loss_negatives per batch by popularity, log-Q corrected |
+                                     #   gbce: gSASRec's generalised BCE (gbce_t, loss_negatives)
+    loss_negatives: int = 256        # (int) negatives per batch (sampled_softmax) or per position
+                                     #   (gbce, uniform); unused by bce and ce
+    gbce_t: float = 0.75             # (float) gSASRec's calibration t in [0, 1]: 0 = plain BCE
+                                     #   with loss_negatives negatives, 1 = fully calibrated
+    loss_chunk_rows: int = 4096      # (int) ce: positions scored against the whole catalogue at
+                                     #   once (memory ~ rows x items x 4 bytes)
 
 
 @dataclass
@@ -160,6 +173,11 @@ class DeepSpeedConfig:
                                      #   bf16.check_grad_overflow). Off: bf16 needs no loss
                                      #   scale, and the test costs ~9 kernels per parameter
                                      #   and a device sync every step
+    host_trims: bool = False         # (bool) one rank: take out DeepSpeed's per-step host work
+                                     #   that does nothing there (s3rec.engine.deepspeed_trims:
+                                     #   replaces methods of the engine and its ZeRO optimizer;
+                                     #   bit-identical weights). Written against DeepSpeed 0.19;
+                                     #   any other version is refused. Off: DeepSpeed's own methods
 
 
 @dataclass
@@ -214,16 +232,29 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _finite_float(key: str, value: float | int) -> float:
+    """`value` as a finite float. NaN fails every comparison, so a NaN weight or threshold
+    would pass range checks and silently switch its feature off: refused here, with inf."""
+    try:
+        number = float(value)
+    except OverflowError:          # an int beyond float's range; its digits would fill the line
+        raise ConfigError(f"config key '{key}': expected a finite number, got an integer of "
+                          f"{len(str(abs(value)))} digits") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"config key '{key}': expected a finite number, got {value!r}")
+    return number
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against annotation `tp`; ints are accepted for floats. Raises ConfigError."""
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
     if tp is float and isinstance(value, str):
         # YAML 1.1 (PyYAML) reads 1e-3 as a string (it wants 1.0e-3); take what float() takes
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
-            pass
+            pass                   # not a number: the type check below names it
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _finite_float(key, value)
     if tp is list:
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
@@ -238,17 +269,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"config key '{key}': unsupported type {_type_name(tp)}")
 
 
-# Keys that earlier versions had and stored configs (run.json, checkpoints) may still hold: a
-# stored config drops them; a YAML file or an override naming one is refused with the reason.
-RETIRED_KEYS = {
-    "data.num_workers": "removed: it was never used (samples are made in the training process, "
-                        "see DataConfig)",
-}
-
-
-def _apply(obj: Any, data: dict, prefix: str = "", stored: bool = False) -> None:
-    """Recursively set fields of dataclass `obj` from nested dict `data` (`stored`: a config
-    written by this program, possibly by an earlier version: retired keys are dropped)."""
+def _apply(obj: Any, data: dict, prefix: str = "") -> None:
+    """Recursively set fields of dataclass `obj` from nested dict `data`."""
     if not isinstance(data, dict):
         raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, "
                           f"got {data!r}")
@@ -257,14 +279,10 @@ def _apply(obj: Any, data: dict, prefix: str = "", stored: bool = False) -> None
     for k, v in data.items():
         key = prefix + str(k)
         if k not in names:
-            if key in RETIRED_KEYS:
-                if stored:
-                    continue
-                raise ConfigError(f"config key '{key}': {RETIRED_KEYS[key]}")
             raise ConfigError(f"unknown config key '{key}' (known here: {', '.join(sorted(names))})")
         tp = hints[k]
         if dataclasses.is_dataclass(tp):
-            _apply(getattr(obj, k), v, key + ".", stored)
+            _apply(getattr(obj, k), v, key + ".")
         else:
             setattr(obj, k, _coerce(key, v, tp))
 
@@ -285,13 +303,15 @@ def parse_override(text: str) -> tuple[str, Any]:
         why = getattr(e, "problem", None) or " ".join(str(e).split())
         raise ConfigError(f"override '{text}': value for '{key}' is not valid YAML ({why})") \
             from None
+    except ValueError as e:        # PyYAML's constructors: a date like 2024-13-01, a huge int
+        raise ConfigError(f"override '{text}': value for '{key}' cannot be read ({e})") from None
 
 
 # Keys (dotted prefixes) that change what a run logs, keeps or how fast it goes, not its results:
 # runs that differ only in these are the same experiment (resumable into each other, pooled as
 # seeds by the report, a done grid cell).
 NO_RESULT_KEYS = ("checkpoint.", "logging.", "finetune.eval_batch_size", "pretrain.compile",
-                  "pretrain.save_epochs")
+                  "pretrain.save_epochs", "deepspeed.host_trims")
 
 
 def flat_keys(d: dict, prefix: str = "") -> dict:
@@ -315,15 +335,87 @@ def _nest(key: str, value: Any) -> dict:
     return out
 
 
+@dataclass(frozen=True)
+class Interval:
+    """The finite numbers low..high; each end is included unless marked open."""
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        return (f"{'(' if self.low_open else '['}{self.low}, "
+                f"{self.high}{')' if self.high_open else ']'}")
+
+
+AT_LEAST_0 = Interval(0)
+AT_LEAST_1 = Interval(1)
+POSITIVE = Interval(0, low_open=True)
+PROBABILITY = Interval(0, 1)
+BELOW_1 = Interval(0, 1, high_open=True)        # dropout (1 drops everything), Adam betas
+OPTIMIZER_RANGES = {"epochs": AT_LEAST_0,       # 0: the initial weights are the result
+                    "batch_size": AT_LEAST_1, "lr": POSITIVE, "adam_beta1": BELOW_1,
+                    "adam_beta2": BELOW_1, "weight_decay": AT_LEAST_0}
+
+# Every int and float key (dotted) and the values it takes; the cross-key rules (divisibility,
+# ranks up to model.hidden_size) are in validate(). tests/test_config.py checks that every
+# numeric key of Config refuses a negative number (here or in a rule of its own).
+RANGES: dict[str, Interval] = {
+    "seed": Interval(0, 2 ** 32, high_open=True),   # numpy's global seed is 32-bit
+    "model.hidden_size": AT_LEAST_1, "model.num_layers": AT_LEAST_1,
+    "model.num_heads": AT_LEAST_1, "model.inner_size": AT_LEAST_1,
+    "model.max_seq_length": AT_LEAST_1,             # pretraining samples are prefixes of >= 1
+    "model.hidden_dropout": BELOW_1, "model.attention_dropout": BELOW_1,
+    "model.initializer_range": POSITIVE, "model.layer_norm_eps": POSITIVE,
+    "model.head_rank": AT_LEAST_1,
+    **{f"model.heads.{h}.rank": AT_LEAST_0 for h in HEAD_NAMES},      # 0 = model.head_rank
+    **{f"model.heads.{h}.weight_decay": AT_LEAST_0 for h in HEAD_NAMES},
+    **{f"pretrain.weights.{o}": AT_LEAST_0 for o in OBJECTIVES},
+    **{f"{stage}.{k}": r for stage in ("pretrain", "finetune")
+       for k, r in OPTIMIZER_RANGES.items()},
+    "pretrain.mask_prob": PROBABILITY,
+    "finetune.patience": AT_LEAST_0, "finetune.eval_batch_size": AT_LEAST_1,
+    "finetune.length_chunks": AT_LEAST_1,
+    "data.bucket_size": AT_LEAST_1,
+    "deepspeed.zero_stage": Interval(0, 3), "deepspeed.grad_accum": AT_LEAST_1,
+    "deepspeed.gradient_clipping": AT_LEAST_0,      # 0 = off
+    "checkpoint.every_steps": AT_LEAST_0, "checkpoint.keep_last": AT_LEAST_1,
+    "logging.every_steps": AT_LEAST_1, "logging.progress_every_s": AT_LEAST_0,
+}
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)      # bool subclasses int: true != 1
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Every key of RANGES in its interval; first, so later rules see sane numbers (a
+    num_heads of 0 would divide by zero)."""
+    for key, interval in RANGES.items():
+        value = functools.reduce(getattr, key.split("."), cfg)
+        if value not in interval:
+            raise ConfigError(f"config key '{key}': expected {interval}, got {value!r}")
+
+
 def validate(cfg: Config) -> None:
-    """Cross-field checks. Raises ConfigError naming the key."""
+    """Ranges, choices and cross-field checks. Raises ConfigError naming the key."""
+    _check_ranges(cfg)
     if cfg.variant not in VARIANTS:
         raise ConfigError(f"config key 'variant': expected one of {VARIANTS}, got {cfg.variant!r}")
     m = cfg.model
     if m.hidden_size % m.num_heads:
         raise ConfigError(f"config key 'model.num_heads': {m.num_heads} does not divide "
                           f"model.hidden_size {m.hidden_size}")
-    if m.head_rank < 1 or m.head_rank > m.hidden_size:
+    if m.head_rank > m.hidden_size:
         raise ConfigError(f"config key 'model.head_rank': rank {m.head_rank} must be in "
                           f"1..hidden_size ({m.hidden_size})")
     for name in HEAD_NAMES:
@@ -334,10 +426,9 @@ def validate(cfg: Config) -> None:
         if h.init not in ("xavier", "orthogonal", "svd"):
             raise ConfigError(f"config key '{key}.init': expected xavier|orthogonal|svd, "
                               f"got {h.init!r}")
-        if h.rank < 0 or h.rank > m.hidden_size:
+        if h.rank > m.hidden_size:
             raise ConfigError(f"config key '{key}.rank': rank {h.rank} is larger than the hidden "
-                              f"size {m.hidden_size}" if h.rank > 0 else
-                              f"config key '{key}.rank': must be >= 0, got {h.rank}")
+                              f"size {m.hidden_size}")
     p = cfg.pretrain
     if p.reduction not in ("sum", "mean"):
         raise ConfigError(f"config key 'pretrain.reduction': expected sum|mean, got {p.reduction!r}")
@@ -367,47 +458,39 @@ def validate(cfg: Config) -> None:
                           f"deepspeed.grad_accum=1, got {cfg.deepspeed.grad_accum} (a CUDA graph "
                           f"reuses the memory of the gradients being accumulated); use "
                           f"pretrain.compile=default or a larger micro-batch")
-    if not 0.0 <= p.mask_prob <= 1.0:
-        raise ConfigError(f"config key 'pretrain.mask_prob': expected 0..1, got {p.mask_prob}")
-    for o in OBJECTIVES:
-        if getattr(p.weights, o) < 0:
-            raise ConfigError(f"config key 'pretrain.weights.{o}': must be >= 0")
     if cfg.finetune.protocol not in ("sampled", "full"):
         raise ConfigError(f"config key 'finetune.protocol': expected sampled|full, "
                           f"got {cfg.finetune.protocol!r}")
     w = cfg.logging.profile_steps
-    if w and (len(w) != 2 or not all(isinstance(x, int) for x in w) or not 0 <= w[0] < w[1]):
+    if w and (len(w) != 2 or not all(_is_int(x) for x in w) or not 0 <= w[0] < w[1]):
         raise ConfigError(f"config key 'logging.profile_steps': expected [] or [START, STOP] "
                           f"with 0 <= START < STOP (optimizer steps), got {w!r}")
     d = cfg.deepspeed
-    if d.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"config key 'deepspeed.zero_stage': expected 0..3, got {d.zero_stage}")
     if d.adam_kernel not in ADAM_KERNELS:
         raise ConfigError(f"config key 'deepspeed.adam_kernel': expected one of "
                           f"{'|'.join(ADAM_KERNELS)}, got {d.adam_kernel!r}")
     if d.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"config key 'deepspeed.precision': expected fp32|bf16|fp16, "
                           f"got {d.precision!r}")
-    f = cfg.finetune
-    at_least = {"pretrain.epochs": (p.epochs, 0), "finetune.epochs": (f.epochs, 0),
-                "pretrain.batch_size": (p.batch_size, 1), "finetune.batch_size": (f.batch_size, 1),
-                "finetune.eval_batch_size": (f.eval_batch_size, 1),
-                "finetune.length_chunks": (f.length_chunks, 1), "finetune.patience": (f.patience, 0),
-                "data.bucket_size": (cfg.data.bucket_size, 1),
-                "deepspeed.grad_accum": (d.grad_accum, 1),
-                "checkpoint.every_steps": (cfg.checkpoint.every_steps, 0),
-                "checkpoint.keep_last": (cfg.checkpoint.keep_last, 1),
-                "logging.every_steps": (cfg.logging.every_steps, 1)}
-    for key, (val, low) in at_least.items():
-        if val < low:
-            raise ConfigError(f"config key '{key}': must be >= {low}, got {val}")
-    if d.gradient_clipping < 0:
-        raise ConfigError(f"config key 'deepspeed.gradient_clipping': must be >= 0 (0 = off), "
-                          f"got {d.gradient_clipping}")
-    bad = [e for e in p.save_epochs if not isinstance(e, int) or isinstance(e, bool) or e < 1]
+    bad = [e for e in p.save_epochs if not _is_int(e) or e < 1]
     if bad:
         raise ConfigError(f"config key 'pretrain.save_epochs': expected a list of epochs (integers "
                           f">= 1), got {bad[0]!r} in {p.save_epochs!r}")
+    _validate_finetune_loss(cfg.finetune)
+
+
+FINETUNE_LOSSES = ("bce", "ce", "sampled_softmax", "gbce")
+
+
+def _validate_finetune_loss(f: FinetuneConfig) -> None:
+    if f.loss not in FINETUNE_LOSSES:
+        raise ConfigError(f"config key 'finetune.loss': expected {'|'.join(FINETUNE_LOSSES)}, "
+                          f"got {f.loss!r}")
+    for key, val in (("loss_negatives", f.loss_negatives), ("loss_chunk_rows", f.loss_chunk_rows)):
+        if val < 1:
+            raise ConfigError(f"config key 'finetune.{key}': must be >= 1, got {val}")
+    if not 0.0 <= f.gbce_t <= 1.0:
+        raise ConfigError(f"config key 'finetune.gbce_t': expected 0..1, got {f.gbce_t}")
 
 
 def read_yaml_file(path: str | Path, what: str = "config file"):
@@ -428,6 +511,8 @@ def read_yaml_file(path: str | Path, what: str = "config file"):
                           f"file") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{what} {path}: not valid YAML: {e}") from None
+    except ValueError as e:        # PyYAML's constructors: a date like 2024-13-01, a huge int
+        raise ConfigError(f"{what} {path}: a value cannot be read: {e}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
@@ -448,9 +533,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
 
 
 def config_from_dict(data: dict) -> Config:
-    """Rebuild a Config stored in a checkpoint or run.json (retired keys dropped)."""
+    """Rebuild a Config stored in a checkpoint or run.json."""
     cfg = Config()
-    _apply(cfg, data, stored=True)
+    _apply(cfg, data)
     validate(cfg)
     return cfg
 

@@ -1,9 +1,13 @@
 """The typed config: defaults reproduce the reference; bad keys and types are named."""
 import re
+import shutil
+import subprocess
 
 import pytest
 
-from s3rec.config import Config, ConfigError, config_from_dict, load_config
+from s3rec.config import Config, ConfigError, config_from_dict, flat_keys, load_config
+from s3rec.launch.grid import load_grid
+from tests.train_helpers import REPO, clean_env, tiny_data  # noqa: F401
 
 
 def test_defaults_are_the_reference_settings():
@@ -85,24 +89,20 @@ def test_bad_yaml_key_names_file_and_key(tmp_path):
         load_config(f)
 
 
+def test_yaml_value_pyyaml_cannot_build_names_the_file(tmp_path):
+    """PyYAML raises ValueError (not YAMLError) for a date that is none or a 5000-digit int."""
+    f = tmp_path / "date.yaml"
+    f.write_text("seed: 2024-13-45\n")
+    with pytest.raises(ConfigError, match=r"date\.yaml: a value cannot be read: month must be"):
+        load_config(f)
+    f.write_text(f"pretrain:\n  epochs: {'1' * 5000}\n")
+    with pytest.raises(ConfigError, match=r"date\.yaml: a value cannot be read: Exceeds the limit"):
+        load_config(f)
+
+
 def test_round_trip_through_dict():
     c = load_config(None, ["variant=s3rec-lowrank", "seed=3"])
     assert config_from_dict(c.to_dict()) == c
-
-
-def test_retired_key_is_dropped_from_stored_configs_and_refused_from_users(tmp_path):
-    """data.num_workers (never used) is gone: a run.json or checkpoint written before keeps
-    loading, while a YAML file or an override naming it stops with the reason."""
-    c = load_config(None, ["seed=3"])
-    old = c.to_dict()
-    old["data"] = {"num_workers": 0, **old["data"]}          # as earlier versions stored it
-    assert config_from_dict(old) == c
-    with pytest.raises(ConfigError, match=r"'data\.num_workers': removed: it was never used"):
-        load_config(None, ["data.num_workers=2"])
-    f = tmp_path / "old.yaml"
-    f.write_text("data:\n  num_workers: 2\n")
-    with pytest.raises(ConfigError, match=r"old\.yaml: config key 'data\.num_workers': removed"):
-        load_config(f)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -130,3 +130,116 @@ def test_exponent_floats_read_as_floats_from_yaml_and_overrides(tmp_path):
     f.write_text("pretrain:\n  lr: 1e-3\n")
     assert load_config(f).pretrain.lr == 0.001
     assert load_config(None, ["finetune.lr=5e-4"]).finetune.lr == 0.0005
+
+
+# ------------------------------------------------------------------ every value in its range
+
+def _keys_of_type(kind: type) -> list[str]:
+    """Dotted keys of Config whose default is exactly `kind` (bool is not an int here)."""
+    return [k for k, v in flat_keys(Config().to_dict()).items() if type(v) is kind]
+
+
+@pytest.mark.parametrize("override", [
+    "model.num_heads=0", "model.num_heads=-2", "model.num_heads=3",      # 3 does not divide 64
+    "model.hidden_size=0", "model.num_layers=-1", "model.num_layers=0", "model.inner_size=0",
+    "model.max_seq_length=0", "model.hidden_dropout=1.5", "model.hidden_dropout=1",
+    "model.attention_dropout=-0.1", "model.initializer_range=-0.02", "model.initializer_range=0",
+    "model.layer_norm_eps=0", "model.heads.sp.rank=-1", "model.heads.aap.weight_decay=-1",
+    "pretrain.weights.aap=.nan", "pretrain.weights.sp=-0.5", "pretrain.mask_prob=1.5",
+    "pretrain.lr=-1", "pretrain.lr=0", "finetune.lr=-0.001", "pretrain.lr=1e999",
+    "pretrain.adam_beta1=1", "finetune.adam_beta2=1.5", "pretrain.adam_beta2=-0.1",
+    "pretrain.weight_decay=-0.1", "pretrain.batch_size=0", "finetune.batch_size=-4",
+    "pretrain.epochs=-1", "finetune.patience=-1", "deepspeed.grad_accum=0",
+    "deepspeed.zero_stage=-1", "logging.progress_every_s=-1", "seed=-1", "seed=4294967296",
+    "seed=2024-13-45",                              # YAML reads a date, and this one is none
+    pytest.param("model.heads.map.weight_decay=" + "9" * 400,     # beyond float's range
+                 id="model.heads.map.weight_decay=<400 digits>"),
+    "model.fast_dropout=1", "logging.tensorboard=0", "logging.profile_steps=[true, 5]",
+])
+def test_bad_value_is_one_line_naming_the_key(override):
+    key = override.split("=", 1)[0]
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert f"'{key}'" in str(e.value) and "\n" not in str(e.value)
+    assert len(str(e.value)) < 200 + len(override)
+
+
+def test_range_error_says_what_was_expected():
+    with pytest.raises(ConfigError, match=re.escape(
+            "config key 'pretrain.adam_beta1': expected [0, 1), got 1.0")):
+        load_config(None, ["pretrain.adam_beta1=1"])
+    with pytest.raises(ConfigError, match=re.escape(
+            "config key 'model.num_heads': expected >= 1, got 0")):
+        load_config(None, ["model.num_heads=0"])
+
+
+@pytest.mark.parametrize("key", _keys_of_type(int) + _keys_of_type(float))
+def test_every_numeric_key_has_a_lower_bound(key):
+    """No int or float key takes a large negative number: each has a range."""
+    with pytest.raises(ConfigError, match=re.escape(f"config key '{key}': ")):
+        load_config(None, [f"{key}=-1000000000"])
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "nan", "inf", "-Infinity", "1e999"])
+@pytest.mark.parametrize("key", _keys_of_type(float))
+def test_every_float_key_refuses_nan_and_inf_from_overrides(key, value):
+    with pytest.raises(ConfigError, match=re.escape(f"config key '{key}': expected a finite")):
+        load_config(None, [f"{key}={value}"])
+
+
+def test_nan_and_inf_refused_from_yaml_files_and_stored_configs(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("pretrain:\n  weights: {aap: .nan}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: config key 'pretrain\.weights\.aap': "
+                                          r"expected a finite number, got nan"):
+        load_config(f)
+    f.write_text("model:\n  initializer_range: .inf\n")
+    with pytest.raises(ConfigError, match=r"'model\.initializer_range': expected a finite"):
+        load_config(f)
+    stored = Config().to_dict()                 # json.loads reads NaN in a run.json as nan
+    stored["finetune"]["lr"] = float("nan")
+    with pytest.raises(ConfigError, match=r"'finetune\.lr': expected a finite number"):
+        config_from_dict(stored)
+
+
+@pytest.mark.parametrize("value", ["0", "1"])
+@pytest.mark.parametrize("key", _keys_of_type(bool))
+def test_bool_keys_refuse_0_and_1(key, value):
+    with pytest.raises(ConfigError, match=re.escape(f"config key '{key}': expected bool")):
+        load_config(None, [f"{key}={value}"])
+
+
+def test_values_at_the_ends_of_their_ranges_are_accepted():
+    c = load_config(None, [
+        "seed=0", "model.hidden_dropout=0", "model.attention_dropout=0.99", "model.num_heads=64",
+        "model.max_seq_length=1", "model.head_rank=64", "model.heads.aap.rank=64",
+        "pretrain.adam_beta1=0", "pretrain.mask_prob=1", "pretrain.weights.aap=0",
+        "pretrain.epochs=0", "finetune.epochs=0", "finetune.patience=0",
+        "logging.progress_every_s=0", "deepspeed.gradient_clipping=0", "deepspeed.zero_stage=3",
+        "checkpoint.every_steps=0"])
+    assert (c.seed, c.model.num_heads, c.model.max_seq_length) == (0, 64, 1)
+    assert (c.pretrain.mask_prob, c.model.attention_dropout, c.finetune.patience) == (1.0, 0.99, 0)
+    assert load_config(None, ["seed=4294967295"]).seed == 2 ** 32 - 1
+
+
+@pytest.mark.parametrize("name", ["beauty.yaml", "tiny.yaml"])
+def test_shipped_configs_load(name):
+    load_config(REPO / "configs" / name)
+
+
+@pytest.mark.parametrize("grid", sorted((REPO / "configs" / "grids").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_grids_load(grid):
+    """load_grid checks every cell's training config (each variant and rank)."""
+    assert load_grid(grid).variants
+
+
+def test_pretrain_with_a_bad_key_exits_with_one_line_and_writes_nothing(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.run([shutil.which("s3rec-pretrain"), "--data", str(tiny_data),
+                        "--out", str(out), "model.num_heads=0"],
+                       capture_output=True, text=True, timeout=120, env=clean_env(), cwd=REPO)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [
+        "s3rec-pretrain: error: config key 'model.num_heads': expected >= 1, got 0"]
+    assert not out.exists()
