@@ -9,7 +9,7 @@
 Sizes (item_size = items + 2: padding 0 and mask_id; attribute_size = attributes + 1):
 - released Beauty data: 12,101 items and 637 attributes -> item_size 12,103, attribute_size 638
   (the shapes of the authors' Beauty-epochs-150.pt);
-- the paper's stated sizes as given in issue 6: 12,102 items and 1,221 attributes -> item_size
+- the sizes the paper states: 12,102 items and 1,221 attributes -> item_size
   12,104, attribute_size 1,222.
 Both with hidden 64, 2 layers, 2 attention heads, length 50 (the defaults of s3rec.config).
 """

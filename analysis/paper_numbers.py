@@ -2,9 +2,10 @@
 
 Source: Zhou et al., "S3-Rec: Self-Supervised Learning for Sequential Recommendation with Mutual
 Information Maximization", CIKM 2020, main results table (sampled evaluation: the answer ranked
-among 99 sampled negatives), as collected in the project notes (shared notes/s3rec-reference.md,
-"Target numbers"). "authors' rerun" is the row so labelled there: the authors' released code run
-again (for Beauty: fine-tuned from their released Beauty-epochs-150.pt, shared reference/README.md).
+among 99 sampled negatives), for "paper S3-Rec" and "paper SASRec". "authors' rerun S3-Rec" and
+the full-ranking line come from the authors' released code and its logs
+(github.com/RUCAIBox/CIKM2020-S3Rec), run again by the authors (for Beauty: fine-tuned from their
+released checkpoint Beauty-epochs-150.pt). docs/reproduction.md lists them with ours.
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ SAMPLED_METRICS = ("HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10", "MRR")
 FULL_METRICS = ("HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20")
 
 PAPER_SOURCE = ("Zhou et al., S3-Rec, CIKM 2020, main results table (sampled, 99 negatives); "
-                "authors' rerun and full-ranking line from the project notes "
-                "(s3rec-reference.md, Target numbers)")
+                "authors' rerun and full-ranking line from the authors' released code and logs "
+                "(github.com/RUCAIBox/CIKM2020-S3Rec)")
 
 
 def _row(text: str, metrics=SAMPLED_METRICS) -> dict[str, float]:

@@ -225,7 +225,7 @@ def anatomy_section(out: Path) -> str:
             Figure("Parameters per part", "figures/params_breakdown",
                    "Stacked per part, full rank and AAP/MAP ranks 8, 16, 32. Sizes: released "
                    "Beauty data (12,101 items -> item_size 12,103; 637 attributes -> "
-                   "attribute_size 638) and the paper's stated sizes as given in issue 6 "
+                   "attribute_size 638) and the sizes the paper states "
                    "(12,102 items -> item_size 12,104 = items + padding + mask; 1,221 "
                    "attributes -> attribute_size 1,222 = attributes + padding).")]
     rows = [[r["sizes"], r["heads"], f"{r['total']:,}"] for r in res["breakdown"]]

@@ -19,7 +19,7 @@
 #   bash benchmarks/gpu.sh .gpu/beauty /tmp/g $OUT > $OUT/gpu.log 2>&1
 #
 # Why fp32 ZeRO 0 as well as the issue's bf16 ZeRO 2: this 0.9M-parameter model's step is bound by the host launching kernels,
-# not by arithmetic. On an H100 (session 4) a DeepSpeed step took 13.5 ms at fp32 ZeRO 0 and
+# not by arithmetic. On an H100 (commit a81ca1b) a DeepSpeed step took 13.5 ms at fp32 ZeRO 0 and
 # 24.2 ms at bf16 ZeRO 2 (plain PyTorch 11.6-12.3 ms), and an epoch 28.7 s against 37.6 s: bf16 and
 # ZeRO add kernels and buy nothing at this size. torch.compile of the loss with the batches' own
 # shapes was slower still (56.9 s for its second epoch: every new shape compiles); hence fixed

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The reproduction fine-tunes of issue 3 on one lent GPU, beside benchmarks/gpu.sh, in one call:
+# The reproduction fine-tunes of docs/reproduction.md on one lent GPU, beside benchmarks/gpu.sh,
+# in one call:
 #   1. fine-tune from the authors' Beauty-epochs-150.pt (imported), early stopping as the reference;
 #   2. fine-tune without pretraining (variant finetune-only, the SASRec-style baseline);
 #   3. benchmarks/gpu.sh (NCCL; pretraining epochs timed at bf16 ZeRO 2 and fp32 ZeRO 0, fixed

@@ -1,5 +1,9 @@
 """Dataset preparation and reading speed: `python benchmarks/prep.py --json FILE [--data DIR]`.
 
+DIR (or $S3REC_RELEASE_DATA) is a folder holding the S3Rec release of Beauty
+(`Beauty/Beauty.txt`, `Beauty/Beauty_item2attributes.json`); without it the Beauty case is
+skipped and only the synthetic sets are timed.
+
 Each preparation runs in its own child process (`s3rec-prep ...`); its wall time and peak RSS
 (from os.wait4, which covers the child and everything it waited for, so mpiexec's ranks too) are
 recorded. Reading is measured in this process, per process: whole-dataset passes of
@@ -20,6 +24,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+RELEASE_DATA_ENV = "S3REC_RELEASE_DATA"
 sys.path.insert(0, str(REPO))
 
 from s3rec.data.reader import Dataset, UserSequences  # noqa: E402
@@ -62,18 +67,27 @@ def read_speed(path: Path, batch: int = 4096) -> dict:
             "bytes": sum(s["bytes"] for s in ds.manifest["shards"])}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", required=True, type=Path)
-    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    p.add_argument("--data", type=Path, default=os.environ.get(RELEASE_DATA_ENV) or None,
+                   help=f"folder holding Beauty/ in the release format (default: "
+                        f"${RELEASE_DATA_ENV}; neither: the Beauty case is skipped)")
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
     p.add_argument("--mpi-ranks", type=int, default=2, help="also time the 10M set under mpiexec "
                                                              "-n N (0: skip)")
     p.add_argument("--sizes", default="1M,10M", help="synthetic sizes (interactions): 1M,10M")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="prep-bench-", dir=args.work))
     cases = []
-    if (args.data / "Beauty" / "Beauty.txt").is_file():
+    if args.data is None:
+        print(f"skipping Beauty: no --data and no ${RELEASE_DATA_ENV}")
+    elif (args.data / "Beauty" / "Beauty.txt").is_file():
         cases.append(("Beauty", ["release", "--src", str(args.data / "Beauty"), "--name", "Beauty",
                                  "--shards", "4"], 1))
     else:

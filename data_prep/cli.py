@@ -1,4 +1,4 @@
-"""`s3rec-prep`: release | amazon | synthetic | verify (see shared notes/interface.md).
+"""`s3rec-prep`: release | amazon | synthetic | verify (input formats: docs/data.md).
 
 Run under `mpirun -np K` to write shards on K ranks (shard i on rank i % K); the result is the
 same, byte for byte, as a one-process run with the same arguments.

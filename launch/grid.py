@@ -6,7 +6,7 @@ before anything is submitted, and every error names the key. Cells map to fixed 
     OUT/<dataset>/<variant>/r<rank>/s<seed>/{pretrain,finetune}     (rank `full` for full-rank variants)
 
 so a grid can be launched again: finished cells are recognised by their folders alone.
-This module knows the training commands only by their command line (interface.md).
+This module knows the training commands only by their command line (their `--help`).
 """
 from __future__ import annotations
 

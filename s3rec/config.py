@@ -142,7 +142,7 @@ class DataConfig:
     # No DataLoader workers: a Beauty pretraining batch (masks, negatives, segments, and the
     # objectives' index) is made vectorised in ~0.5 ms; receiving the same batch, already made,
     # from a DataLoader worker cost the main process 4-5 ms (its ~17 tensors through shared
-    # memory; measured on the 2-core machine, session 4).
+    # memory; measured on the 2-core CPU machine).
     bucket_by_length: bool = True    # (bool) length-bucketed pretraining batches: the same samples
                                      #   an epoch, each batch of similar lengths (less padding; on
                                      #   the 2-core CPU a Beauty epoch 64 s instead of 328 s). The

@@ -1,5 +1,5 @@
 """What a run writes for people and tools (rank 0 only): TensorBoard events, run.json,
-results.json. Formats: docs/architecture.md and shared notes interface.md.
+results.json. Formats: docs/architecture.md.
 
 Events go straight into RUN/ (no subfolders: an EventAccumulator on RUN sees every tag).
 A resumed run opens its writer with purge_step = the resumed global step, so the curves continue

@@ -5,7 +5,7 @@ on this machine). Here every random choice of a batch is one numpy call over [B,
 sample list itself is two int arrays (the sample's first item in the flat item array, its length).
 
 Distribution, per sample `s` = a prefix input[:n] of `input` = the last max_len items of seq[:-2]
-(shared notes s3rec-reference.md, "Pretraining samples"), kept from the original:
+(docs/reproduction.md, "Pretraining"), kept from the original:
 - MIP/MAP: each item but the last is masked with p = mask_prob; the last is always masked.
   Each masked position gets one negative, uniform over the items not in the prefix.
 - SP (n >= 2): segment length ~ U{1..n//2}, start ~ U{0..n-len}, both drawn on the UNMASKED prefix
