@@ -17,11 +17,14 @@ before best tags had the tag folder `best/` itself; it is read as such.)
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import random
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -49,7 +52,14 @@ def step_tag(global_step: int) -> str:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """This process's generator states as tensors and plain types only, so that
+    torch.load(weights_only=True) reads them back with no class allowed."""
+    version, mt, gauss_next = random.getstate()
+    npy = np.random.get_state(legacy=False)    # {'state': {'key': uint32 [624], 'pos'}, ...}
+    state = {"python": {"version": version, "state": list(mt), "gauss_next": gauss_next},
+             "numpy": {"key": torch.from_numpy(npy["state"]["key"].astype(np.int64)),  # [624]
+                       "pos": int(npy["state"]["pos"]), "has_gauss": int(npy["has_gauss"]),
+                       "gauss": float(npy["gauss"])},
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -57,8 +67,13 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore what rng_state returned (or _plain_rng made of a file holding numpy arrays)."""
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    np.random.set_state({"bit_generator": "MT19937",
+                         "state": {"key": np.asarray(npy["key"], dtype=np.uint32),
+                                   "pos": npy["pos"]},
+                         "has_gauss": npy["has_gauss"], "gauss": npy["gauss"]})
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -182,9 +197,97 @@ def check_world_size(state_file: Path, state: dict, world_size: int) -> None:
                           f"processes (or fine-tune from it with --init)")
 
 
+# torch's own switch that makes every torch.load read weights only, also where DeepSpeed and
+# zero_to_fp32 pass weights_only=False themselves
+_FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+_DS_FILES = "*_states.pt"          # DeepSpeed's model and optimizer states in a tag
+_REFUSED_ADVICE = ("a checkpoint written by s3rec holds only tensors, plain data and "
+                   "DeepSpeed's own classes: this folder was altered, use one you made")
+
+
+def _deepspeed_globals() -> list:
+    """The classes DeepSpeed's checkpoint files hold beyond tensors and plain data, at every ZeRO
+    stage and precision (get_unsafe_globals_in_checkpoint on tags saved by each)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _numpy_globals() -> list:
+    """What an rng file holding numpy's state tuple needs to be read (its uint32 key array;
+    _plain_rng checks the rest). Written under numpy 1 or 2, the rebuild function has either
+    module name."""
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    rebuild = multiarray._reconstruct
+    return [(rebuild, "numpy._core.multiarray._reconstruct"),
+            (rebuild, "numpy.core.multiarray._reconstruct"),
+            np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+@contextmanager
+def _weights_only(allowed: list) -> Iterator[None]:
+    """Every torch.load inside reads tensors, plain data and `allowed` only: a file naming any
+    other function or class is refused before it is called."""
+    before = os.environ.get(_FORCE_WEIGHTS_ONLY)
+    os.environ[_FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop(_FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[_FORCE_WEIGHTS_ONLY] = before
+
+
+def _check_file(f: Path, allowed: list, advice: str) -> None:
+    """ResumeError naming `f` unless it is a whole torch.save file whose pickle names only
+    tensors, plain data and `allowed` (read statically: nothing in it runs)."""
+    try:
+        with torch.serialization.safe_globals(allowed):
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(f)
+    except _UNREADABLE as e:
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ResumeError(f"{f}: damaged or truncated, not a whole torch.save file "
+                          f"({detail}); {advice}") from None
+    if unsafe:
+        raise ResumeError(f"{f}: refused, nothing loaded: it names {', '.join(sorted(unsafe))}, "
+                          f"which loading would call; {_REFUSED_ADVICE}")
+
+
+def _read_rng(f: Path, advice: str) -> dict:
+    """This rank's generator states from `f` (either layout; load checked the file)."""
+    allowed = _numpy_globals()
+    try:
+        with _weights_only(allowed):
+            return _plain_rng(torch.load(f, map_location="cpu", weights_only=True))
+    except (*_UNREADABLE, TypeError) as e:
+        raise ResumeError(f"{f}: damaged or truncated, not this program's generator states "
+                          f"({type(e).__name__}: {str(e)[:200]}); {advice}") from None
+
+
+def _plain_rng(state: dict) -> dict:
+    """rng_state's layout; a file holding random.getstate()'s tuple and np.random.get_state()'s
+    ('MT19937', uint32 key [624], pos, has_gauss, gauss) is turned into it."""
+    py, npy = state["python"], state["numpy"]
+    if isinstance(py, tuple):
+        py = {"version": py[0], "state": list(py[1]), "gauss_next": py[2]}
+    if isinstance(npy, tuple):
+        name, key, pos, has_gauss, gauss = npy
+        if name != "MT19937" or not isinstance(key, np.ndarray) or key.dtype != np.uint32:
+            raise ValueError(f"numpy state {name!r} with a {type(key).__name__} key")
+        npy = {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+               "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    if not isinstance(state["torch"], torch.Tensor) or state["torch"].dtype != torch.uint8:
+        raise ValueError("torch state is not a byte tensor")
+    return {**state, "python": py, "numpy": npy}
+
+
 def load(engine, root: Path, tag: str, world_size: int, module_only: bool = False) -> dict:
     """Restore model (+ optimizer unless module_only) and this rank's RNG from `tag`;
-    returns the trainer state."""
+    returns the trainer state. Every file is checked before any is read, and read with
+    weights_only: a file naming other code is refused, never run."""
     root = Path(root)
     tag_dir = root / tag
     state_file, state = read_state(root, tag)
@@ -193,22 +296,37 @@ def load(engine, root: Path, tag: str, world_size: int, module_only: bool = Fals
     if not list(tag_dir.glob("*model_states.pt")):
         raise ResumeError(f"{tag_dir}: no *model_states.pt (the model's weights): checkpoint tag "
                           f"{tag} is incomplete")
+    advice = f"point {root / LATEST} at an earlier tag, or use another --out"
+    allowed = _deepspeed_globals()
+    # every rank checks every rank's files, so that all of them stop, not one mid-collective
+    for f in sorted(tag_dir.glob(_DS_FILES)):
+        _check_file(f, allowed, f"DeepSpeed could not read this checkpoint; {advice}")
+    rng_file = tag_dir / f"rng-rank{dist.get_rank():05d}.pt"
+    rng = None
+    if not module_only:
+        for f in sorted(tag_dir.glob("rng-rank*.pt")):
+            _check_file(f, _numpy_globals(), advice)
+        if not rng_file.is_file():
+            raise ResumeError(f"{rng_file} is missing: checkpoint tag {tag} is incomplete")
+        rng = _read_rng(rng_file, advice)
     try:
-        path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_only=module_only,
-                                         load_optimizer_states=not module_only,
-                                         load_lr_scheduler_states=not module_only)
+        with _weights_only(allowed):
+            path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_only=module_only,
+                                             load_optimizer_states=not module_only,
+                                             load_lr_scheduler_states=not module_only)
     except _UNREADABLE as e:
         # DeepSpeed's own errors here are a bare assert or a zip reader's message
         raise ResumeError(f"{tag_dir}: DeepSpeed could not read this checkpoint "
-                          f"({type(e).__name__}: {str(e)[:300]}); the tag is damaged: point "
-                          f"{root / LATEST} at an earlier tag, or use another --out") from e
+                          f"({type(e).__name__}: {str(e)[:300]}); the tag is damaged: "
+                          f"{advice}") from e
     if path is None:
         raise ResumeError(f"DeepSpeed could not load checkpoint {tag_dir}")
-    if not module_only:
-        rng_file = tag_dir / f"rng-rank{dist.get_rank():05d}.pt"
-        if not rng_file.is_file():
-            raise ResumeError(f"{rng_file} is missing: checkpoint tag {tag} is incomplete")
-        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+    if rng is not None:
+        try:
+            set_rng_state(rng)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:   # e.g. a key of 623 ints
+            raise ResumeError(f"{rng_file}: not this program's generator states "
+                              f"({type(e).__name__}: {str(e)[:200]}); {advice}") from None
     return state
 
 
@@ -253,12 +371,16 @@ def consolidate_folder(root: Path, tag: str | None = None) -> dict:
     f = tag_dir / "mp_rank_00_model_states.pt"   # ZeRO stage 0: rank 0 wrote the whole module
     if not zero and not f.is_file():
         raise ResumeError(f"{tag_dir}: neither ZeRO optimizer states nor {f.name}")
+    allowed = _deepspeed_globals()
+    for g in sorted(tag_dir.glob(_DS_FILES)):
+        _check_file(g, allowed, "could not read its weights: the checkpoint tag is damaged")
     try:
-        if zero:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-        else:
-            sd = torch.load(f, map_location="cpu", weights_only=False)["module"]
+        with _weights_only(allowed):
+            if zero:
+                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+                sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+            else:
+                sd = torch.load(f, map_location="cpu", weights_only=True)["module"]
     except _UNREADABLE as e:
         # zero_to_fp32's own errors: "Expected N of *_optim_states.pt", a zip reader's message
         raise ResumeError(f"{tag_dir}: could not read its weights ({type(e).__name__}: "

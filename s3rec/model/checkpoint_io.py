@@ -12,6 +12,8 @@ Project model file (final.pt, epoch-N.pt):
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import Mapping
@@ -142,7 +144,7 @@ def read_state_dict(path: str | Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:   # a truncated or foreign file: say which
-        raise CheckpointError(f"checkpoint {path}: cannot be read by torch.load: {e}") from None
+        raise CheckpointError(f"checkpoint {path}: {unreadable_reason(e)}") from None
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
         obj = obj["model"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -186,7 +188,19 @@ def read_model_file(path: str | Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"model file {path}: cannot be read by torch.load: {e}") from None
+        raise CheckpointError(f"model file {path}: {unreadable_reason(e)}") from None
+
+
+def unreadable_reason(e: Exception) -> str:
+    """torch.load(weights_only=True)'s error in one line: the function a file names (refused,
+    never called), or the reader's first line. torch's own text suggests weights_only=False,
+    which would run that function."""
+    found = re.search(r"GLOBAL (\S+)", str(e))
+    if isinstance(e, pickle.UnpicklingError) and found:
+        return (f"refused, nothing loaded: it names {found.group(1)}, which loading would call; "
+                f"files written by s3rec hold only tensors and plain data")
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    return f"damaged or truncated, cannot be read by torch.load ({first})"
 
 
 def check_model_file(obj, path: str | Path, cfg: Config | None, dataset_info: Mapping) -> dict:
