@@ -132,8 +132,8 @@ def one_long_cell(tmp_path, data, name, seconds, **executor):
 
 def assert_same_as_reference(cell, ref) -> None:
     """Bit-identical pretrained weights, equal fine-tuned test metrics."""
-    a = torch.load(cell.pretrain_dir / "final.pt", map_location="cpu", weights_only=False)["model"]
-    b = torch.load(ref / "pretrain" / "final.pt", map_location="cpu", weights_only=False)["model"]
+    a = torch.load(cell.pretrain_dir / "final.pt", map_location="cpu", weights_only=True)["model"]
+    b = torch.load(ref / "pretrain" / "final.pt", map_location="cpu", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
     mine, theirs = final_metrics(cell.finetune_dir), final_metrics(ref / "finetune")
     assert mine == pytest.approx(theirs, abs=1e-9)

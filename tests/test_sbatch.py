@@ -88,8 +88,8 @@ def long_pretraining(data, tmp_path, seconds) -> tuple[list[str], subprocess.Pop
 
 
 def assert_same_weights(a_run: Path, b_run: Path) -> None:
-    a = torch.load(a_run / "final.pt", map_location="cpu", weights_only=False)["model"]
-    b = torch.load(b_run / "final.pt", map_location="cpu", weights_only=False)["model"]
+    a = torch.load(a_run / "final.pt", map_location="cpu", weights_only=True)["model"]
+    b = torch.load(b_run / "final.pt", map_location="cpu", weights_only=True)["model"]
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
