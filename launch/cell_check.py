@@ -40,8 +40,7 @@ def check_cells(cells: list[Cell]) -> None:
             _check_config(where, expected, stage, info,
                           stage_done(run_dir, STAGE_PRODUCT[stage]))
             saved = info.get("dataset_fingerprint")
-            # (a dataset folder that is gone: the launch's check_data_exists says so; --dry-run
-            # does not ask for the data)
+            # (a dataset folder that is gone: check_data_exists, run before this, says so)
             if saved is not None and (Path(cell.data) / "manifest.json").exists():
                 if cell.data not in fingerprints:
                     fingerprints[cell.data] = _fingerprint(cell)

@@ -325,6 +325,47 @@ def validate(grid: Grid) -> None:
                         f"{CHILD_SAVE_TIMEOUT_S} s (a cell waits that long for its training to "
                         f"save) and under timeout_min ({ex.timeout_min * 60} s), got "
                         f"{ex.signal_delay_s}")
+    _check_script_values(grid)
+
+
+# A control character (newline, carriage return, NUL, escape, ...) in a value that submitit
+# writes into a `#SBATCH --key=value` line ends that line: what follows runs as a command of
+# the job script. In a path or a logged command it forges log lines.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_SBATCH_OPTION = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+
+
+def _check_text(src: str, key: str, value: str) -> None:
+    bad = _CONTROL.search(value)
+    if bad:
+        raise GridError(f"{src}: key '{key}': control character {bad.group()!r} in {value!r} "
+                        f"(it would end a line of the job script: give the value on one line)")
+
+
+def _check_script_values(grid: Grid) -> None:
+    """Every string that reaches a job script or a logged command: no control characters, and
+    `additional` holds sbatch options by name with plain values. (The job name is the grid's
+    `name`, checked above; override values are JSON-encoded, which escapes control characters,
+    and their keys must be config keys.)"""
+    src, ex = grid.source, grid.executor
+    # resolved, as the scripts get them: the working folder's name is part of a relative path
+    _check_text(src, "out", str(grid.out_path))
+    _check_text(src, "config", grid.config)
+    for i, d in enumerate(grid.data):
+        _check_text(src, f"data[{i}]", str(Path(d).resolve()))
+    for key in ("partition", "account", "qos"):
+        _check_text(src, f"executor.{key}", getattr(ex, key))
+    if not isinstance(ex.additional, dict):
+        raise GridError(f"{src}: key 'executor.additional': expected a mapping of sbatch "
+                        f"options, got {ex.additional!r}")
+    for k, v in ex.additional.items():
+        if not isinstance(k, str) or not _SBATCH_OPTION.fullmatch(k):
+            raise GridError(f"{src}: key 'executor.additional': expected sbatch option names "
+                            f"(letters, digits, '_', '-'), got {k!r}")
+        if not isinstance(v, (str, int, float)):
+            raise GridError(f"{src}: key 'executor.additional.{k}': expected a string, number "
+                            f"or boolean, got {type(v).__name__} {v!r}")
+        _check_text(src, f"executor.additional.{k}", str(v))
 
 
 def _check_config_file(grid: Grid) -> None:
@@ -347,7 +388,7 @@ def _full_rank_head_rank(grid: Grid, hidden: int) -> int | None:
 
 
 def check_data_exists(grid: Grid) -> None:
-    """Before submitting (not at dry-run): every dataset folder holds a manifest."""
+    """Before submitting, and at --dry-run: every dataset folder holds a manifest."""
     for i, d in enumerate(grid.data):
         if not (Path(d) / "manifest.json").exists():
             raise GridError(f"{grid.source}: key 'data[{i}]': {d} is not a dataset folder "

@@ -13,11 +13,11 @@ every cell is done, 1 when a cell failed, 2 for a bad grid file (130 interrupted
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
-from s3rec.launch.cell_check import check_cells
-from s3rec.launch.grid import GridError, load_grid
-from s3rec.launch.runner import format_states, launch_grid, open_grid
+from s3rec.launch.grid import Grid, GridError, load_grid
+from s3rec.launch.runner import GridRun, format_states, launch_grid, open_grid
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -26,7 +26,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("args", nargs="*", help="GRID.yaml, or: status GRID.yaml, cancel GRID.yaml")
     p.add_argument("--executor", choices=("local", "slurm"), help="overrides executor.kind")
-    p.add_argument("--dry-run", action="store_true", help="check the grid and list its cells")
+    p.add_argument("--dry-run", action="store_true",
+                   help="make every check of a launch, then list the cells and their commands")
     p.add_argument("--no-wait", action="store_true", help="submit and return (slurm)")
     p.add_argument("--demo", action="store_true", help="synthetic data + a small grid, end to end")
     p.add_argument("--out", help="output folder of --demo")
@@ -55,25 +56,9 @@ def run(args: argparse.Namespace) -> int:
         _print_states(states)
         return 1 if any(s.state == "failed" for s in states.values()) else 0
     if verb == "cancel":
-        not_cancelled = open_grid(grid).cancel()
-        if not_cancelled:
-            print(f"s3rec-grid: could not cancel every job of grid {grid.name}:\n  "
-                  + "\n  ".join(not_cancelled), file=sys.stderr)
-            return 1
-        print(f"cancelled the jobs of grid {grid.name}")
-        return 0
-    cells = grid.cells()
+        return _report_cancel(grid.name, open_grid(grid))
     if args.dry_run:
-        check_cells(cells)     # what a launch would refuse, said before it is tried
-        for c in cells:
-            pre, fine = c.commands()
-            state = "done" if c.is_done() else "to run"
-            print(f"{c.key}  [{state}]")
-            if pre:
-                print("   ", " ".join(pre))
-            print("   ", " ".join(fine))
-        print(f"{len(cells)} cells, executor {grid.executor.kind}, out {grid.out_path}")
-        return 0
+        return _dry_run(grid)
     run_ = launch_grid(grid)
     print(f"grid {grid.name}: {len(run_.to_run)} cells submitted, {len(run_.skipped)} skipped "
           f"({grid.executor.kind}; out {grid.out_path})", flush=True)
@@ -82,10 +67,37 @@ def run(args: argparse.Namespace) -> int:
     try:
         states = run_.wait(on_change=_print_states)
     except KeyboardInterrupt:
-        run_.cancel()
-        print("interrupted: cancelled this grid's jobs", file=sys.stderr)
+        print("interrupted: cancelling this grid's jobs", file=sys.stderr, flush=True)
+        _report_cancel(grid.name, run_)
         return 130
     return 1 if any(s.state == "failed" for s in states.values()) else 0
+
+
+def _report_cancel(name: str, run_: GridRun) -> int:
+    """Cancel, and say what ended and what did not: a job still running is never 'cancelled'."""
+    not_cancelled = run_.cancel()
+    for note in run_.stop_notes:
+        print(note, file=sys.stderr)
+    if not_cancelled:
+        print(f"s3rec-grid: could not cancel every job of grid {name}:\n  "
+              + "\n  ".join(not_cancelled), file=sys.stderr)
+        return 1
+    print(f"cancelled the jobs of grid {name}", flush=True)
+    return 0
+
+
+def _dry_run(grid: Grid) -> int:
+    """Every check of a launch, then the cells and their commands, quoted for a shell."""
+    run_ = open_grid(grid)
+    run_.check()
+    for c in run_.cells:
+        pre, fine = c.commands()
+        print(f"{c.key}  [{'done' if c.is_done() else 'to run'}]")
+        if pre:
+            print("   ", shlex.join(pre))
+        print("   ", shlex.join(fine))
+    print(f"{len(run_.cells)} cells, executor {grid.executor.kind}, out {grid.out_path}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -106,7 +107,7 @@ class CellJob(submitit.helpers.Checkpointable):
         return json.loads((Path(self.finetune_dir) / "results.json").read_text())
 
     def _run(self, cmd: list[str], run_dir: Path) -> None:
-        print(f"[{self.key}] $ {' '.join(cmd)}", flush=True)
+        print(f"[{self.key}] $ {shlex.join(cmd)}", flush=True)   # pasteable: values are quoted
         t0 = time.time()
         self._proc = proc = subprocess.Popen(cmd, env=single_process_env())
         try:

@@ -15,6 +15,7 @@ same cells twice (the local executor's waiting cells live only in the first one'
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import fcntl
 import json
@@ -26,6 +27,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import submitit
 from submitit.core.utils import FailedJobError, JobPaths, pickle_load
 
@@ -70,6 +72,122 @@ def local_controller_alive(pid: str, folder: str) -> bool:
     return b"submitit.local._local" in argv and os.fsencode(str(folder)) in argv
 
 
+def _ignore_signal(signum: int, frame: object) -> None:
+    """A handler doing nothing: this process still ignores the signal, but exec resets a
+    handled signal to its default in the child, where an ignored one stays ignored."""
+
+
+@contextlib.contextmanager
+def interruptible_children():
+    """Processes started inside get SIGINT and SIGTERM at their default, whatever this process
+    inherited. A launch under `nohup ... &`, as a background job of a script or from a service
+    has SIGINT ignored, and so would every controller it starts: Python then never raises the
+    KeyboardInterrupt on which submitit's controller stops, and a cancel could not stop it."""
+    ignored = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) == signal.SIG_IGN]
+    for s in ignored:
+        signal.signal(s, _ignore_signal)
+    try:
+        yield
+    finally:
+        for s in ignored:
+            signal.signal(s, signal.SIG_IGN)
+
+
+def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """Those still running (a zombie has ended; is_running() tells a reused PID apart)."""
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _grow(tree: list[psutil.Process]) -> list[psutil.Process]:
+    """The tree with the children its live members started since it was taken."""
+    seen = {p.pid for p in tree}
+    for p in _alive(tree):
+        try:
+            kids = p.children(recursive=True)
+        except psutil.NoSuchProcess:
+            continue
+        for k in kids:
+            if k.pid not in seen:
+                seen.add(k.pid)
+                tree.append(k)
+    return tree
+
+
+def _send(pids: list[int], sig: int) -> str | None:
+    """Signal each; the error of one that refuses (gone already is not an error)."""
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+        except OSError as e:
+            return f"{signal.Signals(sig).name} to PID {pid}: {e}"
+    return None
+
+
+def _kill_group(root: int) -> None:
+    """SIGKILL to the process group `root` leads, never to one it only belongs to (a local
+    controller shares its launch's group, and with it the launching shell's)."""
+    try:
+        if os.getpgid(root) == root != os.getpgrp():
+            os.killpg(root, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def stop_trees(roots: dict[str, int], wait_s: float) -> tuple[dict[str, str], dict[str, str]]:
+    """Stop each root process and everything it started: SIGINT to the root (submitit's local
+    controller stops on it and stops its tasks), then SIGTERM to whatever of the tree still runs
+    (the training saves a checkpoint on it), then SIGKILL to the root's own process group and
+    the rest; each after up to `wait_s` for the tree to end. Returns (key -> the signal it ended
+    on, key -> why it is still running)."""
+    trees = {k: _snapshot(pid) for k, pid in roots.items()}
+    ended: dict[str, str] = {}
+    failed: dict[str, str] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+        todo = [k for k in roots if k not in ended and k not in failed]
+        for key in todo:
+            if sig == signal.SIGKILL:
+                _kill_group(roots[key])
+            targets = [roots[key]] if sig == signal.SIGINT else \
+                [p.pid for p in _alive(_grow(trees[key]))]
+            err = _send(targets, sig)
+            if err:
+                failed[key] = err
+        _wait_ended(trees, [k for k in todo if k not in failed], wait_s)
+        for key in todo:
+            if key not in failed and not _alive(_grow(trees[key])):
+                ended[key] = signal.Signals(sig).name
+    for key in roots:
+        if key not in ended and key not in failed:
+            pids = ", ".join(str(p.pid) for p in _alive(trees[key]))
+            failed[key] = f"PIDs {pids} still running after SIGINT, SIGTERM and SIGKILL"
+    return ended, failed
+
+
+def _snapshot(pid: int) -> list[psutil.Process]:
+    """The process and its descendants, taken before any signal: once a controller has ended
+    its orphaned children are no longer found under it."""
+    try:
+        root = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return []
+    return _grow([root])
+
+
+def _wait_ended(trees: dict[str, list[psutil.Process]], keys: list[str], wait_s: float) -> None:
+    deadline = time.monotonic() + wait_s
+    while any(_alive(trees[k]) for k in keys) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def resolve_commands() -> tuple[str, str]:
     """Absolute paths of the training commands, checked before anything is submitted."""
     exes = []
@@ -87,14 +205,17 @@ def make_job(cell: Cell, exes: tuple[str, str]) -> CellJob:
                    fine, str(cell.finetune_dir))
 
 
+def check_slurm_tools(grid: Grid) -> None:
+    for tool in ("sbatch", "srun"):    # submitit's SlurmExecutor needs both
+        if shutil.which(tool) is None:
+            raise GridError(f"{grid.source}: key 'executor.kind': slurm, but {tool} is not "
+                            f"on PATH (submit from a SLURM login node, or use --executor local)")
+
+
 def make_executor(grid: Grid) -> submitit.AutoExecutor:
     ex = grid.executor
     if ex.kind == "slurm":
-        for tool in ("sbatch", "srun"):    # submitit's SlurmExecutor needs both
-            if shutil.which(tool) is None:
-                raise GridError(f"{grid.source}: key 'executor.kind': slurm, but {tool} is not "
-                                f"on PATH (submit from a SLURM login node, or use --executor "
-                                f"local)")
+        check_slurm_tools(grid)
     folder = grid.out_path / "_submitit"
     # AutoExecutor picks SLURM whenever sbatch is on PATH: always name the cluster.
     executor = submitit.AutoExecutor(folder=folder, cluster=ex.kind,
@@ -143,6 +264,7 @@ class GridRun:
         self._lock = None                             # OUT/_grid/launch.lock while launching
         self._executor: submitit.AutoExecutor | None = None
         self._exes: tuple[str, str] | None = None
+        self.stop_notes: list[str] = []               # set by cancel: jobs that needed force
 
     def _read_registry(self) -> dict:
         """OUT/_grid/jobs.json ({} before the first launch); a damaged one is named, not
@@ -168,10 +290,21 @@ class GridRun:
         return self.submitted + [c.key for c in self.waiting]
 
     # ------------------------------------------------------------- submitting
-    def submit(self) -> "GridRun":
+    def check(self) -> None:
+        """Every check a launch makes before it submits (--dry-run makes them too): the
+        datasets, the runs already in the cells' folders, the commands, the executor's tools,
+        and no other launch of this grid running."""
         check_data_exists(self.grid)
         check_cells(self.cells)        # what is in the cells' folders is what the grid asks for
         self._exes = resolve_commands()
+        if self.grid.executor.kind == "slurm":
+            check_slurm_tools(self.grid)
+        holder = self.launch_holder()
+        if holder is not None:
+            raise GridError(self._locked_message(holder))
+
+    def submit(self) -> "GridRun":
+        self.check()
         self._take_lock()
         try:
             todo = self._cells_to_submit()
@@ -234,6 +367,10 @@ class GridRun:
     def lock_path(self) -> Path:
         return self.registry_path.with_name("launch.lock")
 
+    def _locked_message(self, holder: str) -> str:
+        return (f"grid {self.grid.name} is being launched by PID {holder} (lock "
+                f"{self.lock_path}); follow it with `s3rec-grid status`, or stop it first")
+
     def _take_lock(self) -> None:
         """OUT/_grid/launch.lock, held until the wait ends; another launch holding it is an
         error naming its PID (the lock goes with the process, so a crash never leaves it)."""
@@ -245,9 +382,7 @@ class GridRun:
         except BlockingIOError:
             holder = f.read().strip() or "unknown"
             f.close()
-            raise GridError(f"grid {self.grid.name} is being launched by PID {holder} "
-                            f"(lock {path}); follow it with `s3rec-grid status`, or stop it "
-                            f"first") from None
+            raise GridError(self._locked_message(holder)) from None
         f.seek(0)
         f.truncate()
         f.write(f"{os.getpid()}\n")
@@ -272,7 +407,9 @@ class GridRun:
         running = sum(1 for k, j in self.jobs.items() if j.state == "RUNNING")
         while self.waiting and running < self.grid.executor.array_parallelism:
             cell = self.waiting.pop(0)
-            self._record(cell, self._executor.submit(make_job(cell, self._exes)))
+            with interruptible_children():
+                job = self._executor.submit(make_job(cell, self._exes))
+            self._record(cell, job)
             running += 1
 
     # ------------------------------------------------------------- states
@@ -385,30 +522,32 @@ class GridRun:
             time.sleep(poll_s)
 
     def cancel(self) -> list[str]:
-        """Cancel the grid's jobs: SLURM ones with scancel, local ones through their controller
-        (SIGINT, as submitit does), started by this process or another. Returns one line per
-        local job that is still running and could not be signalled (empty: all cancelled)."""
+        """Cancel the grid's jobs, started by this process or another, and check they have
+        ended: SLURM ones with scancel, local ones as `stop_trees` does (SIGINT to the
+        controller, as submitit does, then SIGTERM, then SIGKILL). Returns one line per job
+        still running (empty: all ended); `stop_notes` says which needed more than SIGINT."""
         self.waiting.clear()
         slurm_ids = [e["job_id"] for k, e in self.registry.items() if e["executor"] == "slurm"]
-        slurm_state.cancel(slurm_ids)
-        not_cancelled = []
+        not_cancelled = slurm_state.cancel(slurm_ids)
+        roots = {}
         for key, entry in self.registry.items():
+            job = self.jobs.get(key)
             if entry["executor"] != "local":
                 continue
-            job = self.jobs.get(key)
-            if job is not None:
-                if job.state == "RUNNING":
-                    job.cancel(check=False)
-            elif local_controller_alive(entry["job_id"], entry["folder"]):
-                try:
-                    os.kill(int(entry["job_id"]), signal.SIGINT)
-                except OSError as e:
-                    not_cancelled.append(f"{key}: local job {entry['job_id']}: {e}")
+            if (job.state == "RUNNING") if job is not None else \
+                    local_controller_alive(entry["job_id"], entry["folder"]):
+                roots[key] = int(entry["job_id"])
+        ended, failed = stop_trees(roots, slurm_state.STOP_WAIT_S)
+        self.stop_notes = [f"{k}: local job {roots[k]} ended on {sig} (it ignored the gentler "
+                           f"signals)" for k, sig in ended.items() if sig != "SIGINT"]
+        not_cancelled += [f"{k}: local job {roots[k]}: {why}" for k, why in failed.items()]
         holder = self.launch_holder()
         if holder is not None and self.grid.executor.kind == "local":
             # Its cells waiting for a free slot live in its memory: only it can drop them.
             not_cancelled.append(f"launch process PID {holder} is still running and starts the "
-                                 f"cells waiting for a free slot: interrupt it (Ctrl-C) too")
+                                 f"cells waiting for a free slot: interrupt it too (Ctrl-C, or "
+                                 f"`kill -INT {holder}`; `kill {holder}` if it was started "
+                                 f"with SIGINT ignored), then cancel again")
         self.release()
         return not_cancelled
 

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
+
+# How long a cancel waits for what it stopped to end before it escalates or reports it.
+STOP_WAIT_S = 10.0
 
 # squeue/scontrol states of a job that will still run (or is running). PREEMPTED is not one:
 # a job preempted with PreemptMode=REQUEUE goes COMPLETING -> PENDING, and PREEMPTED is where a
@@ -69,6 +73,40 @@ def final_state(job_id: str) -> str | None:
     return None
 
 
-def cancel(job_ids: list[str]) -> None:
-    if job_ids:
-        subprocess.run(["scancel", *job_ids], check=False, capture_output=True)
+def cancel(job_ids: list[str], wait_s: float = STOP_WAIT_S) -> list[str]:
+    """scancel the jobs still queued, then wait up to `wait_s` for them to leave the queue (SLURM
+    cancels asynchronously, and a job that traps the signal may stay). Returns one line per job
+    still queued, or why that cannot be told: empty only when all have gone."""
+    if not job_ids:
+        return []
+    queued = queue_states(job_ids)
+    if queued is None:
+        return [f"squeue does not answer: cannot tell whether SLURM jobs {', '.join(job_ids)} "
+                f"are still queued; cancel them with scancel"]
+    active = [j for j, st in queued.items() if st in ACTIVE_STATES]
+    if not active:
+        return []
+    said = _scancel(active)
+    deadline = time.monotonic() + wait_s
+    while True:
+        queued = queue_states(active)
+        left = {j: st for j, st in (queued or {}).items() if st in ACTIVE_STATES}
+        if queued is not None and not left:
+            return []
+        if time.monotonic() >= deadline:
+            if queued is None:
+                return [f"squeue stopped answering after scancel {' '.join(active)} ({said}): "
+                        f"cannot tell whether they ended"]
+            return [f"SLURM job {j}: still {st} {wait_s:.0f} s after scancel ({said})"
+                    for j, st in left.items()]
+        time.sleep(0.5)
+
+
+def _scancel(job_ids: list[str]) -> str:
+    """Run scancel; what it said, for the report of a job that stays."""
+    try:
+        res = subprocess.run(["scancel", *job_ids], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"scancel failed: {e}"
+    said = " / ".join(ln.strip() for ln in res.stderr.splitlines() if ln.strip())
+    return f"scancel: {said or f'exit status {res.returncode}'}"

@@ -275,6 +275,8 @@ def setup(local_rank_arg: int | None = None, timeout_s: int = 1800) -> DistInfo:
         backend = "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
+    if world == 1:
+        _init_alone(backend, timedelta(seconds=timeout_s))
     import deepspeed  # late: importing it costs ~1 s and prints accelerator warnings
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=timedelta(seconds=timeout_s))
@@ -282,6 +284,17 @@ def setup(local_rank_arg: int | None = None, timeout_s: int = 1800) -> DistInfo:
         _cpu_group()     # collective: every rank creates it now, in the same order
     _INFO = DistInfo(rank, local, world, launcher, single, device, backend)
     return _INFO
+
+
+def _init_alone(backend: str, timeout: timedelta) -> None:
+    """The process group of a one-process run, on an in-process store: torch's TCPStore (the
+    env:// rendezvous) listens on every interface, whatever MASTER_ADDR says, so a lone run
+    would take connections from the network. gloo still opens a socket of its own, on the
+    interface GLOO_SOCKET_IFNAME names: loopback, since a lone process has no peer elsewhere.
+    DeepSpeed then adopts the group as it is."""
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=timeout)
 
 
 def device_type() -> str:

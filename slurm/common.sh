@@ -75,7 +75,8 @@ run_stage() {
   # start this one, and no second warning would come.
   [ "$s3rec_preempted" = 0 ] || s3rec_requeue "the time limit is near before $1"
   s3rec_master_env
-  echo "$(date -Is) [s3rec] job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0} nodes ${SLURM_JOB_NODELIST:-?} tasks ${SLURM_NTASKS:-?}: srun $*  (MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT)"
+  # The command last and quoted (${*@Q}): what follows "$ " pastes into a shell as it ran.
+  echo "$(date -Is) [s3rec] job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0} nodes ${SLURM_JOB_NODELIST:-?} tasks ${SLURM_NTASKS:-?} MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT \$ srun --kill-on-bad-exit=1 ${*@Q}"
   local rc
   # In the background so that the trap runs while srun is busy; `wait` returns early (>128)
   # when the signal arrives, so wait until srun has really finished, then once more for its

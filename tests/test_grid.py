@@ -160,7 +160,11 @@ def test_missing_data_refused_before_submitting(tmp_path, capsys):
 
 
 def test_dry_run_lists_cells(tmp_path, capsys):
-    path = write_grid(tmp_path, grid_with(out=str(tmp_path / "runs")))
+    data = [str(tmp_path / "d" / name) for name in ("beauty", "sports")]
+    for d in data:     # dataset folders, which a dry run checks as a launch does
+        Path(d).mkdir(parents=True)
+        (Path(d) / "manifest.json").write_text("{}")
+    path = write_grid(tmp_path, grid_with(out=str(tmp_path / "runs"), data=data))
     assert grid_cli.main([str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "16 cells" in out and "sports/finetune-only/rfull/s2  [to run]" in out
