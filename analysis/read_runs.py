@@ -11,19 +11,22 @@ Two tables:
   final test metrics, best epoch, where a fine-tune started (the --init file, its pretraining
   epochs, variant and rank), parameters, epochs reached, last losses, wall time.
 - `scalars`: long form (run, stage, tag, step, value, wall_time), every scalar of every event file,
-  read with TensorBoard's own EventAccumulator with no sampling limit.
+  read with TensorBoard's own EventAccumulator with no sampling limit. An event file cut off
+  mid-record is a note while its run is running and an error once it has stopped (check_events).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import re
+import struct
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
 from s3rec.config import (HEAD_NAMES, OBJECTIVES, Config, ConfigError, config_from_dict,
                           NO_RESULT_KEYS, flat_keys)
@@ -127,6 +130,51 @@ def _load_json(path: Path) -> dict:
     return data
 
 
+def events_damage(path: Path) -> tuple[int, str] | None:
+    """(offset, what) where the TFRecord framing of events file `path` breaks, or None if it
+    ends on a whole record. Walks the record headers (length, its masked crc32c) and seeks over
+    the data: a few bytes a record, so no second CRC pass over the data. TensorBoard's reader
+    stops silently at a short or damaged record (it only logs at debug level), so this is how a
+    cut-off file is noticed at all; a flipped bit inside a record's data is not seen here."""
+    size, pos = path.stat().st_size, 0
+    with open(path, "rb") as f:
+        while pos < size:
+            head = f.read(12)
+            if len(head) < 12:
+                return pos, "ends inside a record header"
+            (length,) = struct.unpack("<Q", head[:8])
+            if struct.unpack("<I", head[8:])[0] != masked_crc32c(head[:8]):
+                return pos, "has a damaged record header"
+            if pos + 16 + length > size:
+                return pos, "ends inside a record"
+            pos += 16 + length
+            f.seek(pos)
+    return None
+
+
+def check_events(folder: Path, status: str) -> list[str]:
+    """Notes on event files that end mid-record. While run.json says running, the writer may be
+    in the middle of a record (TensorBoard flushes whole buffers, not whole records), so its
+    complete records are read and the run gets a note. Once the run has stopped (done, failed,
+    preempted: the writer was closed) a cut-off file means lost scalars, perhaps the last
+    epoch's: it is refused, naming the file and the byte where its whole records end, rather
+    than reported as a shorter run (figures and tables would silently show the wrong last
+    epoch). The message says how to keep the whole records, so a report is one command away."""
+    notes = []
+    for path in sorted(folder.glob("events.out.tfevents*")):
+        damage = events_damage(path)
+        if damage is None:
+            continue
+        pos, what = damage
+        if status != "running":
+            raise RunFolderError(f"{path}: {what} at byte {pos} of {path.stat().st_size}, and "
+                                 f"run.json says {status}: scalars after it are lost; "
+                                 f"`truncate -s {pos} {path}` keeps the whole records")
+        notes.append(f"{path.name} {what} at byte {pos} (still being written?): its whole "
+                     f"records are read")
+    return notes
+
+
 def read_scalars(folder: Path) -> dict[str, list[tuple[int, float, float]]]:
     """Every scalar of the event files directly in `folder` (all files; resumed runs write
     several, and EventAccumulator drops the steps a restart purged)."""
@@ -223,6 +271,7 @@ def read_run(folder: Path, root: Path) -> Run:
         notes.append("run.json says done but results.json is missing")
     else:
         state = "done"
+    notes += check_events(folder, status)
 
     run = Run(path=folder, cell=cell, grid=axes["grid"], dataset=axes["dataset"],
               variant=axes["variant"], rank=axes["rank"], seed=axes["seed"], stage=axes["stage"],
