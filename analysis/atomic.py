@@ -1,41 +1,14 @@
-"""Atomic file writes: write to a temporary name in the same folder, then rename.
-
-A reader (or a crashed report) never sees a half-written CSV, report or figure.
+"""Atomic file writes for reports and figures: the run-folder contract's one writer
+(s3rec.run_folder.atomic_path: a temporary name in the same folder, then renamed), so a reader
+(or a crashed report) never sees a half-written CSV, report or figure, and a failed write is one
+line naming the file and its free space.
 """
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
-
-def _umask() -> int:
-    """The process umask (only readable by setting it, so set it straight back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success it is renamed onto `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        # mkstemp makes the file 0600 and the rename keeps that: give it the mode an ordinary
-        # open() would have, so a shared report folder stays readable by the group.
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+from s3rec.run_folder import atomic_path
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from s3rec.config import VARIANTS, ConfigError, load_config, read_yaml_file
+# what a run folder holds and when a stage is done: the run-folder contract
+from s3rec.run_folder import STAGE_PRODUCT, read_run_json, stage_done  # noqa: F401
 
 LOWRANK_VARIANTS = ("s3rec-lowrank",)      # variants whose heads take the `ranks` axis
 NO_PRETRAIN_VARIANTS = ("finetune-only",)  # variants that skip pretraining
@@ -158,26 +160,6 @@ class Cell:
 
     def is_done(self) -> bool:
         return stage_done(self.finetune_dir, STAGE_PRODUCT["finetune"])
-
-
-def read_run_json(run_dir: Path) -> dict | None:
-    """run.json of a run folder, or None if missing or half-written."""
-    try:
-        return json.loads((Path(run_dir) / "run.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-# What a finished stage leaves besides run.json's "done" (what the next stage or the report reads).
-STAGE_PRODUCT = {"pretrain": "final.pt", "finetune": "results.json"}
-
-
-def stage_done(run_dir: Path | None, product: str) -> bool:
-    """A stage is done when run.json says so and its product (final.pt, results.json) exists."""
-    if run_dir is None:
-        return True
-    info = read_run_json(run_dir)
-    return bool(info) and info.get("status") == "done" and (Path(run_dir) / product).exists()
 
 
 # ---------------------------------------------------------------------- loading and checking

@@ -8,55 +8,18 @@ file with the plugin's summary functions (add_hparams would make a subfolder).
 """
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-RUN_JSON = "run.json"
-RESULTS_JSON = "results.json"
-# each user's 0-based rank of the test answer under the run's protocol (int64 .npy, index = user
-# row of the dataset), beside results.json: what the report's paired per-user test reads
-TEST_RANKS = "test_ranks.npy"
-# a fine-tune's best validation epoch's weights as a model file (like pretraining's final.pt):
-# what s3rec-evaluate reads from a run folder
-BEST_MODEL = "best.pt"
+# the run folder's names and its one atomic writer live in s3rec.run_folder (the contract)
+from s3rec.run_folder import (BEST_MODEL, RESULTS_JSON, RUN_JSON, TEST_RANKS,  # noqa: F401
+                              read_run_json, write_atomic, write_json_atomic, write_npy_atomic)
 
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """`data` into `path` under a temporary name, then renamed: readers see the old file or the
-    whole new one, and a failed write (a full disk, a kill) leaves no temporary file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def write_npy_atomic(path: Path, array) -> None:
-    """A plain (never pickled) .npy file, atomically: np.load(path, allow_pickle=False) reads it."""
-    import io
-
-    import numpy as np
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(array), allow_pickle=False)
-    write_atomic(path, buf.getvalue())
 
 
 def git_revision() -> str | None:
@@ -75,24 +38,29 @@ def git_revision() -> str | None:
 
 
 class RunJson:
-    """RUN/run.json, rewritten atomically on every change."""
+    """RUN/run.json, rewritten atomically on every change. While open it is the record that
+    note_checkpoint updates (s3rec.run_folder.prepare_start reads its "checkpoint")."""
 
-    def __init__(self, run_dir: Path, enabled: bool, **fields):
+    _open: dict[Path, "RunJson"] = {}
+
+    def __init__(self, run_dir: Path, enabled: bool, start_over: bool = False, **fields):
         self.path = Path(run_dir) / RUN_JSON
         self.enabled = enabled
-        old = {}
-        if enabled and self.path.is_file():
-            try:
-                old = json.loads(self.path.read_text())
-            except json.JSONDecodeError:
-                old = {}
+        old = (read_run_json(run_dir) or {}) if enabled else {}
+        kept = {} if start_over else old
         self.data = {"stage": None, "status": "running", "error": None, "config": None,
                      "git": git_revision() if enabled else None, "data": None, "dataset": None,
                      "protocol": None, "seed": None, "world_size": None, "params": None,
-                     "epoch": old.get("epoch", 0), "started": old.get("started", now_iso()),
-                     "finished": None, "starts": old.get("starts", 0) + 1}
+                     "epoch": kept.get("epoch", 0), "started": kept.get("started", now_iso()),
+                     "finished": None, "starts": old.get("starts", 0) + 1,
+                     "checkpoint": kept.get("checkpoint")}
         self.data.update(fields)
         self.write()
+        if enabled:
+            RunJson._open[Path(run_dir).resolve()] = self
+
+    def close(self) -> None:
+        RunJson._open.pop(self.path.parent.resolve(), None)
 
     def update(self, **fields) -> None:
         self.data.update(fields)
@@ -106,6 +74,14 @@ class RunJson:
     def write(self) -> None:
         if self.enabled:
             write_json_atomic(self.path, self.data)
+
+
+def note_checkpoint(run_dir: Path, tag: str) -> None:
+    """run.json records that `latest` names `tag` (rank 0, the run holding RUN open): what tells
+    a folder whose `latest` was lost from one whose run never completed a checkpoint."""
+    rj = RunJson._open.get(Path(run_dir).resolve())
+    if rj is not None:
+        rj.update(checkpoint=tag)
 
 
 def error_line(exc: BaseException) -> str:

@@ -21,18 +21,15 @@ s3rec_master_env() {
   export MASTER_PORT="${S3REC_MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}"
 }
 
-# RUN_DIR/run.json's status (running, done, preempted, failed), or nothing without one.
+# RUN_DIR/run.json's status (running, done, preempted, failed), or nothing without a readable
+# one: the run-folder contract (s3rec/run_folder.py) answers, as for launch/ and analysis/.
 s3rec_run_status() {
-  [ -f "$1/run.json" ] || return 0
-  python3 - "$1/run.json" <<'PY'
-import json, sys
-print(json.load(open(sys.argv[1])).get("status", ""))
-PY
+  python3 -m s3rec.run_folder status "$1"
 }
 
-# 0 if RUN_DIR/run.json says "done" and RUN_DIR/PRODUCT exists.
+# 0 if RUN_DIR/run.json says "done" and RUN_DIR/PRODUCT (final.pt, results.json) exists.
 s3rec_stage_done() {
-  [ -f "$1/$2" ] && [ "$(s3rec_run_status "$1")" = done ]
+  python3 -m s3rec.run_folder done "$1" "$2"
 }
 
 # This job for scancel/scontrol: an array task by its own name (the array's job id would address

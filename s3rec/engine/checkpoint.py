@@ -11,8 +11,11 @@
       best-epoch-0007/         that tag (the previous best tag goes once `best` names this one)
 
 A tag is complete once `latest` (or `best`) names it: a process killed while saving leaves the
-name on the previous tag, whole. The last `checkpoint.keep_last` step tags are kept. (Runs saved
-before best tags had the tag folder `best/` itself; it is read as such.)
+name on the previous tag, whole, and the partial tag is removed when a save or a failed save
+finds it. The last `checkpoint.keep_last` step tags are kept. A `latest` that is not a file, is
+empty or names no tag is refused (s3rec.run_folder.read_name), never read as "no checkpoint".
+(Runs saved before best tags had the tag folder `best/` itself; it is read as such.)
+The folder's names, what a restart does and its lock: s3rec/run_folder.py.
 """
 from __future__ import annotations
 
@@ -30,11 +33,10 @@ import numpy as np
 import torch
 
 from s3rec import distributed as dist
-from s3rec.runlog import write_atomic
+from s3rec import run_folder
+from s3rec.run_folder import BEST, CHECKPOINTS, LATEST, write_atomic  # noqa: F401
+from s3rec.runlog import note_checkpoint
 
-CHECKPOINTS = "checkpoints"   # RUN/checkpoints: a training run's DeepSpeed tags
-LATEST = "latest"
-BEST = "best"
 _BEST_TAG = "best-epoch-"
 STATE_FILE = "trainer_state.json"
 _STEP_TAG = re.compile(r"^step-(\d+)$")
@@ -90,14 +92,12 @@ def read_latest(root: Path) -> str | None:
 
 
 def _read_name(root: Path, name: str) -> str | None:
-    """The tag the file root/name (`latest`, `best`) names; None without that file."""
-    f = root / name
-    if not f.is_file():
-        return None
-    tag = f.read_text().strip()
-    if not tag or not (root / tag).is_dir():
-        raise ResumeError(f"{f} names tag {tag!r}, which is not a folder in {root}")
-    return tag
+    """The tag the file root/name (`latest`, `best`) names; None without it. Anything else
+    there (a folder, an empty file, a tag that is gone) is a ResumeError naming it."""
+    try:
+        return run_folder.read_name(root, name)
+    except run_folder.RunFolderError as e:
+        raise ResumeError(str(e)) from None
 
 
 def save(engine, root: Path, tag: str, state: dict, keep_last: int, make_latest: bool = True) -> None:
@@ -108,13 +108,23 @@ def save(engine, root: Path, tag: str, state: dict, keep_last: int, make_latest:
     same = dist.broadcast_object(read_latest(root) == tag if dist.is_main() else None)
     if same:
         return
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     tag_dir = root / tag
-    rank = dist.get_rank()
-    buf = _torch_bytes(rng_state())
-    write_atomic(tag_dir / f"rng-rank{rank:05d}.pt", buf)
-    if dist.is_main():
-        write_atomic(tag_dir / STATE_FILE, json.dumps(state, indent=1))
+    if dist.is_main() and tag_dir.exists():    # a partial tag of a process killed while saving
+        shutil.rmtree(tag_dir)
+    dist.barrier()
+    try:
+        with run_folder.writing(tag_dir):
+            engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+            write_atomic(tag_dir / f"rng-rank{dist.get_rank():05d}.pt", _torch_bytes(rng_state()))
+            if dist.is_main():
+                write_atomic(tag_dir / STATE_FILE, json.dumps(state, indent=1))
+    except BaseException as e:
+        # the failed writer's frames hold its open file: a full disk frees the partial tag's
+        # space only once they let go of it
+        run_folder.let_go(e)
+        if dist.is_main():                     # nothing names it: no half-written tag stays
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        raise
     dist.barrier()
     if make_latest:
         mark_latest(root, tag, keep_last)
@@ -156,6 +166,7 @@ def mark_latest(root: Path, tag: str, keep_last: int) -> None:
     rank calls this."""
     if dist.is_main():
         write_atomic(Path(root) / LATEST, tag)
+        note_checkpoint(Path(root).parent, tag)
         _prune(Path(root), keep_last)
     dist.barrier()
 
@@ -392,8 +403,9 @@ def find_checkpoint_folder(path: Path) -> tuple[Path, str] | None:
     """(root, tag) for a run folder, a checkpoints folder or a tag folder; None if not one."""
     path = Path(path)
     for root in (path / CHECKPOINTS, path):
-        if (root / LATEST).is_file():
-            return root, read_latest(root)
+        tag = read_latest(root)
+        if tag is not None:
+            return root, tag
     if (path / STATE_FILE).is_file() or list(path.glob("*model_states.pt")):
         return path.parent, path.name
     return None

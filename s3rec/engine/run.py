@@ -2,7 +2,12 @@
 dataset, the model on a DeepSpeed engine, run.json bookkeeping and error reporting.
 
 Exit status: 0 done (or preempted after a checkpoint; run.json says which), 2 a user error
-(config, dataset, --init, checkpoint; one line naming the key or file), 1 anything else."""
+(config, dataset, --init, checkpoint, a run folder taken or not resumable; one line naming the
+key or file), 1 anything else (a failed write: one line naming the path and its free space).
+
+Rank 0 holds RUN's lock (s3rec.run_folder.RunLock) from start-up to the end: the ranks of one
+run never wait on each other for it, and a second run refused there stops on every rank (the
+refusal is broadcast as any start-up error)."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +20,7 @@ from pathlib import Path
 import torch
 
 from s3rec import distributed as dist
+from s3rec import run_folder
 from s3rec.config import Config, ConfigError, flat_keys, load_config
 from s3rec.data.format import DatasetError
 from s3rec.engine import checkpoint as ckpt
@@ -22,7 +28,10 @@ from s3rec.engine import resume_check, signals
 from s3rec.engine.deepspeed_setup import build_ds_config, initialize
 from s3rec.runlog import RunJson, error_line
 
-USER_ERRORS = (ConfigError, DatasetError, ckpt.ResumeError, dist.LauncherError)
+USER_ERRORS = (ConfigError, DatasetError, ckpt.ResumeError, dist.LauncherError,
+               run_folder.RunFolderError)
+# RUN's lock while this process runs a stage (rank 0), released when the stage ends
+_locks: list[run_folder.RunLock] = []
 
 
 def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -72,27 +81,44 @@ def start(stage: str, args, protocol: str | None) -> Setup:
     ds = Dataset(args.data)
     run_dir = Path(args.out)
     fingerprint = resume_check.dataset_fingerprint(ds)
+    # Also the barrier: every rank waits for the folder and the lock, and hears of rank 0
+    # failing to take them.
+    err, how = dist.broadcast_object(_claim(run_dir) if dist.is_main() else None)
+    if err:
+        raise run_folder.RunFolderError(err)
+    if how == "over":
+        dist.log_main(f"{run_dir}: its earlier start completed no checkpoint; starting from "
+                      f"the beginning")
     # a run started again resumes: before run.json is rewritten, the checkpoint must be this run's
     resume_check.check_before_start(run_dir / ckpt.CHECKPOINTS, stage, cfg.to_dict(),
                                     info.world_size, fingerprint)
-    err = None
-    if dist.is_main():
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            why = "exists and is not a folder" if run_dir.exists() else \
-                f"cannot be created ({e.strerror}: {e.filename})"
-            err = f"--out {run_dir}: {why}; choose another --out"
-    # Also the barrier: every rank waits for the folder, and hears of rank 0 failing to make it.
-    err = dist.broadcast_object(err)
-    if err:
-        raise ConfigError(err)
-    runjson = RunJson(run_dir, dist.is_main(), stage=stage, config=cfg.to_dict(),
+    runjson = RunJson(run_dir, dist.is_main(), start_over=how == "over", stage=stage,
+                      config=cfg.to_dict(),
                       data=str(Path(args.data).resolve()), dataset=dataset_info(ds),
                       dataset_fingerprint=fingerprint,
                       protocol=protocol, seed=cfg.seed, world_size=info.world_size,
                       launcher=info.launcher)
     return Setup(cfg, info, run_dir, ds, runjson, fingerprint)
+
+
+def _claim(run_dir: Path) -> tuple[str | None, str | None]:
+    """Rank 0: (error, how the run starts: run_folder.prepare_start) after making RUN and taking
+    its lock, which stays held (_locks) until the stage ends."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        why = "exists and is not a folder" if run_dir.exists() else \
+            f"cannot be created ({e.strerror}: {e.filename})"
+        return f"--out {run_dir}: {why}; choose another --out", None
+    try:
+        lock = run_folder.RunLock(run_dir).acquire()
+    except (run_folder.RunFolderError, run_folder.WriteError) as e:
+        return str(e), None
+    _locks.append(lock)
+    try:
+        return None, run_folder.prepare_start(run_dir)
+    except (run_folder.RunFolderError, run_folder.WriteError) as e:
+        return str(e), None
 
 
 def make_engine(s: Setup, stage: str, model, groups):
@@ -132,26 +158,59 @@ def guarded(prog: str, body, argv) -> int:
         status = body(argv, holder)
         return 0 if status in ("done", "preempted") else 1
     except USER_ERRORS as e:
-        _fail(holder, e)
+        _fail(prog, holder, error_line(e))
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         return 2
     except Exception as e:
         from s3rec.model import CheckpointError
-        _fail(holder, e)
+        failed_write = _write_error(holder, e)
+        _fail(prog, holder, str(failed_write) if failed_write else error_line(e))
+        if failed_write is not None:
+            print(f"{prog}: error: {failed_write}", file=sys.stderr, flush=True)
+            return 1
         if isinstance(e, CheckpointError):
             print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
             return 2
         raise
     finally:
+        _close(prog, holder)
+
+
+def _write_error(holder: dict, e: BaseException) -> run_folder.WriteError | None:
+    """`e` as the one line of a failed write (naming its file, else the run folder), or None."""
+    if isinstance(e, run_folder.WriteError):
+        return e
+    rj = holder.get("runjson")
+    where = getattr(e, "filename", None) or (rj.path.parent if rj is not None else Path("."))
+    return run_folder.write_error(Path(where), e)
+
+
+def _close(prog: str, holder: dict) -> None:
+    """The trainer's files, run.json's registration, then RUN's lock."""
+    try:
         trainer = holder.get("trainer")
         if trainer is not None:
-            trainer.close()
+            with run_folder.writing(trainer.run_dir):
+                trainer.close()
+    except run_folder.WriteError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+    finally:
+        if holder.get("runjson") is not None:
+            holder["runjson"].close()
+        while _locks:
+            _locks.pop().release()
 
 
-def _fail(holder: dict, e: BaseException) -> None:
+def _fail(prog: str, holder: dict, line: str) -> None:
+    """run.json says failed, with `line`; where even that write fails, stderr says so."""
     rj = holder.get("runjson")
-    if rj is not None:
-        rj.finish("failed", error_line(e))
+    if rj is None:
+        return
+    try:
+        rj.finish("failed", line)
+    except run_folder.WriteError as e:
+        print(f"{prog}: error: could not record status 'failed' in {rj.path}: {e}",
+              file=sys.stderr, flush=True)
 
 
 def leave(code: int, argv) -> int:
