@@ -1,7 +1,7 @@
 """`s3rec-grid`: run a grid of S3Rec cells locally or on SLURM, and follow it.
 
     s3rec-grid GRID.yaml [--executor local|slurm] [--dry-run] [--no-wait]
-    s3rec-grid status GRID.yaml
+    s3rec-grid status GRID.yaml [--watch [SECONDS]]
     s3rec-grid cancel GRID.yaml
     s3rec-grid --demo --out DIR [--executor local|slurm]
 
@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import time
 
 from s3rec.launch.grid import Grid, GridError, load_grid
-from s3rec.launch.runner import GridRun, format_states, launch_grid, open_grid
+from s3rec.launch.runner import GridRun, format_states, is_active, launch_grid, open_grid
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -29,6 +30,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="make every check of a launch, then list the cells and their commands")
     p.add_argument("--no-wait", action="store_true", help="submit and return (slurm)")
+    p.add_argument("--watch", nargs="?", type=float, const=10.0, default=None, metavar="SECONDS",
+                   help="status: print the table again every SECONDS (default 10) until no "
+                        "cell is pending in a job or running")
     p.add_argument("--demo", action="store_true", help="synthetic data + a small grid, end to end")
     p.add_argument("--out", help="output folder of --demo")
     return p
@@ -52,9 +56,7 @@ def run(args: argparse.Namespace) -> int:
         raise GridError(f"expected one grid file, got {rest}")
     grid = load_grid(rest[0], executor_kind=args.executor)
     if verb == "status":
-        states = open_grid(grid).states()
-        _print_states(states)
-        return 1 if any(s.state == "failed" for s in states.values()) else 0
+        return _status(open_grid(grid), args.watch)
     if verb == "cancel":
         return _report_cancel(grid.name, open_grid(grid))
     if args.dry_run:
@@ -71,6 +73,20 @@ def run(args: argparse.Namespace) -> int:
         _report_cancel(grid.name, run_)
         return 130
     return 1 if any(s.state == "failed" for s in states.values()) else 0
+
+
+def _status(run_: GridRun, watch: float | None) -> int:
+    """Per cell: state, stage, epoch, ETA, best validation, job and log (launch/status.py)."""
+    from s3rec.launch.status import format_status
+    if watch is not None and watch <= 0:
+        raise GridError(f"--watch {watch}: expected a positive number of seconds")
+    while True:
+        states = run_.states()
+        print(format_status(run_.cells, states, run_.registry), flush=True)
+        if watch is None or not any(is_active(s) for s in states.values()):
+            return 1 if any(s.state == "failed" for s in states.values()) else 0
+        time.sleep(watch)
+        print(flush=True)
 
 
 def _report_cancel(name: str, run_: GridRun) -> int:

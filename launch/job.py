@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -41,13 +42,29 @@ def single_process_env() -> dict:
     return env
 
 
-def requeue_slurm_job(key: str) -> None:
+def was_cancelled(job_id: str, cancelled_file: str | None) -> bool:
+    """Whether `s3rec-grid cancel` stopped this job (runner.cancelled_path lists it)."""
+    if not cancelled_file:
+        return False
+    try:
+        return job_id in json.loads(Path(cancelled_file).read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def requeue_slurm_job(key: str, cancelled_file: str | None = None) -> None:
     """The training saved a checkpoint on a signal that did not come through submitit: SLURM's
     own SIGTERM when it preempts the job (PreemptMode=REQUEUE with a GraceTime), which reaches
     every process of the step while submitit only logs it. SLURM does not requeue a job that
     ends by itself within the grace time, so the job requeues itself, as submitit does after
     its USR2, and leaves without a result: the fresh start resumes from latest."""
     job_id = submitit.JobEnvironment().job_id      # 123 or, in an array, 123_4
+    if was_cancelled(job_id, cancelled_file):
+        # scancel sends the same SIGTERM as a preemption, and SLURM shows both jobs as
+        # COMPLETING: a requeue would bring back what `s3rec-grid cancel` was asked to stop
+        print(f"[{key}] training saved a checkpoint on SLURM's signal; job {job_id} was "
+              f"cancelled, so it is not requeued (launch the grid again to resume)", flush=True)
+        raise SystemExit(-1)
     print(f"[{key}] training saved a checkpoint on SLURM's signal (preemption); requeueing job "
           f"{job_id}", flush=True)
     res = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True,
@@ -85,13 +102,18 @@ class CellJob(submitit.helpers.Checkpointable):
     """Callable run by submitit for one cell. `pretrain_cmd` is None for finetune-only cells."""
 
     def __init__(self, key: str, pretrain_cmd: list[str] | None, pretrain_dir: str | None,
-                 finetune_cmd: list[str], finetune_dir: str) -> None:
+                 finetune_cmd: list[str], finetune_dir: str,
+                 cancelled_file: str | None = None) -> None:
         self.key = key
+        self.cancelled_file = cancelled_file    # runner.cancelled_path: job ids cancel stopped
         self.pretrain_cmd = pretrain_cmd
         self.pretrain_dir = pretrain_dir
         self.finetune_cmd = finetune_cmd
         self.finetune_dir = finetune_dir
         self._proc: subprocess.Popen | None = None
+
+    def getattr_cancelled(self) -> str | None:
+        return getattr(self, "cancelled_file", None)    # jobs pickled without it: None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -132,7 +154,7 @@ class CellJob(submitit.helpers.Checkpointable):
             raise StageFailed(f"{self.key}: {Path(cmd[0]).name} exited with {code}: "
                               f"{info.get('error') or 'no error recorded in run.json'}")
         if info.get("status") == "preempted" and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
-            requeue_slurm_job(self.key)
+            requeue_slurm_job(self.key, self.getattr_cancelled())
         if info.get("status") != "done":
             # Exit 0 after a preemption save (run.json "preempted"): the stage is unfinished,
             # so the next stage must not start; the next launch resumes it from latest.
@@ -159,5 +181,5 @@ class CellJob(submitit.helpers.Checkpointable):
                 proc.kill()
                 exited(proc.pid, 10)
         fresh = CellJob(self.key, self.pretrain_cmd, self.pretrain_dir, self.finetune_cmd,
-                        self.finetune_dir)
+                        self.finetune_dir, self.getattr_cancelled())
         return submitit.helpers.DelayedSubmission(fresh)

@@ -199,10 +199,16 @@ def resolve_commands() -> tuple[str, str]:
     return exes[0], exes[1]
 
 
+def cancelled_path(grid: Grid) -> Path:
+    """The SLURM job ids `cancel` stopped: a job that saved on scancel's SIGTERM reads it so as
+    not to requeue itself as after a preemption (SLURM shows both as COMPLETING)."""
+    return grid.out_path / "_grid" / "cancelled.json"
+
+
 def make_job(cell: Cell, exes: tuple[str, str]) -> CellJob:
     pre, fine = cell.commands(*exes)
     return CellJob(cell.key, pre, None if cell.pretrain_dir is None else str(cell.pretrain_dir),
-                   fine, str(cell.finetune_dir))
+                   fine, str(cell.finetune_dir), cancelled_file=str(cancelled_path(cell.grid)))
 
 
 def check_slurm_tools(grid: Grid) -> None:
@@ -399,7 +405,8 @@ class GridRun:
         self.jobs[cell.key] = job
         self.submitted.append(cell.key)
         self.registry[cell.key] = {"executor": self.grid.executor.kind, "job_id": str(job.job_id),
-                                   "folder": str(job.paths.folder), "submitted": _now()}
+                                   "folder": str(job.paths.folder), "log": str(job.paths.stderr),
+                                   "submitted": _now()}
         _write_json(self.registry_path, self.registry)
 
     def _start_local(self) -> None:
@@ -510,9 +517,7 @@ class GridRun:
             if on_change is not None and summary != last:
                 on_change(states)
             last = summary
-            active = [k for k, s in states.items()
-                      if s.state == "running" or (s.state == "pending" and s.detail != "not submitted"
-                                                  and not s.detail.startswith("unfinished"))]
+            active = [k for k, s in states.items() if is_active(s)]
             if not active:
                 self.release()
                 return states
@@ -528,6 +533,10 @@ class GridRun:
         still running (empty: all ended); `stop_notes` says which needed more than SIGINT."""
         self.waiting.clear()
         slurm_ids = [e["job_id"] for k, e in self.registry.items() if e["executor"] == "slurm"]
+        if slurm_ids:
+            path = cancelled_path(self.grid)
+            before = json.loads(path.read_text()) if path.is_file() else []
+            _write_json(path, sorted(set(before) | set(slurm_ids)))
         not_cancelled = slurm_state.cancel(slurm_ids)
         roots = {}
         for key, entry in self.registry.items():
@@ -589,6 +598,12 @@ def launch_grid(grid: Grid) -> GridRun:
 def open_grid(grid: Grid) -> GridRun:
     """A handle for looking at (or cancelling) a grid launched before, submitting nothing."""
     return GridRun(grid)
+
+
+def is_active(s: CellState) -> bool:
+    """Running, or pending in a job (not merely never submitted, or left unfinished)."""
+    return s.state == "running" or (s.state == "pending" and s.detail != "not submitted"
+                                    and not s.detail.startswith("unfinished"))
 
 
 def format_states(states: dict[str, CellState]) -> str:

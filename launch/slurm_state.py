@@ -13,6 +13,10 @@ import time
 
 # How long a cancel waits for what it stopped to end before it escalates or reports it.
 STOP_WAIT_S = 10.0
+# How long a SLURM cancel waits for its jobs to leave the queue: scancel's SIGTERM makes the
+# training save, SLURM sends SIGKILL KillWait later (default 30 s) and runs the epilog; a job
+# ending that way is cancelled, not left running.
+SLURM_CANCEL_WAIT_S = 90.0
 
 # squeue/scontrol states of a job that will still run (or is running). PREEMPTED is not one:
 # a job preempted with PreemptMode=REQUEUE goes COMPLETING -> PENDING, and PREEMPTED is where a
@@ -73,10 +77,12 @@ def final_state(job_id: str) -> str | None:
     return None
 
 
-def cancel(job_ids: list[str], wait_s: float = STOP_WAIT_S) -> list[str]:
-    """scancel the jobs still queued, then wait up to `wait_s` for them to leave the queue (SLURM
-    cancels asynchronously, and a job that traps the signal may stay). Returns one line per job
-    still queued, or why that cannot be told: empty only when all have gone."""
+def cancel(job_ids: list[str], wait_s: float | None = None) -> list[str]:
+    """scancel the jobs still queued, then wait up to `wait_s` (default SLURM_CANCEL_WAIT_S) for
+    them to leave the queue (SLURM cancels asynchronously, and a job that traps the signal may
+    stay). Returns one line per job still queued, or why that cannot be told: empty only when
+    all have gone."""
+    wait_s = SLURM_CANCEL_WAIT_S if wait_s is None else wait_s
     if not job_ids:
         return []
     queued = queue_states(job_ids)

@@ -292,6 +292,7 @@ def _fake_slurm(tmp_path: Path, monkeypatch, scancel: str, squeue: str) -> None:
         (bin_dir / name).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.setattr(slurm_state, "STOP_WAIT_S", 1.5, raising=False)
+    monkeypatch.setattr(slurm_state, "SLURM_CANCEL_WAIT_S", 1.5)
 
 
 @pytest.mark.parametrize("obeys", [True, False])

@@ -54,7 +54,8 @@ def register(grid, key: str, executor: str, job_id: str, folder: str | None = No
 class FakeJob:
     def __init__(self, job_id: str, folder: Path) -> None:
         self.job_id = job_id
-        self.paths = types.SimpleNamespace(folder=folder)
+        self.paths = types.SimpleNamespace(folder=folder,
+                                           stderr=Path(folder) / f"{job_id}_0_log.err")
         self.state = "RUNNING"
 
 
