@@ -1,4 +1,4 @@
-"""S3Rec training suite: pip install -e .[dev]"""
+"""S3Rec training suite: pip install -e .[dev] (docs/install.md)"""
 from setuptools import find_packages, setup
 
 SUBPACKAGES = ("launch", "analysis", "data_prep")
@@ -15,18 +15,24 @@ setup(
     packages=find_packages(include=["s3rec", "s3rec.*"]) + [f"s3rec.{p}" for p in SUBPACKAGES],
     package_dir={f"s3rec.{p}": p for p in SUBPACKAGES},
     package_data={"": ["*.json", "*.yaml"]},
+    # The ranges tested (docs/install.md's table names the oldest and newest run of each; its
+    # test, tests/test_install.py, checks these admit both). torch and DeepSpeed stop at the next
+    # minor release, whose distributed and ZeRO behaviour the suite relies on; the others, with
+    # stable APIs for what the suite uses, have no upper bound, so pip keeps a user's newer ones.
+    # No pins: pip keeps a torch already installed (a user's CUDA build); the CPU wheel for
+    # machines without one is in tools/constraints-ci.txt.
     install_requires=[
-        # The CPU wheel on disk; a bare `torch` pulls a CUDA build of several GB.
-        "torch==2.13.0",
-        "deepspeed>=0.19,<0.20",
-        "h5py>=3.10",
-        "mpi4py>=4.0",
-        "submitit>=1.5",
-        "tensorboard>=2.16",
-        "pyyaml>=6.0",
-        "numpy>=1.26",
-        "matplotlib>=3.8",
-        "psutil>=5.9",
+        "torch>=2.13.0,<2.15",
+        "deepspeed>=0.19.8,<0.20",
+        "h5py>=3.14.0",
+        "numpy>=2.0.2",
+        "mpi4py>=4.1.2",
+        "submitit>=1.5.4",
+        "tensorboard>=2.18.0",
+        "pyyaml>=6.0.1",
+        "matplotlib>=3.10.9",
+        "psutil>=5.9.8",
+        "packaging>=24.2",
     ],
     extras_require={"dev": ["pytest>=8", "mpich"]},
     entry_points={"console_scripts": [

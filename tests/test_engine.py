@@ -1,5 +1,6 @@
 """Engine parts in one process: the derived DeepSpeed config, micro-batch splitting, and a real
 DeepSpeed engine (world size 1, gloo) around a tiny stand-in model for checkpoints and resume."""
+import importlib.metadata
 import json
 import random
 from pathlib import Path
@@ -7,16 +8,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from packaging.specifiers import SpecifierSet
 from torch import nn
 
-from s3rec.config import ConfigError, load_config
+from s3rec.config import NO_RESULT_KEYS, ConfigError, load_config
 from s3rec.data.batch import PretrainBatch
 from s3rec.engine import checkpoint as ckpt
-from s3rec.engine.deepspeed_setup import build_ds_config, initialize
+from s3rec.engine.deepspeed_setup import HOST_TRIMS, build_ds_config, initialize
+from s3rec.engine.deepspeed_trims import WRITTEN_FOR
 from s3rec.engine.loop import split_rows
 from s3rec.engine.profile import count_ops
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
+DEEPSPEED = importlib.metadata.version("deepspeed")
+# deepspeed.host_trims is refused outside the DeepSpeed releases it was written for (tested below
+# with the version string replaced); there, the trims' own tests have nothing to run.
+needs_trims = pytest.mark.skipif(
+    not SpecifierSet(WRITTEN_FOR).contains(DEEPSPEED, prereleases=True),
+    reason=f"deepspeed.host_trims: written for DeepSpeed {WRITTEN_FOR}, not {DEEPSPEED}")
 
 
 # ------------------------------------------------------------------ the derived config
@@ -156,10 +165,11 @@ def single_process():
         os.environ.update(saved)
 
 
-def _engine(stage=0):
+def _engine(stage=0, host_trims=False):
     torch.manual_seed(0)
     m = Tiny()
-    cfg = load_config(None, ["pretrain.batch_size=4", f"deepspeed.zero_stage={stage}"])
+    cfg = load_config(None, ["pretrain.batch_size=4", f"deepspeed.zero_stage={stage}",
+                             f"deepspeed.host_trims={host_trims}"])
     return initialize(m, [{"params": list(m.parameters())}],
                       build_ds_config(cfg, "pretrain", 1, "cpu"))
 
@@ -299,6 +309,7 @@ def _accumulated_steps(engine, micro_batches: int = 6) -> int:
     return ops
 
 
+@needs_trims
 def test_world1_zero0_skips_the_allreduce_with_identical_weights(single_process):
     """World size 1, ZeRO 0: our engine skips DeepSpeed's all-reduce of the gradients with
     themselves, and fills missing gradients and clears them after the step from a parameter list
@@ -306,7 +317,7 @@ def test_world1_zero0_skips_the_allreduce_with_identical_weights(single_process)
     gradient accumulation, weight decay and a parameter that gets no gradient (DeepSpeed gives it
     zeros, which Adam's decay then moves): bit-identical weights, fewer operators per step."""
     cfg = load_config(None, ["pretrain.batch_size=4", "deepspeed.grad_accum=2",
-                             "pretrain.weight_decay=0.1"])
+                             "pretrain.weight_decay=0.1", "deepspeed.host_trims=true"])
     engines = []
     for skip in (True, False):
         torch.manual_seed(0)
@@ -356,6 +367,7 @@ def test_world1_zero_without_contiguous_gradients_has_identical_weights(single_p
 @pytest.mark.parametrize("stage,precision,comm", [(1, "fp32", None), (2, "fp32", None),
                                                   (1, "bf16", None), (2, "bf16", None),
                                                   (2, "fp32", "bf16")])
+@needs_trims
 def test_world1_zero12_skips_the_reduce_with_identical_weights(single_process, stage, precision,
                                                                 comm):
     """World size 1, ZeRO 1-2: our engine skips DeepSpeed's flatten / all-reduce with itself /
@@ -366,7 +378,7 @@ def test_world1_zero12_skips_the_reduce_with_identical_weights(single_process, s
     DeepSpeed's path is kept there (same operators)."""
     cfg = load_config(None, ["pretrain.batch_size=4", "deepspeed.grad_accum=2",
                              "pretrain.weight_decay=0.1", f"deepspeed.zero_stage={stage}",
-                             f"deepspeed.precision={precision}"])
+                             f"deepspeed.precision={precision}", "deepspeed.host_trims=true"])
     engines, ops = [], []
     for skip in (True, False):
         ds_config = build_ds_config(cfg, "pretrain", 1, "cpu")
@@ -393,9 +405,11 @@ def test_world1_zero12_skips_the_reduce_with_identical_weights(single_process, s
     assert saved == 4 * n if comm else saved > 4 * n + 2 * n, (ops, n)
 
 
+@needs_trims
 def test_zero12_reduce_is_deepspeeds_own_beyond_one_rank_or_with_overlap(single_process):
     """The skip is for one rank without overlap_comm only: there DeepSpeed's method stays."""
-    cfg = load_config(None, ["pretrain.batch_size=4", "deepspeed.zero_stage=2"])
+    cfg = load_config(None, ["pretrain.batch_size=4", "deepspeed.zero_stage=2",
+                             "deepspeed.host_trims=true"])
     ds_config = build_ds_config(cfg, "pretrain", 1, "cpu")
     ds_config["zero_optimization"]["overlap_comm"] = True
     m = Tiny()
@@ -403,10 +417,11 @@ def test_zero12_reduce_is_deepspeeds_own_beyond_one_rank_or_with_overlap(single_
     assert "allreduce_and_copy" not in vars(e.optimizer)
 
 
+@needs_trims
 def test_zero12_repoints_the_parameters_when_the_flat_buffer_moved(single_process):
     """The repointing our ZeRO 1-2 step skips still happens where the buffer moved (as DeepSpeed's
     state offload and reload move it)."""
-    e = _engine(2)
+    e = _engine(2, host_trims=True)
     _steps(e, 2, seed=1)
     opt = e.optimizer
     flat = opt.bit16_groups_flat[0]
@@ -419,18 +434,71 @@ def test_zero12_repoints_the_parameters_when_the_flat_buffer_moved(single_proces
                for p, o in zip(opt.round_robin_bit16_groups[0], opt.round_robin_bit16_offsets[0]))
 
 
-@pytest.mark.parametrize("stage", [0, 2])
-def test_checkpoint_round_trip_restores_model_optimizer_and_rng(single_process, tmp_path, stage):
-    """Also at ZeRO 2, where the loaded engine's parameters must read its flat buffer (our step
-    repoints them only when they moved: s3rec.engine.deepspeed_trims)."""
+def _replaced_methods(obj) -> list[str]:
+    """Names of `obj`'s class methods that an instance attribute shadows."""
+    return [k for k, v in vars(obj).items()
+            if callable(v) and callable(getattr(type(obj), k, None))]
+
+
+@pytest.mark.parametrize("stage,precision", [(0, "fp32"), (1, "fp32"), (2, "bf16")])
+def test_default_engine_replaces_no_deepspeed_method(single_process, stage, precision):
+    """Off by default (deepspeed.host_trims): the engine and its optimizer keep every one of
+    DeepSpeed's own methods, so a DeepSpeed whose internals differ runs the default path as
+    DeepSpeed wrote it."""
+    cfg = load_config(None, ["pretrain.batch_size=4", f"deepspeed.zero_stage={stage}",
+                             f"deepspeed.precision={precision}"])
+    ds_config = build_ds_config(cfg, "pretrain", 1, "cpu")
+    m = Tiny()
+    e = initialize(m, [{"params": list(m.parameters())}], ds_config)
+    _steps(e, 1, seed=0)
+    assert _replaced_methods(e) == [] and _replaced_methods(e.optimizer) == []
+    assert ds_config[HOST_TRIMS] is False                 # recorded in run.json as it ran
+
+
+def test_host_trims_refuse_another_deepspeed_monkeypatched_version(monkeypatch):
+    """The trims replace DeepSpeed internals of the releases they were written for; asked for on
+    another (the installed version string replaced: one DeepSpeed per environment), the config is
+    refused with the key and both versions, before any engine exists."""
+    import deepspeed
+    cfg = load_config(None, ["pretrain.batch_size=4", "deepspeed.host_trims=true"])
+    for written_for in ("0.19.8", "0.19.8+local"):
+        monkeypatch.setattr(deepspeed, "__version__", written_for)
+        assert build_ds_config(cfg, "pretrain", 1, "cpu")[HOST_TRIMS] is True
+    for other in ("0.19.7", "0.20.0", "not-a-version"):     # 0.19.7 lacks a method replaced
+        monkeypatch.setattr(deepspeed, "__version__", other)
+        with pytest.raises(ConfigError) as e:
+            build_ds_config(cfg, "pretrain", 1, "cpu")
+        msg = str(e.value)
+        assert "'deepspeed.host_trims'" in msg and "0.19.8" in msg and other in msg, msg
+        assert "\n" not in msg
+
+
+def test_host_trims_change_no_result_and_a_file_may_not_set_them(tmp_path):
+    """Bit-identical (the tests above), so a resume or a done grid cell may differ in it; the
+    switch is ours, so a DeepSpeed file contradicting it names the config key."""
+    assert "deepspeed.host_trims".startswith(NO_RESULT_KEYS)
+    f = tmp_path / "ds.json"
+    f.write_text(json.dumps({HOST_TRIMS: True}))
+    cfg = load_config(None, ["pretrain.batch_size=4", f"deepspeed.config_file={f}"])
+    with pytest.raises(ConfigError, match=f"'{HOST_TRIMS}'.*set it with deepspeed.host_trims"):
+        build_ds_config(cfg, "pretrain", 1, "cpu")
+
+
+@pytest.mark.parametrize("stage,host_trims",
+                         [(0, False), (2, False), pytest.param(2, True, marks=needs_trims)])
+def test_checkpoint_round_trip_restores_model_optimizer_and_rng(single_process, tmp_path, stage,
+                                                                host_trims):
+    """Also at ZeRO 2, where the loaded engine's parameters must read its flat buffer (with
+    deepspeed.host_trims the step repoints them only when they moved:
+    s3rec.engine.deepspeed_trims)."""
     root = tmp_path / "checkpoints"
-    a = _engine(stage)
+    a = _engine(stage, host_trims)
     _steps(a, 3, seed=1)
     random.seed(5); np.random.seed(5); torch.manual_seed(5)
     ckpt.save(a, root, ckpt.step_tag(3), {"trainer": {"global_step": 3}, "world_size": 1},
               keep_last=2)
     expected = _steps(a, 3, seed=2) + [random.random(), float(np.random.rand())]
-    b = _engine(stage)                             # fresh weights, fresh optimizer
+    b = _engine(stage, host_trims)                 # fresh weights, fresh optimizer
     state = ckpt.load(b, root, ckpt.read_latest(root), world_size=1)
     assert state["trainer"]["global_step"] == 3
     got = _steps(b, 3, seed=2) + [random.random(), float(np.random.rand())]

@@ -15,8 +15,10 @@ naming the file and the config key to use instead.
 Precision on CPU: fp16 is refused (no CPU kernels); bf16 needs ZeRO stage >= 1, since at stage 0
 DeepSpeed keeps and accumulates the gradients in bf16 on CPU.
 
-`initialize` makes the engine; s3rec.engine.deepspeed_trims then takes out DeepSpeed's per-step
-host work where it does nothing (one rank, unmoved buffers), bit-identically.
+`initialize` makes the engine with DeepSpeed's own methods. Only with deepspeed.host_trims
+(off by default) does s3rec.engine.deepspeed_trims then take out DeepSpeed's per-step host work
+where it does nothing (one rank, unmoved buffers), bit-identically, and only on the DeepSpeed
+release it was written against (checked here, before any engine is made).
 """
 from __future__ import annotations
 
@@ -28,7 +30,12 @@ import torch
 from torch import nn
 
 from s3rec.config import Config, ConfigError, validate
-from s3rec.engine.deepspeed_trims import trim_host_work
+from s3rec.engine.deepspeed_trims import check_deepspeed_version, trim_host_work
+
+# Not a DeepSpeed key: deepspeed.host_trims carried from build_ds_config to initialize (which
+# takes it out before DeepSpeed sees the config), so that run.json's deepspeed_config says
+# whether the trims ran.
+HOST_TRIMS = "s3rec_host_trims"
 
 DERIVED_KEYS = {
     "train_batch_size": "pretrain.batch_size / finetune.batch_size",
@@ -37,6 +44,7 @@ DERIVED_KEYS = {
     "optimizer": "pretrain.lr / finetune.lr, adam_beta1/2, weight_decay, deepspeed.torch_adam",
     "scheduler": "(none: the reference uses a constant learning rate)",
     "gradient_clipping": "deepspeed.gradient_clipping",
+    HOST_TRIMS: "deepspeed.host_trims",
 }
 
 
@@ -128,6 +136,7 @@ def build_ds_config(cfg: Config, stage: str, world_size: int, device_type: str,
             "weight_decay": st.weight_decay, "adam_w_mode": False, "torch_adam": ds.torch_adam,
             **(ADAM_KERNEL_ARGS[ds.adam_kernel] if ds.torch_adam else {})}},
         "gradient_clipping": ds.gradient_clipping,
+        HOST_TRIMS: ds.host_trims,
     }
     for k, v in derived.items():
         if k in base and base[k] != v:
@@ -142,6 +151,9 @@ def build_ds_config(cfg: Config, stage: str, world_size: int, device_type: str,
     if ds.precision == "bf16" and device_type == "cpu" and ds.zero_stage == 0:
         raise ConfigError("config key 'deepspeed.precision': bf16 on CPU needs "
                           "deepspeed.zero_stage >= 1 (at stage 0 gradients accumulate in bf16)")
+    if ds.host_trims:
+        import deepspeed
+        check_deepspeed_version(deepspeed.__version__)
     out = copy.deepcopy(base)
     out.update(derived)
     zo = dict(out.get("zero_optimization", {}))
@@ -186,15 +198,18 @@ def build_ds_config(cfg: Config, stage: str, world_size: int, device_type: str,
 
 
 def initialize(model: nn.Module, param_groups: list[dict], ds_config: dict):
-    """Wrap `model` in a StageModule and a DeepSpeed engine. Returns the engine."""
+    """Wrap `model` in a StageModule and a DeepSpeed engine. Returns the engine, trimmed where
+    `ds_config` (build_ds_config's) asks for deepspeed.host_trims."""
     import deepspeed
     module = StageModule(model)
+    config = {k: v for k, v in ds_config.items() if k != HOST_TRIMS}
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=param_groups,
-                                           config=ds_config)
+                                           config=config)
     if ds_config["zero_optimization"]["stage"] == 3:
         for p in engine.module.model.parameters():
             deepspeed.zero.register_external_parameter(engine.module, p)
-    trim_host_work(engine)
+    if ds_config.get(HOST_TRIMS):
+        trim_host_work(engine)
     return engine
 
 

@@ -1,20 +1,47 @@
 """DeepSpeed's per-step host work taken out where it does nothing, on one engine at a time.
 
 At this model's size (0.9M parameters) a GPU step is bound by the host launching operators (~16 us
-each on the H100, session 4), so DeepSpeed's bookkeeping around the step counts: a reduce of the
+each on the H100), so DeepSpeed's bookkeeping around the step counts: a reduce of the
 gradients with themselves at one rank, walks of the module tree, parameters pointed again at
 the buffer they already point at. Each function below replaces one method of one engine or
 optimizer instance, only under the conditions where the result is bit-identical, and leaves
-DeepSpeed's own method everywhere else. The methods replaced are DeepSpeed's internals (pinned:
-deepspeed>=0.19,<0.20); tests/test_engine.py compares each against DeepSpeed's own on the same
-batches (weights, fp32 masters, operators per step)."""
+DeepSpeed's own method everywhere else; tests/test_engine.py compares each against DeepSpeed's
+own on the same batches (weights, fp32 masters, operators per step).
+
+The methods replaced are DeepSpeed's internals, which another release may rename or change, so
+the trims are opt-in (deepspeed.host_trims, off by default) and run only on the DeepSpeed
+releases they were written against (WRITTEN_FOR): the package's own range of DeepSpeed stays
+as wide as what the default path was tested with."""
 from __future__ import annotations
 
 import torch
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+from s3rec.config import ConfigError
+
+# The release whose internals they replace: 0.19.7 lacks _add_to_grad_partition_buffer, and
+# 0.19.0-0.19.6 also the round_robin_bit16_offsets the repointing check reads.
+WRITTEN_FOR = "==0.19.8"
+
+
+def check_deepspeed_version(version: str) -> None:
+    """Refuses deepspeed.host_trims on a DeepSpeed outside WRITTEN_FOR (`version`: the installed
+    deepspeed.__version__), naming the key and both versions: no silent fallback to DeepSpeed's
+    methods, so that a run asking for the trims either gets them or says why not."""
+    try:
+        ok = SpecifierSet(WRITTEN_FOR).contains(Version(version), prereleases=True)
+    except InvalidVersion:
+        ok = False
+    if not ok:
+        raise ConfigError(f"config key 'deepspeed.host_trims': the trims were written for "
+                          f"DeepSpeed {WRITTEN_FOR}, this environment has DeepSpeed {version}; "
+                          f"set deepspeed.host_trims=false (DeepSpeed's own methods)")
 
 
 def trim_host_work(engine) -> None:
-    """Called by s3rec.engine.deepspeed_setup.initialize on every engine it makes."""
+    """Called by s3rec.engine.deepspeed_setup.initialize on an engine whose config asks for it
+    (deepspeed.host_trims; its DeepSpeed version checked by build_ds_config)."""
     _skip_allreduce_alone(engine)
     _zero_grad_from_a_list(engine)
     _skip_zero_reduce_alone(engine)
