@@ -12,7 +12,10 @@
 5. attributes (`meta_<Cat>.json.gz`, one Python literal a line): for each item in meta-file order,
    `brand` first (when the key exists, even if empty - as the original), then every category of
    every category path except the path's first (the top category); ids from 1 in order of first
-   appearance; repeats kept (attribute_core = 0).
+   appearance; repeats kept (attribute_core = 0). That is `merge_fields` (--merge-fields): the
+   paper's one vocabulary. By default the same names make two attribute fields, `categories`
+   and `brand`, each with its own ids from 1 in order of first appearance (brand: the key's
+   value, also when empty, as above).
 """
 from __future__ import annotations
 
@@ -105,7 +108,8 @@ def read_meta(path: Path, wanted: set[str]) -> dict[str, dict]:
     return meta
 
 
-def load_amazon(reviews: Path, meta_path: Path, name: str, seed: int) -> MemorySource:
+def load_amazon(reviews: Path, meta_path: Path, name: str, seed: int,
+                merge_fields: bool = False) -> MemorySource:
     user_seq = {u: [i for i, _ in s] for u, s in read_reviews(reviews).items()}
     user_seq = k_core(user_seq)
     if not user_seq:
@@ -121,11 +125,41 @@ def load_amazon(reviews: Path, meta_path: Path, name: str, seed: int) -> MemoryS
     if missing:
         raise DatasetError(f"{meta_path}: item {missing[0]} has no meta record ({len(missing)} "
                            f"items missing)")
+    if merge_fields:
+        return MemorySource(name, np.array(flat), np.array(lengths),
+                            np.arange(1, len(lengths) + 1), merged_table(meta, item_id), seed)
+    table, counts = field_table(meta, item_id)
+    source = MemorySource(name, np.array(flat), np.array(lengths),
+                          np.arange(1, len(lengths) + 1), table, seed)
+    source.field_counts = counts
+    source.num_attributes = sum(n for _, n in counts)
+    return source
+
+
+def merged_table(meta: dict, item_id: dict[str, int]) -> list[list[int]]:
+    """Each item's attribute ids in the paper's one vocabulary (brand, then categories)."""
     attr_id: dict[str, int] = {}
     table: list[list[int]] = [[] for _ in range(len(item_id) + 1)]
     for asin, info in meta.items():   # meta-file order decides attribute ids, as in the original
         names = [info["brand"]] if "brand" in info else []
         names += [c for path in info.get("categories", []) for c in path[1:]]
         table[item_id[asin]] = [attr_id.setdefault(a, len(attr_id) + 1) for a in names]
-    return MemorySource(name, np.array(flat), np.array(lengths),
-                        np.arange(1, len(lengths) + 1), table, seed)
+    return table
+
+
+def field_table(meta: dict, item_id: dict[str, int]) -> tuple[list[list[int]], tuple]:
+    """Each item's ids in the fields `categories` and `brand` (own ids from 1, in meta-file
+    order of first appearance), as global ids (brand's shifted by the count of categories:
+    s3rec.data.fields), and the fields' (name, count)."""
+    cat_id: dict[str, int] = {}
+    brand_id: dict[str, int] = {}
+    cats: list[list[int]] = [[] for _ in range(len(item_id) + 1)]
+    brands: list[list[int]] = [[] for _ in range(len(item_id) + 1)]
+    for asin, info in meta.items():
+        i = item_id[asin]
+        cats[i] = [cat_id.setdefault(c, len(cat_id) + 1)
+                   for path in info.get("categories", []) for c in path[1:]]
+        if "brand" in info:
+            brands[i] = [brand_id.setdefault(info["brand"], len(brand_id) + 1)]
+    table = [c + [b + len(cat_id) for b in br] for c, br in zip(cats, brands)]
+    return table, (("categories", len(cat_id)), ("brand", len(brand_id)))

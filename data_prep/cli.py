@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reviews", required=True, type=Path)
     s.add_argument("--meta", required=True, type=Path)
     s.add_argument("--name", default=None, help="dataset name (default: from the reviews file)")
+    s.add_argument("--merge-fields", action="store_true", default=None,   # None: not recorded
+                   help="one attribute vocabulary, brand and categories together (the paper's); "
+                        "default: two fields, categories and brand")
     common(s)
     s = sub.add_parser("synthetic", help="seeded data with planted cluster structure (streamed)")
     s.add_argument("--users", required=True, type=int)
@@ -58,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--clusters", type=int, default=32, help="latent item clusters (default 32)")
     s.add_argument("--mean-length", type=float, default=10.0, help="mean sequence length (>= 5)")
     s.add_argument("--max-length", type=int, default=200, help="longest sequence")
+    s.add_argument("--noise-attributes", type=int, default=None,   # None: not in the manifest
+                   help="> 0: a second attribute field `noise` of this many uniform ids (the "
+                        "first, tied to the clusters, is then named `cluster`)")
     common(s)
     s = sub.add_parser("verify", help="check every shard against the manifest")
     s.add_argument("dataset", type=Path)
@@ -96,10 +102,10 @@ def make_source(ns, files: dict[str, Path]):
     if ns.verb == "amazon":
         from s3rec.data_prep.amazon import load_amazon
         name = ns.name or ns.reviews.name.split(".")[0].removeprefix("reviews_").removesuffix("_5")
-        return load_amazon(ns.reviews, ns.meta, name, ns.seed)
+        return load_amazon(ns.reviews, ns.meta, name, ns.seed, bool(ns.merge_fields))
     from s3rec.data_prep.synthetic import SyntheticSource
     return SyntheticSource(ns.users, ns.items, ns.attributes, ns.seed, ns.clusters,
-                           ns.mean_length, ns.max_length)
+                           ns.mean_length, ns.max_length, ns.noise_attributes or 0)
 
 
 def prepare(ns) -> None:

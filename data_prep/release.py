@@ -2,13 +2,12 @@
 `<Name>_sample.txt`) into a MemorySource, with errors that name the file and line or key."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from s3rec.data_prep.source import MemorySource
-from s3rec.data.format import NUM_NEGATIVES, DatasetError
+from s3rec.data.format import NUM_NEGATIVES, DatasetError, load_json
 
 MIN_LENGTH = 3   # leave-one-out needs a train, a validation and a test item
 MAX_ITEM_ID = 2**31 - 2   # int32 ids, and mask_id = num_items + 1 must fit too
@@ -88,10 +87,7 @@ def read_sequences(path: Path):
 
 
 def read_item_attributes(path: Path, num_items: int) -> list[list[int]]:
-    try:
-        raw = json.loads(read_text(path))
-    except ValueError as e:
-        raise DatasetError(f"{path}: not valid JSON: {e}") from None
+    raw = load_json(path)     # a key twice is refused, not "last value wins"
     if not isinstance(raw, dict):
         raise DatasetError(f"{path}: expected an object {{\"item\": [attribute, ...]}}")
     if len(raw) < num_items:   # checked before a table of num_items rows is made

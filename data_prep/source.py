@@ -35,6 +35,18 @@ class Source:
     attr_values: np.ndarray
     attr_offsets: np.ndarray
     negatives_source: str
+    # (name, count) of each attribute field, in the order of their ids in attr_values (field f's
+    # id a is stored as a + the counts before it: s3rec.data.fields); () = one field `attributes`
+    field_counts: tuple = ()
+
+    def attribute_layout(self):
+        """The fields (s3rec.data.fields.AttributeField) of attr_values' global ids."""
+        from s3rec.data.fields import DEFAULT_FIELD, field_layout
+        return field_layout(list(self.field_counts) or [(DEFAULT_FIELD, self.num_attributes)])
+
+    def num_interactions_bound(self) -> int:
+        """At least the number of interactions block() will yield (sizes the free-space check)."""
+        raise NotImplementedError
 
     def num_blocks(self) -> int:
         return (self.num_users + BLOCK - 1) // BLOCK
@@ -70,6 +82,9 @@ class MemorySource(Source):
             if len(self.pool) < NUM_NEGATIVES + 1:
                 raise DatasetError(f"{name}: only {len(self.pool)} distinct items; sampled "
                                    f"evaluation needs more than {NUM_NEGATIVES}")
+
+    def num_interactions_bound(self) -> int:
+        return len(self.items)
 
     def block(self, b: int) -> Block:
         lo, hi = b * BLOCK, min((b + 1) * BLOCK, self.num_users)

@@ -5,6 +5,9 @@ Structure, so that pretraining has something to find:
   within a cluster, popularity is skewed (index = floor(size * u^2));
 - attributes are tied to clusters: cluster c owns attributes {c+1, c+1+C, ...}; each item carries
   one or two of its cluster's attributes, plus a random attribute with probability 0.2 (noise);
+- with `noise_attributes` > 0 the data has two attribute fields: `cluster` (the attributes above,
+  tied to the clusters) and `noise` (one or two ids of 1..noise_attributes a item, uniform, from
+  a stream of their own: nothing else changes), one informative field and one pure noise;
 - a user's sequence walks a Markov chain over clusters: stay with p 0.2, move to one of the
   cluster's 3 preferred successors with p 0.7, anywhere with p 0.1; each step emits an item of the
   current cluster. Lengths are 5 + Poisson(mean_length - 5), at most max_length and at most
@@ -20,18 +23,23 @@ import numpy as np
 
 from s3rec.data_prep.negatives import BLOCK, block_negatives, block_rng
 from s3rec.data_prep.source import Block, Source
+from s3rec.data.fields import stack_fields
 from s3rec.data.format import NUM_NEGATIVES, DatasetError
 
-STRUCTURE_STREAM, SEQUENCE_STREAM = 2, 3
+STRUCTURE_STREAM, SEQUENCE_STREAM, NOISE_FIELD_STREAM = 2, 3, 4
 MIN_LENGTH = 5
 P_STAY, P_PREFERRED, NUM_PREFERRED = 0.2, 0.7, 3
 
 
 class SyntheticSource(Source):
     def __init__(self, num_users: int, num_items: int, num_attributes: int, seed: int,
-                 clusters: int = 32, mean_length: float = 10.0, max_length: int = 200):
+                 clusters: int = 32, mean_length: float = 10.0, max_length: int = 200,
+                 noise_attributes: int = 0):
         if num_users < 1 or num_attributes < 1:
             raise DatasetError("synthetic: --users and --attributes must be >= 1")
+        if noise_attributes < 0:
+            raise DatasetError(f"synthetic: --noise-attributes must be >= 0, got "
+                               f"{noise_attributes}")
         if num_items <= NUM_NEGATIVES + MIN_LENGTH:
             raise DatasetError(f"synthetic: --items must be > {NUM_NEGATIVES + MIN_LENGTH} "
                                f"(99 negatives outside a sequence are needed)")
@@ -63,6 +71,8 @@ class SyntheticSource(Source):
             trans[c, succ] += P_PREFERRED / len(succ)
         self.cum_trans = np.cumsum(trans / trans.sum(1, keepdims=True), axis=1)
         self.attr_values, self.attr_offsets = self._attributes(item_cluster[1:], rng)
+        if noise_attributes:
+            self._add_noise_field(noise_attributes)
         self.pool = np.arange(1, num_items + 1)
         self.negatives_source = ("generated: release rule (99 distinct items of 1..num_items, none "
                                  f"in the user's sequence), seed {seed}")
@@ -87,6 +97,28 @@ class SyntheticSource(Source):
         np.cumsum(counts, out=offsets[2:M + 2])
         offsets[M + 2] = offsets[M + 1]                       # empty mask row
         return table[table > 0].astype(np.int32), offsets
+
+    def _add_noise_field(self, k: int) -> None:
+        """A second field `noise`: one or two uniform ids of 1..k an item (repeats allowed)."""
+        rng = block_rng(self.seed, NOISE_FIELD_STREAM, 0)
+        M = self.num_items
+        table = rng.integers(1, k + 1, size=(M, 2)) * np.stack(
+            [np.ones(M, dtype=np.int64), rng.random(M) < 0.5], 1)          # [M, 2], 0 = none
+        offsets = np.zeros(M + 3, dtype=np.int64)
+        np.cumsum((table > 0).sum(1), out=offsets[2:M + 2])
+        offsets[M + 2] = offsets[M + 1]
+        self.field_counts = (("cluster", self.num_attributes), ("noise", k))
+        layout = self.attribute_layout()
+        self.attr_values, self.attr_offsets = stack_fields(
+            [(self.attr_values, self.attr_offsets), (table[table > 0].astype(np.int32), offsets)],
+            layout)
+        self.num_attributes += k
+        self.name += f"-n{k}"
+
+    def num_interactions_bound(self) -> int:
+        """The expected total (lengths average at most mean_length) with 5% and one longest
+        sequence to spare: a sum of many Poisson lengths strays from its mean by ~ its root."""
+        return int(self.num_users * self.mean_length * 1.05) + self.max_length
 
     def block(self, b: int) -> Block:
         lo, hi = b * BLOCK, min((b + 1) * BLOCK, self.num_users)

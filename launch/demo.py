@@ -32,8 +32,9 @@ def _run(cmd: list[str]) -> None:
 def make_demo_data(out: Path) -> Path:
     data = out / "data" / "synthetic"
     if not (data / "manifest.json").exists():
+        # two attribute fields (cluster, noise), so the demo runs the per-field heads
         _run(["s3rec-prep", "synthetic", "--users", "300", "--items", "120", "--attributes", "24",
-              "--out", str(data), "--seed", "7"])
+              "--noise-attributes", "8", "--out", str(data), "--seed", "7"])
     return data
 
 

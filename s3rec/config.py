@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,17 @@ class HeadConfig:
 
 
 @dataclass
+class FieldHeadConfig(HeadConfig):
+    """An attribute field's AAP or MAP head (`model.fields.<field>.<aap|map>`): the keys set there
+    replace those of model.heads.<aap|map> for that field."""
+    weight: float = 1.0         # (float) multiplies pretrain.weights.<aap|map> for this field (0 skips it)
+
+
+FIELD_OBJECTIVES = ("aap", "map")         # the objectives with a head per attribute field
+FIELD_NAME = r"[A-Za-z][A-Za-z0-9_]{0,63}"  # a field's name: part of its parameters' names
+
+
+@dataclass
 class HeadsConfig:
     aap: HeadConfig = field(default_factory=HeadConfig)  # associated attribute prediction
     mip: HeadConfig = field(default_factory=HeadConfig)  # masked item prediction
@@ -65,6 +77,10 @@ class ModelConfig:
     svd_init_from: str = ""          # (str) checkpoint whose full heads seed `init: svd` factors (not
                                      #   needed when the --init/imported checkpoint has full heads)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
+    fields: dict = field(default_factory=dict)  # (dict) per attribute field of the dataset:
+                                     #   {field: {aap|map: {kind, rank, init, weight_decay,
+                                     #   weight}}}, each key optional (FieldHeadConfig); a field
+                                     #   not named takes model.heads.aap / map, weight 1
     fast_dropout: bool = True        # (bool) draw dropout masks from packed random bits (same
                                      #   distribution, ~5x cheaper than bernoulli_ on CPU)
 
@@ -176,8 +192,8 @@ class DeepSpeedConfig:
     host_trims: bool = False         # (bool) one rank: take out DeepSpeed's per-step host work
                                      #   that does nothing there (s3rec.engine.deepspeed_trims:
                                      #   replaces methods of the engine and its ZeRO optimizer;
-                                     #   bit-identical weights). Written against DeepSpeed 0.19;
-                                     #   any other version is refused. Off: DeepSpeed's own methods
+                                     #   bit-identical weights). Written against DeepSpeed
+                                     #   0.19.8; any other is refused. Off: DeepSpeed's own methods
 
 
 @dataclass
@@ -221,6 +237,19 @@ class Config:
         if h.kind == "lowrank" and h.rank == 0:
             h.rank = self.model.head_rank
         return h
+
+    def field_head(self, field_name: str, objective: str) -> FieldHeadConfig:
+        """The effective config of attribute field `field_name`'s `objective` (aap | map) head:
+        model.heads.<objective> with the keys of model.fields.<field>.<objective> in its place,
+        then the variant and rank 0 resolved as in `head`."""
+        set_here = dict(self.model.fields.get(field_name, {}).get(objective, {}))
+        weight = set_here.pop("weight", 1.0)
+        h = dataclasses.replace(getattr(self.model.heads, objective), **set_here)
+        if self.variant == "s3rec-lowrank" and h.kind == "full":
+            h.kind = "lowrank"
+        if h.kind == "lowrank" and h.rank == 0:
+            h.rank = self.model.head_rank
+        return FieldHeadConfig(**dataclasses.asdict(h), weight=float(weight))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -281,10 +310,35 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
         if k not in names:
             raise ConfigError(f"unknown config key '{key}' (known here: {', '.join(sorted(names))})")
         tp = hints[k]
-        if dataclasses.is_dataclass(tp):
+        if key == "model.fields":
+            setattr(obj, k, _merge_fields(key, getattr(obj, k), v))
+        elif dataclasses.is_dataclass(tp):
             _apply(getattr(obj, k), v, key + ".")
         else:
             setattr(obj, k, _coerce(key, v, tp))
+
+
+def _merge_fields(key: str, current: dict, data: Any) -> dict:
+    """model.fields with `data` merged in key by key (several overrides of one field add up).
+    Keeps only the keys given (checked and converted as FieldHeadConfig's), so that a field's
+    head takes every other key from model.heads."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{key}': expected a mapping {{field: {{aap|map: "
+                          f"{{key: value}}}}}}, got {data!r}")
+    out = {f: {o: dict(h) for o, h in heads.items()} for f, heads in current.items()}
+    for name, heads in data.items():
+        if not isinstance(name, str) or not re.fullmatch(FIELD_NAME, name):
+            raise ConfigError(f"config key '{key}.{name}': a field name is a letter, then up to "
+                              f"63 letters, digits or _")
+        if not isinstance(heads, dict) or not set(heads) <= set(FIELD_OBJECTIVES):
+            raise ConfigError(f"config key '{key}.{name}': expected a mapping with keys among "
+                              f"{'|'.join(FIELD_OBJECTIVES)}, got {heads!r}")
+        for objective, values in heads.items():
+            checked = FieldHeadConfig()
+            _apply(checked, values, f"{key}.{name}.{objective}.")
+            out.setdefault(name, {}).setdefault(objective, {}).update(
+                {k: getattr(checked, k) for k in values})
+    return out
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -406,6 +460,17 @@ def _check_ranges(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}': expected {interval}, got {value!r}")
 
 
+def _check_head(key: str, h: HeadConfig, hidden_size: int) -> None:
+    if h.kind not in ("full", "lowrank"):
+        raise ConfigError(f"config key '{key}.kind': expected full|lowrank, got {h.kind!r}")
+    if h.init not in ("xavier", "orthogonal", "svd"):
+        raise ConfigError(f"config key '{key}.init': expected xavier|orthogonal|svd, "
+                          f"got {h.init!r}")
+    if h.rank > hidden_size:
+        raise ConfigError(f"config key '{key}.rank': rank {h.rank} is larger than the hidden "
+                          f"size {hidden_size}")
+
+
 def validate(cfg: Config) -> None:
     """Ranges, choices and cross-field checks. Raises ConfigError naming the key."""
     _check_ranges(cfg)
@@ -419,16 +484,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'model.head_rank': rank {m.head_rank} must be in "
                           f"1..hidden_size ({m.hidden_size})")
     for name in HEAD_NAMES:
-        h = getattr(m.heads, name)
-        key = f"model.heads.{name}"
-        if h.kind not in ("full", "lowrank"):
-            raise ConfigError(f"config key '{key}.kind': expected full|lowrank, got {h.kind!r}")
-        if h.init not in ("xavier", "orthogonal", "svd"):
-            raise ConfigError(f"config key '{key}.init': expected xavier|orthogonal|svd, "
-                              f"got {h.init!r}")
-        if h.rank > m.hidden_size:
-            raise ConfigError(f"config key '{key}.rank': rank {h.rank} is larger than the hidden "
-                              f"size {m.hidden_size}")
+        _check_head(f"model.heads.{name}", getattr(m.heads, name), m.hidden_size)
+    for name, heads in m.fields.items():
+        for objective, values in heads.items():
+            key = f"model.fields.{name}.{objective}"
+            bad = [k for k in ("rank", "weight_decay", "weight") if values.get(k, 0) < 0]
+            if bad:
+                raise ConfigError(f"config key '{key}.{bad[0]}': expected >= 0, got "
+                                  f"{values[bad[0]]!r}")
+            _check_head(key, cfg.field_head(name, objective), m.hidden_size)
     p = cfg.pretrain
     if p.reduction not in ("sum", "mean"):
         raise ConfigError(f"config key 'pretrain.reduction': expected sum|mean, got {p.reduction!r}")

@@ -1,17 +1,20 @@
-"""The pretraining losses (AAP, MIP, MAP, SP) and the fine-tuning loss: functions of tensors.
+"""The pretraining losses (AAP, MIP, MAP, SP) and the fine-tuning losses: functions of tensors.
 
-Defaults reproduce the authors' code exactly (see shared notes/s3rec-reference.md, "Pretraining
-losses"); the named options `reduction` (sum | mean) and `pair_form` (original | logits) depart
-from it on purpose. Work is done only where it counts: rows are gathered before the heads,
-attribute targets stay sparse, and the encoder runs once on the stacked sequences.
+Defaults reproduce the authors' code exactly (docs/reproduction.md, "Pretraining"); the named
+options `reduction` (sum | mean) and `pair_form` (original | logits) depart from it on purpose.
+Work is done only where it counts: rows are gathered before the heads, attribute targets stay
+sparse, and the encoder runs once on the stacked sequences.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
+from s3rec.config import FINETUNE_LOSSES
 from s3rec.data.batch import PretrainBatch, PretrainIndex
 from s3rec.data.finetune_samples import FinetunePlan
 
@@ -223,20 +226,18 @@ def pretrain_losses(model, batch: PretrainBatch, weights, reduction: str = "sum"
     if need_main:
         idx = batch.index if batch.index is not None else pretrain_index(batch)
         flat = hidden[:B].reshape(B * L, d)                             # [B*L, d]
-        attr_table = model.attribute_embeddings.weight                  # [A, d]
-        if (w["aap"] > 0 or w["map"] > 0) and idx.max_attribute >= attr_table.shape[0]:
+        # late: the field objectives build on this module's attribute_loss
+        from s3rec.field_objectives import field_attribute_losses
+        if (w["aap"] > 0 or w["map"] > 0) and idx.max_attribute >= model.attribute_size:
             raise ValueError(f"attr_index holds attribute {idx.max_attribute} but the model has "
-                             f"attribute_size {attr_table.shape[0]}")
+                             f"attribute_size {model.attribute_size}")
         at_masked = (flat.index_select(0, idx.masked)                   # [M, d]
                      if w["map"] > 0 or w["mip"] > 0 else None)
-        if w["aap"] > 0:
-            t = idx.aap_targets                                         # [Ta, 2]
-            out["aap"] = attribute_loss(flat.index_select(0, idx.unmasked), attr_table,
-                                        model.aap_norm, t[:, 0], t[:, 1], reduction)
-        if w["map"] > 0:
-            t = idx.map_targets                                         # [Tm, 2]
-            out["map"] = attribute_loss(at_masked, attr_table, model.map_norm, t[:, 0], t[:, 1],
-                                        reduction)
+        if w["aap"] > 0:                                                # targets [Ta, 2]
+            field_attribute_losses(model, "aap", flat.index_select(0, idx.unmasked),
+                                   idx.aap_targets, reduction, out)
+        if w["map"] > 0:                                                # targets [Tm, 2]
+            field_attribute_losses(model, "map", at_masked, idx.map_targets, reduction, out)
         if w["mip"] > 0:
             emb = model.item_embeddings
             pos = batch.original_items.reshape(-1).index_select(0, idx.masked)   # [M]
@@ -272,20 +273,161 @@ def finetune_loss(seq_out: torch.Tensor, pos_emb: torch.Tensor, neg_emb: torch.T
     return loss.sum() / n
 
 
+# The losses below compare a position's output with item embeddings over the real items only:
+# targets and negatives are ids 1..num_items; the embedding table has item_size = num_items + 2
+# rows, row 0 the padding and the last mask_id, and neither is ever a candidate. Each is a mean
+# over the N real target positions (the loop weighs it by N: any world size, same gradient).
+
+@dataclass(frozen=True)
+class FinetuneObjective:
+    """The fine-tuning loss (config finetune.loss) and what it needs beyond the batch.
+
+    kind: bce (the original: finetune_loss) | ce | sampled_softmax | gbce.
+    chunk_rows: ce computes the logits of this many rows against the whole catalogue at a time.
+    log_kq: sampled_softmax: float [num_items + 1] log(K Q(j)) on the loss's device, Q the
+      sampling distribution of the batch's K shared negatives (FinetuneSampler.log_sampling_q).
+    beta: gbce's weight of the positive term (gbce_beta)."""
+    kind: str = "bce"
+    chunk_rows: int = 4096
+    log_kq: torch.Tensor | None = None
+    beta: float = 1.0
+
+
+class _LogSumExpScores(torch.autograd.Function):
+    """[R] logsumexp_j(h_r . e_j) of rows h [R, d] against every row of a table E [I, d].
+
+    One exp pass over the [R, I] logits, in place, and their softmax kept for the backward,
+    whose gradient is softmax x g: a cross_entropy would take the exp twice (log_softmax and its
+    backward) and fill a dense [R, I] one-hot gradient; on Beauty's 12101 items these passes
+    cost more than the three matrix products."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        logits = loss_precision(h @ table.T)                            # [R, I]
+        top = logits.amax(1, keepdim=True)                              # [R, 1]
+        expd = logits.sub_(top).exp_()                                  # [R, I] in place
+        total = expd.sum(1, keepdim=True)                               # [R, 1]
+        ctx.save_for_backward(h, table, expd.div_(total))               # softmax [R, I]
+        return (top + total.log()).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        h, table, softmax = ctx.saved_tensors
+        g = (softmax * grad[:, None]).to(h.dtype)                       # [R, I]
+        return g @ table, g.T @ h
+
+
+def _ce_rows(rows_out: torch.Tensor, table: torch.Tensor, pos_ids: torch.Tensor) -> torch.Tensor:
+    """Sum over rows of the full-softmax cross-entropy: rows_out [R, d], table [I, d] (items
+    1..I), pos_ids [R] in 1..I."""
+    pos = loss_precision((rows_out * table[pos_ids - 1]).sum(1))        # [R]
+    return (_LogSumExpScores.apply(rows_out, table) - pos).sum()
+
+
+def ce_loss(seq_out: torch.Tensor, table: torch.Tensor, pos_ids: torch.Tensor,
+            chunk_rows: int) -> torch.Tensor:
+    """Mean over N of logsumexp_j(h.e_j) - h.e_pos, j over every row of `table` [I, d] (the items
+    1..I); seq_out [N, d], pos_ids [N] in 1..I.
+
+    `chunk_rows` rows at a time. With more than one chunk each runs under a checkpoint: the
+    backward recomputes a chunk's [chunk_rows, I] logits instead of keeping every chunk's, so
+    memory holds one chunk whatever N and I. A single chunk is computed directly: it holds one
+    chunk's logits either way, and recomputing them would cost another [N, d] x [d, I] product."""
+    n = seq_out.shape[0]
+    if n <= chunk_rows:
+        total = _ce_rows(seq_out, table, pos_ids)
+    else:
+        # preserve_rng_state off: nothing random in a chunk, nothing to replay
+        total = sum(checkpoint(_ce_rows, seq_out[i:i + chunk_rows], table,
+                               pos_ids[i:i + chunk_rows], use_reentrant=False,
+                               preserve_rng_state=False)
+                    for i in range(0, n, chunk_rows))
+    return total / max(n, 1)
+
+
+def sampled_softmax_loss(seq_out: torch.Tensor, pos_emb: torch.Tensor, neg_emb: torch.Tensor,
+                         pos_ids: torch.Tensor, neg_ids: torch.Tensor, log_kq_pos: torch.Tensor,
+                         log_kq_neg: torch.Tensor) -> torch.Tensor:
+    """Sampled softmax with the log-Q correction: mean over N of the cross-entropy of the
+    positive (class 0) among [positive, K negatives], every logit s_j = h.e_j - log(K Q(j)).
+
+    seq_out, pos_emb [N, d]; neg_emb [K, d] shared by every row; pos_ids [N], neg_ids [K];
+    log_kq_pos [N], log_kq_neg [K]: log(K Q(j)) of each positive and negative (Q(pos) > 0). A
+    negative equal to the row's positive (an accidental hit) is left out of that row (-inf)."""
+    pos = loss_precision((seq_out * pos_emb).sum(-1))                   # [N]
+    neg = loss_precision(seq_out @ neg_emb.T)                           # [N, K]
+    pos = pos - log_kq_pos.to(pos.dtype)
+    neg = (neg - log_kq_neg.to(neg.dtype)).masked_fill(neg_ids[None, :] == pos_ids[:, None],
+                                                       float("-inf"))
+    logits = torch.cat([pos[:, None], neg], 1)                          # [N, 1 + K]
+    zero = torch.zeros(len(logits), dtype=torch.int64, device=logits.device)
+    return F.cross_entropy(logits, zero, reduction="sum") / max(len(logits), 1)
+
+
+def gbce_beta(negatives: int, num_items: int, t: float) -> float:
+    """gSASRec's beta = alpha (t (1 - 1/alpha) + 1/alpha), alpha = k / (num_items - 1) the share
+    of the other items sampled per position: t = 0 gives beta = 1 (plain BCE), t = 1 beta =
+    alpha (the calibration of Petrov & Macdonald, RecSys 2023)."""
+    if num_items < 2:
+        raise ValueError(f"gbce needs at least 2 items, got num_items={num_items}")
+    alpha = negatives / (num_items - 1)
+    return alpha * (t * (1 - 1 / alpha) + 1 / alpha)
+
+
+def gbce_loss(seq_out: torch.Tensor, pos_emb: torch.Tensor, neg_emb: torch.Tensor,
+              beta: float) -> torch.Tensor:
+    """gSASRec's generalised BCE: mean over N of
+    -(beta log sigmoid(s+) + sum_j log(1 - sigmoid(s_j))) / (1 + k).
+
+    seq_out, pos_emb [N, d]; neg_emb [N, k, d] (k negatives per row). Normalised as gSASRec's
+    code, a BCE-with-logits mean over the 1 + k terms of a position, then a mean over positions
+    (its positive term is BCE-with-logits of a logit z with sigmoid(z) = sigmoid(s+)^beta, which
+    is beta * softplus(-s+)); softplus keeps both terms exact for large scores."""
+    pos = loss_precision((seq_out * pos_emb).sum(-1))                   # [N]
+    neg = loss_precision(torch.einsum("nd,nkd->nk", seq_out, neg_emb))  # [N, k]
+    per_row = (beta * F.softplus(-pos) + F.softplus(neg).sum(-1)) / (1 + neg.shape[1])   # [N]
+    return per_row.sum() / max(len(per_row), 1)
+
+
+def objective_loss(model, flat: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, form: str,
+                   objective: FinetuneObjective | None, shared: torch.Tensor | None
+                   ) -> torch.Tensor:
+    """The loss `objective` (None: bce) at N positions: flat [N, d] outputs, pos [N] targets,
+    neg [N] (bce) or [N, k] (gbce) negatives of each position, shared [K] (sampled_softmax)."""
+    emb = model.item_embeddings
+    kind = "bce" if objective is None else objective.kind
+    if kind == "bce":
+        return finetune_loss(flat, emb(pos), emb(neg), form)
+    if kind == "ce":
+        return ce_loss(flat, emb.weight[1:-1], pos, objective.chunk_rows)
+    if kind == "gbce":
+        if neg.ndim != 2:
+            raise ValueError(f"gbce needs [N, k] negatives per position, got {list(neg.shape)}")
+        return gbce_loss(flat, emb(pos), emb(neg), objective.beta)
+    if kind == "sampled_softmax":
+        if shared is None or objective.log_kq is None:
+            raise ValueError("sampled_softmax needs the batch's shared negatives and log_kq")
+        q = objective.log_kq
+        return sampled_softmax_loss(flat, emb(pos), emb(shared), pos, shared, q[pos], q[shared])
+    raise ValueError(f"finetune loss must be {'|'.join(FINETUNE_LOSSES)}, got {kind!r}")
+
+
 def finetune_batch_loss(model, input_ids: torch.Tensor, positions: torch.Tensor,
                         pos_ids: torch.Tensor, neg_ids: torch.Tensor,
-                        form: str = "original", targets: torch.Tensor | None = None
-                        ) -> torch.Tensor:
-    """The fine-tuning loss of one batch: input_ids, positions, pos_ids (targets, 0 = padding),
-    neg_ids [B, L]; causal encoding, loss at positions whose target is not padding (`targets`:
-    their flat indices into B*L, if known on the host; else found here)."""
+                        form: str = "original", targets: torch.Tensor | None = None,
+                        objective: FinetuneObjective | None = None,
+                        shared: torch.Tensor | None = None) -> torch.Tensor:
+    """The fine-tuning loss of one batch: input_ids, positions, pos_ids (targets, 0 = padding)
+    [B, L], neg_ids [B, L] (bce) or [B, L, k] (gbce); causal encoding, loss at positions whose
+    target is not padding (`targets`: their flat indices into B*L, if known on the host; else
+    found here). `objective`: which loss (None: bce, `form`); `shared` [K]: sampled_softmax's."""
     hidden = model.encode(input_ids, positions, causal=True)           # [B, L, d]
     if targets is None:
         targets = (pos_ids > 0).reshape(-1).nonzero().squeeze(1)        # [N]
     flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, targets)   # [N, d]
-    emb = model.item_embeddings
-    return finetune_loss(flat, emb(pos_ids.reshape(-1).index_select(0, targets)),
-                         emb(neg_ids.reshape(-1).index_select(0, targets)), form)
+    pos = pos_ids.reshape(-1).index_select(0, targets)                  # [N]
+    neg = neg_ids.flatten(0, 1).index_select(0, targets)                # [N] or [N, k]
+    return objective_loss(model, flat, pos, neg, form, objective, shared)
 
 
 def finetune_plan(input_ids: torch.Tensor, pos_ids: torch.Tensor, chunks: int) -> FinetunePlan:
@@ -318,24 +460,26 @@ def finetune_plan(input_ids: torch.Tensor, pos_ids: torch.Tensor, chunks: int) -
 
 def finetune_batch_loss_chunked(model, input_ids: torch.Tensor, positions: torch.Tensor,
                                 pos_ids: torch.Tensor, neg_ids: torch.Tensor, chunks: int,
-                                form: str = "original", plan: FinetunePlan | None = None
-                                ) -> torch.Tensor:
+                                form: str = "original", plan: FinetunePlan | None = None,
+                                objective: FinetuneObjective | None = None,
+                                shared: torch.Tensor | None = None) -> torch.Tensor:
     """`finetune_batch_loss` of the same batch, computed over `chunks` groups of rows of similar
     length, each trimmed to its own longest row. Rows never attend to each other and positions
     are absolute, so this is the same mean over the same positions with far less padding
     (a random batch of 256 Beauty users is padded to ~50; its rows average ~8 items).
-    input_ids, positions, pos_ids, neg_ids [B, L]; `plan` (FinetunePlan): the groups, cut on the
-    host (else cut here by finetune_plan)."""
+    input_ids, positions, pos_ids [B, L], neg_ids [B, L] or [B, L, k] (their rows follow the
+    groups); `plan` (FinetunePlan): the groups, cut on the host (else cut here by finetune_plan);
+    `objective`, `shared` as finetune_batch_loss (shared [K] goes whole to every group)."""
     if plan is None:
         plan = finetune_plan(input_ids, pos_ids, chunks)
     L = input_ids.shape[1]
     if len(plan.rows) == 1 and plan.keep[0] == L:                      # one group: the whole batch
         return finetune_batch_loss(model, input_ids, positions, pos_ids, neg_ids, form,
-                                   targets=plan.targets[0])
+                                   plan.targets[0], objective, shared)
     total = input_ids.new_zeros((), dtype=torch.float32)
     for rows, keep, targets in zip(plan.rows, plan.keep, plan.targets):
         ids, pos, tgt, neg = (t.index_select(0, rows)[:, L - keep:]
                               for t in (input_ids, positions, pos_ids, neg_ids))
-        part = finetune_batch_loss(model, ids, pos, tgt, neg, form, targets=targets)
+        part = finetune_batch_loss(model, ids, pos, tgt, neg, form, targets, objective, shared)
         total = total + part * targets.numel()                         # back to a sum
     return total / max(plan.total, 1)

@@ -25,6 +25,7 @@ def get_args_parser():
 
 def _body(argv, holder) -> str:
     from s3rec.engine.deepspeed_setup import micro_batch
+    from s3rec.field_objectives import field_loss_names
     from s3rec.model import build_model, param_groups, save_model_file
     from s3rec.pretrain_step import build_loss, pretrain_sampler
 
@@ -42,7 +43,7 @@ def _body(argv, holder) -> str:
 
     sampler = pretrain_sampler(cfg, ds)
     ckpt.seed_everything(cfg.seed)              # the same initial model on every rank
-    model = build_model(cfg, ds.item_size, ds.attribute_size)
+    model = build_model(cfg, ds.item_size, ds.attribute_size, fields=ds.attribute_fields)
     ckpt.seed_everything(cfg.seed + 1000003 * info.rank)   # per-rank dropout streams
     s.runjson.update(params=model.param_counts())
     engine = run.make_engine(s, "pretrain", model, param_groups(model, cfg, p.weight_decay))
@@ -50,7 +51,11 @@ def _body(argv, holder) -> str:
     weights, info_ds = p.weights, run.dataset_info(ds)
     # Objectives with weight 0 are neither computed nor logged (a flat 0 curve would read as a
     # perfectly learned objective).
-    names = tuple(n for n in LOSS_NAMES if n == "total" or getattr(weights, n) > 0)
+    # With several attribute fields each field's AAP and MAP is logged too (loss/aap.<field>);
+    # loss/aap is then their weighted sum, the term pretrain.weights.aap multiplies, and with one
+    # field the field's loss itself, so runs of either kind read the same tags.
+    names = (*(n for n in LOSS_NAMES if n == "total" or getattr(weights, n) > 0),
+             *field_loss_names(model, weights))
 
     micro = micro_batch(p.batch_size, cfg.deepspeed.grad_accum, info.world_size,
                         "pretrain.batch_size")

@@ -92,7 +92,7 @@ def pretrain_losses_static(model, batch: PretrainBatch, attr_table: torch.Tensor
     hidden, need_main, need_sp = stacked_encoding(model, batch, w)     # [kB, L, d]
     if hidden is None:
         return out
-    d, dt = hidden.shape[-1], hidden.dtype
+    d = hidden.shape[-1]
     real = batch.rows_real                                              # [B] bool
 
     if need_main:
@@ -102,13 +102,12 @@ def pretrain_losses_static(model, batch: PretrainBatch, attr_table: torch.Tensor
         masked = batch.masked.reshape(-1) & at_real                     # [B*L] MIP, MAP
         unmasked = (orig != 0) & ~batch.masked.reshape(-1) & at_real    # [B*L] AAP
         if w["aap"] > 0 or w["map"] > 0:
-            attrs = model.attribute_embeddings.weight                   # [A, d]
+            # late: the field objectives build on this module's dense_sigmoid_bce
+            from s3rec.field_objectives import field_attribute_losses_static
             targets = attr_table.index_select(0, orig)                  # [B*L, A] bool
         for name, rows in (("aap", unmasked), ("map", masked)):
             if w[name] > 0:
-                logits = model.head(name)(flat) @ attrs.T               # [B*L, A]
-                out[name] = _reduce(dense_sigmoid_bce(logits, targets, rows.to(dt)),
-                                    rows.sum(), reduction)
+                field_attribute_losses_static(model, name, flat, targets, rows, reduction, out)
         if w["mip"] > 0:
             emb = model.item_embeddings
             z = model.mip_norm(flat)                                    # [B*L, d]

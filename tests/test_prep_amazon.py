@@ -58,7 +58,8 @@ def big_fixture():
 def test_amazon_kcore_order_ids_and_attributes(tmp_path):
     reviews, meta = write_amazon(tmp_path / "raw", "Toy", *big_fixture())
     out = tmp_path / "ds"
-    assert main(["amazon", "--reviews", str(reviews), "--meta", str(meta), "--out", str(out)]) == 0
+    assert main(["amazon", "--reviews", str(reviews), "--meta", str(meta), "--out", str(out),
+                 "--merge-fields"]) == 0      # the paper's one vocabulary
     ds = Dataset(out)
     assert ds.name == "Toy"
     # users u1..u5 then f0..f4 (u6..u10 removed); items by first appearance: p4 p1 p2 p5 p3 x...

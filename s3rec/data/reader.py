@@ -1,6 +1,10 @@
 """Reading a prepared dataset (format: s3rec/data/format.py).
 
-`Dataset(path)` reads manifest.json only; shards are opened on first use, once per process:
+`Dataset(path)` reads manifest.json and checks every shard's header against it (`check_headers`:
+the file sizes, each shard's own attributes and dataset shapes, the user ranges; no data is read),
+so a manifest edited by hand or a shard of another dataset stops here with a line naming the shard
+and the key, not as a wrong run or an IndexError later. Shards are then opened on first use, once
+per process:
 h5py handles do not survive pickling or fork, so they are dropped in `__getstate__` and reopened
 when the process id changes (DataLoader workers, spawned ranks).
 Each shard's size and sha256 are checked against the manifest the first time this process opens
@@ -14,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from s3rec.data.format import (ATTR_OFFSETS, ATTR_VALUES, CHUNK, NEGATIVES, NUM_NEGATIVES, SEQ_ITEMS,
-                               SEQ_OFFSETS, DatasetError, check_shard_file, open_shard,
-                               read_manifest)
+from s3rec.data.fields import AttributeField, attr_datasets, manifest_layout, stack_fields
+from s3rec.data.format import (CHUNK, MANIFEST, NEGATIVES, NUM_NEGATIVES, SEQ_ITEMS, SEQ_OFFSETS, DatasetError, check_headers, check_shard_file,
+                               open_shard, read_manifest)
 
 _VERIFIED: set[tuple[str, int, int]] = set()   # (path, size, mtime_ns) checked in this process
 
@@ -33,6 +37,7 @@ class Dataset:
         self.path = Path(path)
         self.verify = verify
         self.manifest = read_manifest(self.path)
+        check_headers(self.path, self.manifest)
         self.shards = self.manifest["shards"]
         self._starts = [s["user_start"] for s in self.shards]
         self._files: dict[int, object] = {}
@@ -115,9 +120,22 @@ class Dataset:
         parts = [self._read(i, NEGATIVES, slice(lo, hi)) for i, lo, hi in self._shards_for(start, end)]
         return np.concatenate(parts) if parts else np.zeros((0, NUM_NEGATIVES), np.int32)
 
+    @property
+    def attribute_fields(self) -> tuple[AttributeField, ...]:
+        """The named attribute fields (format 1: one, `attributes`), in global id order."""
+        return manifest_layout(self.manifest, self.path / MANIFEST)
+
+    def field_attributes(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Field `name`'s own CSR (ids 1..its count) over item ids 0..item_size-1."""
+        values, offsets = attr_datasets(self.manifest["format_version"], name)
+        return self._read(0, values), self._read(0, offsets)
+
     def item_attributes(self) -> tuple[np.ndarray, np.ndarray]:
-        """CSR over item ids 0..item_size-1 (rows 0 and mask_id empty): values int32, offsets int64."""
-        return self._read(0, ATTR_VALUES), self._read(0, ATTR_OFFSETS)
+        """CSR over item ids 0..item_size-1 (rows 0 and mask_id empty) of every field's
+        attributes in one id space (s3rec.data.fields.stack_fields: one field's own ids):
+        values int32, offsets int64."""
+        layout = self.attribute_fields
+        return stack_fields([self.field_attributes(f.name) for f in layout], layout)
 
 
 def _stat(path: Path) -> tuple[int, int]:

@@ -9,25 +9,35 @@ from typing import Mapping
 
 import torch
 
-from s3rec.config import HEAD_NAMES, Config
+from s3rec.config import Config, ConfigError
+from s3rec.data.fields import DEFAULT_FIELD, AttributeField, field_layout
 from s3rec.model.checkpoint_io import (CheckpointError, adapt_state, dataset_info,
                                        export_original, import_original, load_model_file,
                                        read_state_dict, save_model_file)
+from s3rec.model.field_heads import fields_of_state, head_configs
 from s3rec.model.heads import FullHead, LowRankHead, make_head
 from s3rec.model.optim import param_groups
 from s3rec.model.s3rec import S3RecModel
 
 
 def build_model(cfg: Config, item_size: int, attribute_size: int,
-                init_state: Mapping[str, torch.Tensor] | None = None) -> S3RecModel:
+                init_state: Mapping[str, torch.Tensor] | None = None,
+                fields: tuple[AttributeField, ...] | None = None) -> S3RecModel:
     """The model for `cfg` (variant applied to the heads), freshly initialised from torch's
     generator, then loaded from `init_state` if given (authors' or project layout; see
-    checkpoint_io.adapt_state).
+    checkpoint_io.adapt_state). `fields`: the dataset's attribute fields (`ds.attribute_fields`);
+    None: those `init_state` was saved with, else one field of attribute_size - 1 ids.
 
     Low-rank heads with `init: svd` factorise a full matrix taken from `init_state` when it holds
     one for that head, otherwise from the file `cfg.model.svd_init_from` (not read when
     `init_state` already holds the head's factors)."""
-    heads = {name: cfg.head(name) for name in HEAD_NAMES}
+    if fields is None and init_state is not None:
+        fields = fields_of_state(init_state)
+    fields = fields or field_layout([(DEFAULT_FIELD, attribute_size - 1)])
+    try:
+        heads = head_configs(cfg, fields)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     full: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     svd_file: dict | None = None
     for name, h in heads.items():
@@ -51,7 +61,8 @@ def build_model(cfg: Config, item_size: int, attribute_size: int,
                 raise CheckpointError(f"model.svd_init_from {cfg.model.svd_init_from}: no full "
                                       f"matrix '{name}_norm.weight' to factorise")
         full[name] = (src[f"{name}_norm.weight"], src.get(f"{name}_norm.bias"))
-    model = S3RecModel(cfg.model, heads, item_size, attribute_size, full_heads=full)
+    model = S3RecModel(cfg.model, heads, item_size, attribute_size, full_heads=full,
+                       fields=fields)
     if init_state is not None:
         model.load_state_dict(adapt_state(init_state, model))
     return model

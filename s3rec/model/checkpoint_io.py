@@ -20,7 +20,7 @@ from typing import Mapping
 
 import torch
 
-from s3rec.config import HEAD_NAMES, Config
+from s3rec.config import Config
 from s3rec.model.heads import LowRankHead
 
 DATASET_KEYS = ("name", "num_users", "num_items", "num_attributes")
@@ -58,7 +58,7 @@ def adapt_state(src: Mapping[str, torch.Tensor], model) -> "OrderedDict[str, tor
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     used: set[str] = set()
     missing: list[str] = []
-    head_prefixes = tuple(f"{n}_norm." for n in HEAD_NAMES)
+    head_prefixes = tuple(f"{n}_norm." for n in model.head_names())
 
     def take(key: str, expected: torch.Size) -> torch.Tensor:
         _check_shape(key, src[key], expected, *sizes, src)
@@ -74,7 +74,7 @@ def adapt_state(src: Mapping[str, torch.Tensor], model) -> "OrderedDict[str, tor
         else:
             missing.append(key)
 
-    for name in HEAD_NAMES:
+    for name in model.head_names():
         head, p = model.head(name), f"{name}_norm."
         d = model.cfg.hidden_size
         has_full, has_factors = p + "weight" in src, p + "U" in src and p + "V" in src
@@ -118,10 +118,10 @@ def export_original(model) -> "OrderedDict[str, torch.Tensor]":
     """The model's weights in the authors' keys (low-rank heads as their product U V^T)."""
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for key, value in model.state_dict().items():
-        if key.startswith(tuple(f"{n}_norm." for n in HEAD_NAMES)):
+        if key.startswith(tuple(f"{n}_norm." for n in model.head_names())):
             continue
         out[key] = value.detach().cpu().clone()
-    for name in HEAD_NAMES:
+    for name in model.head_names():
         head = model.head(name)
         out[f"{name}_norm.weight"] = head.matrix().detach().cpu().clone()
         out[f"{name}_norm.bias"] = head.bias.detach().cpu().clone()

@@ -8,18 +8,19 @@ from __future__ import annotations
 
 from torch import nn
 
-from s3rec.config import HEAD_NAMES, Config
+from s3rec.config import Config
 
 
 def param_groups(model: nn.Module, cfg: Config, base_decay: float | None = None) -> list[dict]:
     """Groups for torch.optim.Adam: one "base" group (base_decay, default
-    cfg.pretrain.weight_decay) and one "head:<name>" group per head whose decay differs.
+    cfg.pretrain.weight_decay) and one "head:<name>" group per head whose decay differs (the
+    heads' decays as the model was built with them: cfg.head, cfg.field_head).
     Every parameter appears exactly once."""
     base = cfg.pretrain.weight_decay if base_decay is None else base_decay
     head_params: dict[str, list] = {}
     taken: set[int] = set()
-    for name in HEAD_NAMES:
-        decay = cfg.head(name).weight_decay
+    for name in model.head_names():
+        decay = model.head_cfgs[name].weight_decay
         if decay == base:
             continue
         params = model.head(name).matrix_params()
