@@ -18,17 +18,22 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from s3rec import distributed as dist
-from s3rec.config import ConfigError
+from s3rec.config import ConfigError, FinetuneConfig
 from s3rec.engine import checkpoint as ckpt
 from s3rec.engine import run
 from s3rec.engine.evaluate import evaluate
 from s3rec.engine.loop import Task, Trainer
 from s3rec.runlog import (BEST_MODEL, RESULTS_JSON, TEST_RANKS, write_json_atomic,
                           write_npy_atomic)
+
+if TYPE_CHECKING:
+    from s3rec.data.finetune_samples import FinetuneSampler
+    from s3rec.objectives import FinetuneObjective
 
 PROG = "s3rec-finetune"
 
@@ -44,6 +49,7 @@ def get_args_parser():
 def load_init(path: str, cfg, ds) -> dict:
     """The state dict to start from, checked against this dataset. Raises CheckpointError."""
     from s3rec.model import CheckpointError, load_model_file
+    from s3rec.model.field_heads import state_attribute_size
     p = Path(path)
     info = run.dataset_info(ds)
     if p.is_file():
@@ -57,14 +63,14 @@ def load_init(path: str, cfg, ds) -> dict:
     root, tag = found
     sd = ckpt.consolidate_folder(root, tag)
     emb = sd.get("item_embeddings.weight")
-    att = sd.get("attribute_embeddings.weight")
+    att = state_attribute_size(sd)          # one table, or one per attribute field
     if emb is None or att is None:
         raise CheckpointError(f"--init {root / tag}: no item/attribute embeddings: not an S3Rec "
                               f"checkpoint")
-    if emb.shape[0] != ds.item_size or att.shape[0] != ds.attribute_size:
+    if emb.shape[0] != ds.item_size or att != ds.attribute_size:
         raise CheckpointError(
             f"--init {root / tag}: made for item_size {emb.shape[0]}, attribute_size "
-            f"{att.shape[0]}, but dataset {ds.name} has item_size {ds.item_size}, "
+            f"{att}, but dataset {ds.name} has item_size {ds.item_size}, "
             f"attribute_size {ds.attribute_size}")
     return sd
 
@@ -80,6 +86,17 @@ def save_best_model(engine, cfg, s, best_tag: str | None) -> None:
     if dist.is_main():
         save_model_file(s.run_dir / BEST_MODEL, sd, cfg, run.dataset_info(s.ds))
     dist.barrier()
+
+
+def finetune_objective(f: FinetuneConfig, sampler: "FinetuneSampler",
+                       device: torch.device | str) -> "FinetuneObjective":
+    """The loss of finetune config `f` (FinetuneObjective) for the data of `sampler`
+    (a FinetuneSampler made with f.loss and f.loss_negatives), its tables on `device`."""
+    from s3rec.objectives import FinetuneObjective, gbce_beta
+    log_kq = (torch.as_tensor(sampler.log_sampling_q(), dtype=torch.float32, device=device)
+              if f.loss == "sampled_softmax" else None)
+    beta = gbce_beta(f.loss_negatives, sampler.num_items, f.gbce_t) if f.loss == "gbce" else 1.0
+    return FinetuneObjective(f.loss, f.loss_chunk_rows, log_kq, beta)
 
 
 def _body(argv, holder) -> str:
@@ -106,7 +123,7 @@ def _body(argv, holder) -> str:
     items, offsets = ds.load_sequences()
     negatives = ds.load_negatives() if f.protocol == "sampled" else None
     L = cfg.model.max_seq_length
-    sampler = FinetuneSampler(items, offsets, ds.num_items, L)
+    sampler = FinetuneSampler(items, offsets, ds.num_items, L, f.loss, f.loss_negatives)
     views = {split: EvalView(items, offsets, ds.num_items, split, negatives, L)
              for split in ("valid", "test")}
     init_state = load_init(args.init, cfg, ds) if args.init else None
@@ -117,9 +134,14 @@ def _body(argv, holder) -> str:
     s.runjson.update(params=params)
     engine = run.make_engine(s, "finetune", model, param_groups(model, cfg, f.weight_decay))
 
+    objective = finetune_objective(f, sampler, info.device)
+
     def loss(m, b):
-        out = finetune_batch_loss_chunked(m, b.items, b.positions, b.target_pos, b.target_neg,
-                                          f.length_chunks, plan=b.plan)
+        neg = b.target_neg if b.loss_negatives is None else b.loss_negatives
+        shared = None if b.shared_negatives is None else b.shared_negatives.items
+        out = finetune_batch_loss_chunked(m, b.items, b.positions, b.target_pos, neg,
+                                          f.length_chunks, plan=b.plan, objective=objective,
+                                          shared=shared)
         return out, [out]
 
     def count(b):

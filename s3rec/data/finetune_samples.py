@@ -7,6 +7,13 @@ uniform over the items not in the user's FULL sequence. Departures: negatives co
 (len(seq) <= 3; none in the release data, whose minimum length is 5) are left out, since all
 their positions are padding and add nothing to the loss.
 
+Losses other than the original one-negative BCE draw their own negatives here too
+(finetune.loss, see s3rec.objectives.FinetuneObjective): sampled_softmax K items per global batch,
+shared by every position, with replacement, in proportion to their count in the training part
+(s3rec.data.popular_negatives.training_counts); gbce k items per position, uniform over
+1..num_items with replacement and nothing excluded, as gSASRec (Petrov & Macdonald, RecSys 2023)
+samples them.
+
 Batches are global batches of users, the same on every rank; rank r takes its slice (see
 pretrain_samples.rank_slice). Every random draw depends on (seed, epoch, batch index) only.
 """
@@ -19,12 +26,22 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from s3rec.config import FINETUNE_LOSSES
 from s3rec.data.batch import move_batch
+from s3rec.data.popular_negatives import training_counts
 from s3rec.data.pretrain_samples import (TAG_FINETUNE, check_csr, check_rank, check_start,
                                          draw_excluding, epoch_order, iterate_batches,
                                          left_padded, make_rng, rank_slice)
 
-_ORDER, _NEG = 0, 1
+_ORDER, _NEG, _LOSS_NEG = 0, 1, 2
+
+
+@dataclass
+class SharedNegatives:
+    """The negatives every position of a global batch shares (sampled_softmax). A dataclass, not
+    a bare [K] tensor: cutting a batch into rank shares and micro-batches slices every tensor
+    whose first dimension is the row count (engine.loop.split_rows), which K may equal."""
+    items: torch.Tensor        # int64 [K] item ids, drawn with replacement by training popularity
 
 
 @dataclass
@@ -35,6 +52,9 @@ class FinetuneBatch:
     positions: torch.Tensor    # int64 [B, L] absolute positions max_len - L .. max_len - 1
     target_pos: torch.Tensor   # int64 [B, L] the next item at each position (0 = padding)
     target_neg: torch.Tensor   # int64 [B, L] one negative per non-padding position (0 = padding)
+    loss_negatives: torch.Tensor | None = None   # gbce: int64 [B, L, k] per non-padding position
+                                                 #   (0 = padding); None for the other losses
+    shared_negatives: SharedNegatives | None = None   # sampled_softmax: [K] for the whole batch
     plan: "FinetunePlan | None" = None   # its length groups, cut on the host by
                                          #   s3rec.objectives.finetune_plan (None: cut in the step)
 
@@ -70,12 +90,25 @@ class UserItemSet:
 
 
 class FinetuneSampler:
-    """items int32 [N], offsets int64 [U+1]: every user's full chronological sequence."""
+    """items int32 [N], offsets int64 [U+1]: every user's full chronological sequence. `loss`
+    (one of config.FINETUNE_LOSSES) decides which extra negatives the batches carry,
+    `loss_negatives` of them (K per batch for sampled_softmax, k per position for gbce)."""
 
-    def __init__(self, items: np.ndarray, offsets: np.ndarray, num_items: int, max_len: int = 50):
+    def __init__(self, items: np.ndarray, offsets: np.ndarray, num_items: int, max_len: int = 50,
+                 loss: str = "bce", loss_negatives: int = 256):
         items, offsets = np.asarray(items), np.asarray(offsets, dtype=np.int64)
         check_csr(items, offsets, num_items, "fine-tuning sequences")
+        if loss not in FINETUNE_LOSSES:
+            raise ValueError(f"loss must be one of {'|'.join(FINETUNE_LOSSES)}, got {loss!r}")
+        if loss_negatives < 1:
+            raise ValueError(f"loss_negatives must be >= 1, got {loss_negatives}")
         self.num_items, self.max_len = num_items, max_len
+        self.loss, self.loss_negatives = loss, loss_negatives
+        self.counts = training_counts(items, offsets, num_items)           # [num_items + 1]
+        self.cum_counts = np.cumsum(self.counts[1:])      # [num_items]: a draw searches in it
+        if loss == "sampled_softmax" and self.cum_counts[-1] == 0:
+            raise ValueError("sampled_softmax: no item occurs in the training part of any "
+                             "sequence (every sequence has <= 2 items)")
         self.items = items.astype(np.int64)
         self.seen = UserItemSet(self.items, offsets, num_items)
         full = np.flatnonzero(self.seen.distinct >= num_items)
@@ -123,5 +156,29 @@ class FinetuneSampler:
         tneg[r, c] = neg
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a[rows]))
         pos = np.tile(np.arange(self.max_len - L, self.max_len, dtype=np.int64), (len(inp), 1))
+        rng = make_rng(seed, TAG_FINETUNE, epoch, index, _LOSS_NEG)
+        per_pos, shared = self._loss_negatives(rng, inp.shape, r, c)
         return FinetuneBatch(users=t(users), items=t(inp), positions=t(pos), target_pos=t(tgt),
-                             target_neg=t(tneg))
+                             target_neg=t(tneg), loss_negatives=None if per_pos is None else
+                             t(per_pos), shared_negatives=shared)
+
+    def log_sampling_q(self) -> np.ndarray:
+        """float64 [num_items + 1]: log(K Q(j)), Q(j) the probability that one sampled_softmax
+        draw is item j (-inf at index 0 and at items absent from the training part)."""
+        with np.errstate(divide="ignore"):
+            return np.log(self.counts * (self.loss_negatives / self.cum_counts[-1]))
+
+    def _loss_negatives(self, rng: np.random.Generator, shape: tuple[int, int], r: np.ndarray,
+                        c: np.ndarray) -> tuple[np.ndarray | None, SharedNegatives | None]:
+        """(gbce [B, L, k] or None, sampled_softmax's shared [K] or None) for a global batch
+        whose non-padding positions are (r, c)."""
+        k = self.loss_negatives
+        if self.loss == "gbce":
+            neg = np.zeros((*shape, k), dtype=np.int64)
+            neg[r, c] = rng.integers(1, self.num_items + 1, size=(len(r), k), dtype=np.int64)
+            return neg, None
+        if self.loss == "sampled_softmax":
+            total = int(self.cum_counts[-1])
+            draw = np.searchsorted(self.cum_counts, rng.integers(0, total, size=k), side="right")
+            return None, SharedNegatives(torch.from_numpy(draw.astype(np.int64) + 1))
+        return None, None
