@@ -151,6 +151,14 @@ class CellJob(submitit.helpers.Checkpointable):
         except (OSError, json.JSONDecodeError):
             pass
         if code != 0:
+            product = STAGE_PRODUCT.get(info.get("stage", ""))
+            if product is not None and stage_done(run_dir, product):
+                # A signal (a cancel, a preemption) that lands while the finished training
+                # shuts down kills it: Python restores the default handlers as it exits.
+                # Its products are whole, so the stage is done.
+                print(f"[{self.key}] {Path(cmd[0]).name} was stopped (exit {code}) after it "
+                      f"had finished: {run_dir.name} is done", flush=True)
+                return
             raise StageFailed(f"{self.key}: {Path(cmd[0]).name} exited with {code}: "
                               f"{info.get('error') or 'no error recorded in run.json'}")
         if info.get("status") == "preempted" and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":

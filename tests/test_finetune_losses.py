@@ -110,32 +110,6 @@ def test_ce_in_chunks_keeps_no_catalogue_wide_logits_for_the_backward():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-PEAK_RSS = """
-import resource, torch
-from s3rec.objectives import ce_loss
-peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-torch.manual_seed(0)
-table = torch.randn(8000, 16, requires_grad=True)
-ce_loss(torch.randn(8, 16), table[:50], torch.arange(1, 9), 4).backward()   # pages the code in
-for n, rows in ((6144, 64), (3072, 3072)):        # the small peak first: each one's growth
-    h = torch.randn(n, 16, requires_grad=True)
-    before = peak()
-    ce_loss(h, table, torch.randint(1, 8001, (n,)), rows).backward()
-    print(peak() - before)
-"""
-
-
-def test_ce_peak_memory_is_bounded_by_one_chunk():
-    """Peak resident memory growth of a forward and backward against 8000 items, in a fresh
-    process: 6144 positions in chunks of 64 rows (2 MB of logits each) grow it by ~20 MB; 3072
-    positions at once, holding their 98 MB softmax and its gradient, by ~200."""
-    p = subprocess.run([sys.executable, "-c", PEAK_RSS], capture_output=True, text=True,
-                       check=True, cwd=REPO, env=clean_env(), timeout=120)
-    chunked, whole = (float(x) for x in p.stdout.split())
-    assert chunked < 50, chunked
-    assert whole > 120, whole
-
-
 # ---------------------------------------------------------------- sampled softmax
 
 def sampled_softmax_transcribed(h, pos_emb, neg_emb, pos, neg, log_kq) -> torch.Tensor:
