@@ -26,8 +26,19 @@ def field_loss_names(model, weights) -> list[str]:
             for f in fields if model.field_weight(f.name, o) > 0]
 
 
-def _weighted_sum(out: dict, objective: str, parts: list[tuple[float, torch.Tensor]]) -> None:
-    out[objective] = sum(w * loss for w, loss in parts) if parts else out[objective]
+def _per_field(model, objective: str, out: dict, loss_of) -> None:
+    """out[objective.field] = loss_of(field) for every field of weight > 0, and out[objective]
+    their weighted sum (left as it was when every field's weight is 0)."""
+    parts = []
+    for f in model.attribute_fields:
+        w = model.field_weight(f.name, objective)
+        if w <= 0:
+            continue
+        loss = loss_of(f)
+        out[f"{objective}.{f.name}"] = loss
+        parts.append((w, loss))
+    if parts:
+        out[objective] = sum(w * loss for w, loss in parts)
 
 
 def field_attribute_losses(model, objective: str, rows_out: torch.Tensor, targets: torch.Tensor,
@@ -41,19 +52,15 @@ def field_attribute_losses(model, objective: str, rows_out: torch.Tensor, target
                                         model.field_head(f.name, objective), targets[:, 0],
                                         targets[:, 1], reduction)
         return
-    parts = []
-    for f in fields:
-        w = model.field_weight(f.name, objective)
-        if w <= 0:
-            continue
-        cols = targets[:, 1]
+    cols = targets[:, 1]
+
+    def loss_of(f):
         mine = (cols > f.offset) & (cols <= f.offset + f.num_attributes)          # [T]
-        loss = attribute_loss(rows_out, model.attribute_table(f.name).weight,
+        return attribute_loss(rows_out, model.attribute_table(f.name).weight,
                               model.field_head(f.name, objective), targets[mine, 0],
                               cols[mine] - f.offset, reduction)
-        out[f"{objective}.{f.name}"] = loss
-        parts.append((w, loss))
-    _weighted_sum(out, objective, parts)
+
+    _per_field(model, objective, out, loss_of)
 
 
 def field_attribute_losses_static(model, objective: str, flat: torch.Tensor,
@@ -71,15 +78,11 @@ def field_attribute_losses_static(model, objective: str, flat: torch.Tensor,
         out[objective] = _reduce(dense_sigmoid_bce(logits, targets, rows.to(dt)), rows.sum(),
                                  reduction)
         return
-    parts = []
-    for f in fields:
-        w = model.field_weight(f.name, objective)
-        if w <= 0:
-            continue
+
+    def loss_of(f):
         mine = torch.cat([torch.zeros_like(targets[:, :1]),
                           targets[:, f.offset + 1:f.offset + f.size]], 1)         # [P, size]
         logits = model.field_head(f.name, objective)(flat) @ model.attribute_table(f.name).weight.T
-        loss = _reduce(dense_sigmoid_bce(logits, mine, rows.to(dt)), rows.sum(), reduction)
-        out[f"{objective}.{f.name}"] = loss
-        parts.append((w, loss))
-    _weighted_sum(out, objective, parts)
+        return _reduce(dense_sigmoid_bce(logits, mine, rows.to(dt)), rows.sum(), reduction)
+
+    _per_field(model, objective, out, loss_of)
