@@ -11,7 +11,6 @@ Project model file (final.pt, epoch-N.pt):
 """
 from __future__ import annotations
 
-import os
 import pickle
 import re
 from collections import OrderedDict
@@ -154,7 +153,8 @@ def read_state_dict(path: str | Path) -> dict:
 
 
 def save_model_file(path: str | Path, model, cfg: Config, dataset_info: Mapping) -> Path:
-    """Write a project model file atomically (temporary name in the same folder, then rename)."""
+    """Write a project model file atomically (s3rec.run_folder.atomic_path: a failed write is one
+    WriteError line naming the file and the free space, and leaves no temporary file)."""
     path = Path(path)
     missing = [k for k in DATASET_KEYS if k not in dataset_info]
     if missing:
@@ -163,14 +163,9 @@ def save_model_file(path: str | Path, model, cfg: Config, dataset_info: Mapping)
     payload = {"model": {k: v.detach().cpu() for k, v in state.items()},
                "config": cfg.to_dict(),
                "dataset": {k: dataset_info[k] for k in DATASET_KEYS}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    from s3rec.run_folder import atomic_path
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
