@@ -20,6 +20,7 @@ import datetime as _dt
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import psutil
 import submitit
-from submitit.core.utils import FailedJobError, JobPaths, pickle_load
+from submitit.core.utils import FailedJobError, JobPaths
 
 from s3rec.launch import slurm_state
 from s3rec.launch.cell_check import check_cells
@@ -463,19 +464,13 @@ class GridRun:
                 local_controller_alive(jid, entry["folder"])
             if alive:
                 return CellState("running", f"{name} running")
-        # The job has ended: its result file says how.
-        result = JobPaths(entry["folder"], job_id=jid, task_id=0).result_pickle
-        if result.exists():
-            try:
-                outcome, value = pickle_load(result)
-            except Exception as e:  # a torn file: report it rather than guess
-                return CellState("failed", f"{name}: unreadable result {result}: {e}")
-            if outcome == "error":
-                last = [ln for ln in str(value).strip().splitlines() if ln.strip()]
-                log = JobPaths(entry["folder"], job_id=jid, task_id=0).stderr
-                return CellState("failed", f"{name}: {last[-1] if last else 'error'} (log {log})")
-            return CellState("failed", f"{name} finished but {cell.finetune_dir}/results.json "
-                                       f"is missing")
+        # The job has ended. submitit's result file is a pickle anyone who can write the grid
+        # folder could replace: it is never loaded. That it exists says the job ran to its end;
+        # the cell is not done (checked first), so the job failed, and its log says why.
+        paths = JobPaths(entry["folder"], job_id=jid, task_id=0)
+        if paths.result_pickle.exists():
+            return CellState("failed", f"{name}: {last_error_line(paths.stderr)} "
+                                       f"(log {paths.stderr})")
         if entry["executor"] == "slurm":
             final = slurm_state.final_state(jid)
             if final == "PREEMPTED":    # PreemptMode=CANCEL; the training saved on SIGTERM
@@ -598,6 +593,17 @@ def launch_grid(grid: Grid) -> GridRun:
 def open_grid(grid: Grid) -> GridRun:
     """A handle for looking at (or cancelling) a grid launched before, submitting nothing."""
     return GridRun(grid)
+
+
+def last_error_line(log: Path) -> str:
+    """The last line of a job's log that names an error (the exception the cell raised), else
+    its last line."""
+    try:
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "error (no log)"
+    errors = [ln for ln in lines if re.search(r"\w(Error|Failed|Exception)\b:", ln)]
+    return (errors or lines or ["error"])[-1][:300]
 
 
 def is_active(s: CellState) -> bool:

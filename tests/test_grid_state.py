@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import subprocess
 import sys
 import threading
@@ -186,6 +187,34 @@ def test_queue_states_tells_an_unknown_id_from_a_dead_controller(tmp_path, monke
     # squeue answers nothing at all (slurmctld down): unknown.
     monkeypatch.setenv("PATH", _fake_slurm_bin(tmp_path, "exit 1\n"))
     assert slurm_state.queue_states(["5"]) is None
+
+
+class _RunsOnLoad:
+    """Unpickling this creates the file `path`: what a replaced result file could do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_job_result_file_is_never_unpickled(grid_file, tmp_path):
+    grid, _ = grid_file("local")
+    key = grid.cells()[0].key
+    folder = tmp_path / "submitit"
+    folder.mkdir()
+    register(grid, key, "local", "99999999", folder=str(folder))   # no such controller
+    marker = tmp_path / "ran"
+    with open(folder / "99999999_0_result.pkl", "wb") as f:
+        pickle.dump(("error", _RunsOnLoad(str(marker))), f)
+    (folder / "99999999_0_log.err").write_text(
+        "Traceback (most recent call last):\n  File ...\n"
+        "s3rec.launch.job.StageFailed: k: s3rec-finetune exited with 1: bad\n")
+    st = runner.open_grid(grid).states()[key]
+    assert not marker.exists()
+    assert st.state == "failed"
+    assert "StageFailed: k: s3rec-finetune exited with 1: bad" in st.detail, st.detail
 
 
 # ---------------------------------------------------------------- 2 and 9. local jobs by PID
