@@ -33,6 +33,7 @@ from s3rec.config import Config, ConfigError, config_from_dict
 from s3rec.engine import checkpoint as ckpt
 from s3rec.engine import run
 from s3rec.engine.evaluate import evaluate, length_batches
+from s3rec.run_folder import RunLock, read_run_json
 from s3rec.runlog import (BEST_MODEL, RESULTS_JSON, Events, write_atomic, write_json_atomic,
                           write_npy_atomic)
 
@@ -85,12 +86,13 @@ def load_model_state(model_arg: str, ds) -> tuple[dict, Config, str]:
         obj = read_model_file(p)
         sd = check_model_file(obj, p, None, info)
         return sd, config_from_dict(obj.get("config", {})), str(p)
-    root, run_json = p / ckpt.CHECKPOINTS, p / "run.json"
+    root = p / ckpt.CHECKPOINTS
     tag = ckpt.read_best(root) if root.is_dir() else None
-    if tag is None or not run_json.is_file():
+    info = read_run_json(p)
+    if tag is None or not info or not isinstance(info.get("config"), dict):
         raise CheckpointError(f"--model {p}: no {BEST_MODEL} and no best checkpoint tag with a "
-                              f"run.json: not a finished fine-tune's run folder")
-    cfg = config_from_dict(json.loads(run_json.read_text())["config"])
+                              f"readable run.json: not a finished fine-tune's run folder")
+    cfg = config_from_dict(info["config"])
     return ckpt.consolidate_folder(root, tag), cfg, str(root / tag)
 
 
@@ -190,7 +192,12 @@ def write_outputs(out: Path, key: str, args, metrics: dict, ranks: torch.Tensor,
               "users": int(len(ranks)), "world_size": world_size}
     write_json_atomic(folder / f"{stem}.json", record)
     results = out / RESULTS_JSON
-    if results.is_file():
+    if not results.is_file():
+        return
+    # read, add, write: under the run folder's lock, so that two evaluations of one run (or a
+    # training started on it) cannot lose each other's protocols
+    lock = RunLock(out).acquire()
+    try:
         data = json.loads(results.read_text())
         data.setdefault("protocols", {}).setdefault(key, {})[args.split] = metrics
         write_json_atomic(results, data)
@@ -199,6 +206,8 @@ def write_outputs(out: Path, key: str, args, metrics: dict, ranks: torch.Tensor,
             events = Events(out, enabled=True)
             events.scalars(metrics, int(data.get("best_epoch") or 0), prefix=f"{args.split}-{key}/")
             events.close()
+    finally:
+        lock.release()
 
 
 def main(argv=None) -> int:
