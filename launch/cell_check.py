@@ -26,10 +26,7 @@ def check_cells(cells: list[Cell]) -> None:
     fingerprints: dict[str, dict] = {}
     for cell in cells:
         expected = None                 # the cell's config, made once a stage has a record
-        stages = [("pretrain", cell.pretrain_dir), ("finetune", cell.finetune_dir)]
-        for stage, run_dir in stages:
-            if run_dir is None:
-                continue
+        for stage, run_dir in cell.stage_dirs:
             info = read_run_json(run_dir)
             if info is None or "config" not in info:
                 continue            # never started, or started by a version without a record
@@ -39,6 +36,12 @@ def check_cells(cells: list[Cell]) -> None:
             expected = expected or load_config(cell.grid.config or None, cell.override_args())
             _check_config(where, expected, stage, info,
                           stage_done(run_dir, STAGE_PRODUCT[stage]))
+            if info.get("world_size", cell.world_size) != cell.world_size:
+                # The run's batches, and its checkpoint's shards, are those of its world size.
+                raise GridError(f"{where}: ran as {info['world_size']} process"
+                                f"{'es' * (info['world_size'] != 1)}, the grid now gives "
+                                f"{cell.world_size} (executor.nodes x executor.tasks_per_node); "
+                                f"restore them, {_ELSE}")
             saved = info.get("dataset_fingerprint")
             # (a dataset folder that is gone: check_data_exists, run before this, says so)
             if saved is not None and (Path(cell.data) / "manifest.json").exists():

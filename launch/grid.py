@@ -1,17 +1,25 @@
-"""A grid of S3Rec runs: datasets x variants x ranks x seeds, each cell a pretrain then a fine-tune.
+"""A grid of S3Rec runs: datasets x variants x ranks x any config axes x seeds. Each cell is one
+pretraining and the fine-tunes from its saved epochs (`finetune_from`).
 
-A grid is a YAML file (see configs/grids/demo.yaml) or built in code; everything is checked here,
-before anything is submitted, and every error names the key. Cells map to fixed run folders
+A grid is a YAML file (see configs/grids/demo.yaml, docs/grids.md) or built in code; everything is
+checked here, before anything is submitted, and every error names the key. Cells map to fixed run
+folders
 
-    OUT/<dataset>/<variant>/r<rank>/s<seed>/{pretrain,finetune}     (rank `full` for full-rank variants)
+    OUT/<dataset>/<variant>/r<rank>/[<key>=<value>/...]s<seed>/
+        pretrain/                   (not for finetune-only)
+        finetune/                   fine-tuned from pretrain/final.pt (`final` in finetune_from)
+        finetune-e<N>/              fine-tuned from pretrain/epoch-N.pt
 
-so a grid can be launched again: finished cells are recognised by their folders alone.
+(rank `full` for full-rank variants; one `<key>=<value>` folder per entry of `axes`, in the
+order of their keys), so a grid can be launched again: finished cells are recognised by their
+folders alone, and a new axis value or `finetune_from` entry adds folders beside the done ones.
 This module knows the training commands only by their command line (their `--help`).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -24,6 +32,11 @@ from s3rec.run_folder import STAGE_PRODUCT, read_run_json, stage_done  # noqa: F
 
 LOWRANK_VARIANTS = ("s3rec-lowrank",)      # variants whose heads take the `ranks` axis
 NO_PRETRAIN_VARIANTS = ("finetune-only",)  # variants that skip pretraining
+FINAL = "final"                            # finetune_from entry: the pretraining's final.pt
+# Keys the named axes set: an `axes` or `overrides` entry for one of them is an error.
+NAMED_AXES = {"variant": "variants", "seed": "seeds", "model.head_rank": "ranks"}
+# What an axis value may be written as in a folder name (values are scalars).
+_FOLDER_TEXT = re.compile(r"[A-Za-z0-9_.+-]+")
 
 
 class GridError(ValueError):
@@ -45,7 +58,14 @@ class ExecutorConfig:
     timeout_min: int = 60             # (int) wall time of one cell's job, minutes
     cpus_per_task: int = 1            # (int) CPUs of one cell's job
     mem_gb: float = 0                 # (float) memory of one cell's job (0 = cluster default)
-    gpus_per_node: int = 0            # (int) GPUs of one cell's job (0 = none: CPU training)
+    gpus_per_node: int = 0            # (int) GPUs per node of one job (0 = none: CPU training);
+                                      #   tasks_per_node > 1 wants one per task
+    nodes: int = 1                    # (int) nodes of one cell (SLURM; local: 1)
+    tasks_per_node: int = 1           # (int) training processes per node: a cell's world size is
+                                      #   nodes x tasks_per_node (srun under SLURM, local processes
+                                      #   otherwise), recorded in its run.json and kept on resume
+    cells_per_job: int = 1            # (int) cells packed into one job, sharing its GPU (or CPUs),
+                                      #   each in its own process and folder (world size 1 only)
     signal_delay_s: int = 60          # (int) USR2 this long before the time limit: checkpoint + requeue
                                       #   (SLURM: >= CHILD_SAVE_TIMEOUT_S, under the time limit)
     max_num_timeout: int = 20         # (int) requeues allowed per job after time-outs/preemption
@@ -61,6 +81,11 @@ class Grid:
     out: str                          # (str) root of the run folders, e.g. runs/demo
     ranks: list = field(default_factory=list)   # (list[int]) head ranks for low-rank variants
     overrides: dict = field(default_factory=dict)  # (dict) dotted config key -> value, all cells
+    axes: dict = field(default_factory=dict)    # (dict) dotted config key -> list of values: one
+                                                #   cell per combination, a folder per value
+    finetune_from: list = field(default_factory=lambda: [FINAL])
+                                                # (list) pretraining epochs each cell fine-tunes
+                                                #   from: N (pretrain/epoch-N.pt) or `final`
     config: str = ""                  # (str) a base training YAML passed as --config ("" = none)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     source: str = "<code>"            # where the grid came from, for error messages (not a key)
@@ -77,17 +102,27 @@ class Grid:
 
     # ------------------------------------------------------------------ cells
     def cells(self) -> list["Cell"]:
-        """Every cell, in a fixed order (dataset, variant, rank, seed)."""
+        """Every cell, in a fixed order (dataset, variant, rank, axes, seed)."""
         out = []
         for data in self.data:
             for variant in self.variants:
                 ranks = self.ranks if variant in LOWRANK_VARIANTS else [None]
                 for rank in ranks:
-                    for seed in self.seeds:
-                        out.append(Cell(grid=self, data=str(Path(data).resolve()),
-                                        dataset=dataset_name(data), variant=variant,
-                                        rank=rank, seed=int(seed)))
+                    for values in self.axis_combinations(variant):
+                        for seed in self.seeds:
+                            out.append(Cell(grid=self, data=str(Path(data).resolve()),
+                                            dataset=dataset_name(data), variant=variant,
+                                            rank=rank, seed=int(seed), axis_values=values))
         return out
+
+    def axis_combinations(self, variant: str | None = None) -> list[tuple]:
+        """Every combination of the `axes` values: tuples of (key, value), keys sorted. A
+        variant that does not pretrain has no `pretrain.*` axes: they would only repeat it."""
+        combos: list[tuple] = [()]
+        skip = "pretrain." if variant in NO_PRETRAIN_VARIANTS else None
+        for key in sorted(k for k in self.axes if not (skip and k.startswith(skip))):
+            combos = [c + ((key, v),) for c in combos for v in self.axes[key]]
+        return combos
 
     def override_args(self) -> list[str]:
         """The grid's overrides as `key=value` arguments; values JSON-encoded (valid YAML), so a
@@ -104,11 +139,34 @@ class Grid:
             rank = self.full_head_rank
         return [] if rank is None else [f"model.head_rank={rank}"]
 
+    @property
+    def epochs_from(self) -> list[int]:
+        """The pretraining epochs (not `final`) that cells fine-tune from."""
+        return [e for e in self.finetune_from if e != FINAL]
+
 
 def dataset_name(data: str) -> str:
     """The run tree's first level for a dataset folder: its name once `.` and `..` are
     resolved (lexically, so a symlinked dataset keeps the name it was given)."""
     return Path(os.path.abspath(data)).name if data else ""
+
+
+def axis_text(value: Any) -> str:
+    """An axis value as its folder shows it: JSON for numbers and booleans, strings as they are."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def finetune_folder_name(source: int | str) -> str:
+    """`finetune` for the final pretraining weights, `finetune-e<N>` for epoch N's."""
+    return "finetune" if source == FINAL else f"finetune-e{source}"
+
+
+@dataclass(frozen=True)
+class FineTune:
+    """One fine-tune of a cell: from which pretraining weights, into which folder."""
+    source: int | str   # a pretraining epoch, or FINAL; FINAL for finetune-only cells
+    dir: Path
+    init: Path | None   # the --init file (None: finetune-only, from scratch)
 
 
 @dataclass(frozen=True)
@@ -119,12 +177,14 @@ class Cell:
     variant: str
     rank: int | None  # None for full-rank variants
     seed: int
+    axis_values: tuple = ()   # ((config key, value), ...) of the grid's `axes`, keys sorted
 
     @property
     def key(self) -> str:
-        """`dataset/variant/r<rank>/s<seed>`: the cell's identity and relative folder."""
+        """`dataset/variant/r<rank>/[key=value/...]s<seed>`: the cell's identity and folder."""
         r = "full" if self.rank is None else str(self.rank)
-        return f"{self.dataset}/{self.variant}/r{r}/s{self.seed}"
+        axes = "".join(f"{k}={axis_text(v)}/" for k, v in self.axis_values)
+        return f"{self.dataset}/{self.variant}/r{r}/{axes}s{self.seed}"
 
     @property
     def folder(self) -> Path:
@@ -135,31 +195,68 @@ class Cell:
         return None if self.variant in NO_PRETRAIN_VARIANTS else self.folder / "pretrain"
 
     @property
+    def finetunes(self) -> list[FineTune]:
+        """The cell's fine-tunes, in `finetune_from` order (one, from scratch, for finetune-only)."""
+        pre = self.pretrain_dir
+        if pre is None:
+            return [FineTune(FINAL, self.folder / "finetune", None)]
+        return [FineTune(src, self.folder / finetune_folder_name(src),
+                         pre / ("final.pt" if src == FINAL else f"epoch-{src}.pt"))
+                for src in self.grid.finetune_from]
+
+    @property
     def finetune_dir(self) -> Path:
-        return self.folder / "finetune"
+        """The fine-tune from the final weights if the grid makes one, else its first."""
+        fts = self.finetunes
+        return next((f.dir for f in fts if f.source == FINAL), fts[0].dir)
+
+    @property
+    def stage_dirs(self) -> list[tuple[str, Path]]:
+        """(stage, folder) of every run of the cell, pretraining first."""
+        pre = [("pretrain", self.pretrain_dir)] if self.pretrain_dir is not None else []
+        return pre + [("finetune", f.dir) for f in self.finetunes]
+
+    @property
+    def world_size(self) -> int:
+        ex = self.grid.executor
+        return ex.nodes * ex.tasks_per_node
 
     def axes(self) -> dict:
         return {"grid": self.grid.name, "dataset": self.dataset, "variant": self.variant,
-                "rank": self.rank, "seed": self.seed}
+                "rank": self.rank, **dict(self.axis_values), "seed": self.seed}
 
     def override_args(self) -> list[str]:
-        return (self.grid.override_args() + [f"variant={self.variant}", f"seed={self.seed}"]
+        axes = [f"{k}={json.dumps(v)}" for k, v in self.axis_values]
+        return (self.grid.override_args() + axes + [f"variant={self.variant}", f"seed={self.seed}"]
                 + self.grid.rank_args(self.rank))
 
+    def save_epochs_args(self) -> list[str]:
+        """pretrain.save_epochs with the epochs the cell fine-tunes from added (a setting that
+        changes no result: the pretraining saves those weights, the fine-tunes read them)."""
+        want = self.grid.epochs_from
+        if not want:
+            return []
+        have = load_config(self.grid.config or None, self.override_args()).pretrain.save_epochs
+        return [f"pretrain.save_epochs={json.dumps(sorted(set(have) | set(want)))}"]
+
     def commands(self, pretrain_exe: str = "s3rec-pretrain",
-                 finetune_exe: str = "s3rec-finetune") -> tuple[list[str] | None, list[str]]:
-        """(pretrain command or None, fine-tune command): plain argument lists, no shell."""
+                 finetune_exe: str = "s3rec-finetune") -> tuple[list[str] | None, list[list[str]]]:
+        """(pretrain command or None, the fine-tune commands in `finetunes` order): plain
+        argument lists, no shell."""
         base = ["--config", self.grid.config] if self.grid.config else []
         pre = None
-        fine = [finetune_exe, "--data", self.data, "--out", str(self.finetune_dir)] + base
         if self.pretrain_dir is not None:
             pre = [pretrain_exe, "--data", self.data, "--out", str(self.pretrain_dir)] + base \
-                + self.override_args()
-            fine += ["--init", str(self.pretrain_dir / "final.pt")]
-        return pre, fine + self.override_args()
+                + self.override_args() + self.save_epochs_args()
+        fines = []
+        for ft in self.finetunes:
+            init = ["--init", str(ft.init)] if ft.init is not None else []
+            fines.append([finetune_exe, "--data", self.data, "--out", str(ft.dir)] + base + init
+                         + self.override_args())
+        return pre, fines
 
     def is_done(self) -> bool:
-        return stage_done(self.finetune_dir, STAGE_PRODUCT["finetune"])
+        return all(stage_done(f.dir, STAGE_PRODUCT["finetune"]) for f in self.finetunes)
 
 
 # ---------------------------------------------------------------------- loading and checking
@@ -262,8 +359,9 @@ def validate(grid: Grid) -> None:
         raise GridError(f"{src}: key 'overrides': expected a mapping of dotted config keys, "
                         f"got {grid.overrides!r}")
     for k, v in grid.overrides.items():
-        if k in ("variant", "seed", "model.head_rank"):
-            raise GridError(f"{src}: key 'overrides.{k}': set by the grid's axes, not an override")
+        if k in NAMED_AXES:
+            raise GridError(f"{src}: key 'overrides.{k}': set by the grid's axis "
+                            f"'{NAMED_AXES[k]}', not an override")
         try:
             json.dumps(v)       # how override_args passes it to the training commands
         except (TypeError, ValueError) as e:
@@ -283,18 +381,27 @@ def validate(grid: Grid) -> None:
         if r < 1 or r > hidden:
             raise GridError(f"{src}: key 'ranks[{i}]': rank {r} must be in 1..{hidden} "
                             f"(model.hidden_size)")
+    _check_axes(grid)
     for v in grid.variants:
         for r in (grid.ranks if v in LOWRANK_VARIANTS else [None]):
-            extra = [f"variant={v}", *grid.rank_args(r)]
-            try:
-                load_config(grid.config or None, grid.override_args() + extra)
-            except ConfigError as e:
-                raise GridError(f"{src}: key 'overrides' with variant {v}"
-                                f"{'' if r is None else f', rank {r}'}: {e}") from None
+            for values in grid.axis_combinations(v):
+                extra = [f"{k}={json.dumps(x)}" for k, x in values]
+                extra += [f"variant={v}", *grid.rank_args(r)]
+                try:
+                    cfg = load_config(grid.config or None, grid.override_args() + extra)
+                except ConfigError as e:
+                    where = "".join(f", {k}={axis_text(x)}" for k, x in values)
+                    raise GridError(f"{src}: key '{'axes' if values else 'overrides'}' with "
+                                    f"variant {v}{'' if r is None else f', rank {r}'}{where}: "
+                                    f"{e}") from None
+                if v not in NO_PRETRAIN_VARIANTS:
+                    _check_finetune_from(grid, cfg.pretrain.epochs)
+    _check_finetune_from(grid, None)
     ex = grid.executor
     if ex.kind not in ("local", "slurm"):
         raise GridError(f"{src}: key 'executor.kind': expected local|slurm, got {ex.kind!r}")
-    for key in ("array_parallelism", "timeout_min", "cpus_per_task"):
+    for key in ("array_parallelism", "timeout_min", "cpus_per_task", "nodes", "tasks_per_node",
+                "cells_per_job"):
         if getattr(ex, key) < 1:
             raise GridError(f"{src}: key 'executor.{key}': must be >= 1, got {getattr(ex, key)}")
     if ex.signal_delay_s < 0 or ex.max_num_timeout < 0 or ex.gpus_per_node < 0 or ex.mem_gb < 0:
@@ -307,7 +414,74 @@ def validate(grid: Grid) -> None:
                         f"{CHILD_SAVE_TIMEOUT_S} s (a cell waits that long for its training to "
                         f"save) and under timeout_min ({ex.timeout_min * 60} s), got "
                         f"{ex.signal_delay_s}")
+    if ex.kind == "local" and ex.nodes != 1:
+        raise GridError(f"{src}: key 'executor.nodes': the local executor runs on this machine "
+                        f"only (nodes 1), got {ex.nodes}; use tasks_per_node, or kind slurm")
+    if ex.cells_per_job > 1 and ex.nodes * ex.tasks_per_node > 1:
+        raise GridError(f"{src}: key 'executor.cells_per_job': {ex.cells_per_job} cells per job "
+                        f"need cells of one process, but executor.nodes x "
+                        f"executor.tasks_per_node is {ex.nodes} x {ex.tasks_per_node}")
+    if ex.tasks_per_node > 1 and ex.gpus_per_node and ex.gpus_per_node < ex.tasks_per_node:
+        raise GridError(f"{src}: key 'executor.gpus_per_node': {ex.gpus_per_node} GPUs for "
+                        f"executor.tasks_per_node {ex.tasks_per_node} processes (one each)")
     _check_script_values(grid)
+
+
+def _check_axes(grid: Grid) -> None:
+    """`axes`: dotted config keys (not a named axis's, not an override's) to lists of distinct
+    scalar values that can name a folder."""
+    src = grid.source
+    if not isinstance(grid.axes, dict):
+        raise GridError(f"{src}: key 'axes': expected a mapping of dotted config keys to lists "
+                        f"of values, got {grid.axes!r}")
+    for k, values in grid.axes.items():
+        if not isinstance(k, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", k):
+            raise GridError(f"{src}: key 'axes': expected dotted config keys, got {k!r}")
+        if k in NAMED_AXES:
+            raise GridError(f"{src}: key 'axes.{k}': conflicts with the grid's axis "
+                            f"'{NAMED_AXES[k]}', which sets {k}; give its values there")
+        if k in grid.overrides:
+            raise GridError(f"{src}: key 'axes.{k}': conflicts with 'overrides.{k}' "
+                            f"({grid.overrides[k]!r}); an axis sets it per cell, so drop one")
+        if not isinstance(values, list) or not values:
+            raise GridError(f"{src}: key 'axes.{k}': expected a non-empty list of values, "
+                            f"got {values!r}")
+        texts = []
+        for i, v in enumerate(values):
+            if not isinstance(v, (str, int, float, bool)) or v is None:
+                raise GridError(f"{src}: key 'axes.{k}[{i}]': expected a number, string or "
+                                f"boolean (it names a folder), got {type(v).__name__} {v!r}")
+            if isinstance(v, float) and not math.isfinite(v):
+                raise GridError(f"{src}: key 'axes.{k}[{i}]': expected a finite number, got {v!r}")
+            text = axis_text(v)
+            if not _FOLDER_TEXT.fullmatch(text) or text in (".", ".."):
+                raise GridError(f"{src}: key 'axes.{k}[{i}]': {v!r} cannot name a folder "
+                                f"(letters, digits, '_', '.', '+', '-')")
+            texts.append(text)
+        if len(set(texts)) != len(texts):
+            dup = next(t for t in texts if texts.count(t) > 1)
+            raise GridError(f"{src}: key 'axes.{k}': two values name the same folder "
+                            f"{k}={dup} ({values})")
+
+
+def _check_finetune_from(grid: Grid, pretrain_epochs: int | None) -> None:
+    """`finetune_from`: distinct entries, each `final` or an epoch 1..pretrain.epochs (checked
+    per cell config when `pretrain_epochs` is given)."""
+    src, ff = grid.source, grid.finetune_from
+    if not isinstance(ff, list) or not ff:
+        raise GridError(f"{src}: key 'finetune_from': expected a non-empty list of pretraining "
+                        f"epochs and/or '{FINAL}', got {ff!r}")
+    for i, e in enumerate(ff):
+        if e == FINAL:
+            continue
+        if not isinstance(e, int) or isinstance(e, bool) or e < 1:
+            raise GridError(f"{src}: key 'finetune_from[{i}]': expected an epoch >= 1 or "
+                            f"'{FINAL}', got {e!r}")
+        if pretrain_epochs is not None and e > pretrain_epochs:
+            raise GridError(f"{src}: key 'finetune_from[{i}]': epoch {e} is after the "
+                            f"pretraining's last (pretrain.epochs = {pretrain_epochs})")
+    if len(set(map(str, ff))) != len(ff):
+        raise GridError(f"{src}: key 'finetune_from': repeated entry in {ff}")
 
 
 # A control character (newline, carriage return, NUL, escape, ...) in a value that submitit

@@ -106,13 +106,19 @@ def _dry_run(grid: Grid) -> int:
     """Every check of a launch, then the cells and their commands, quoted for a shell."""
     run_ = open_grid(grid)
     run_.check()
+    ex = grid.executor
     for c in run_.cells:
-        pre, fine = c.commands()
+        pre, fines = c.commands()
         print(f"{c.key}  [{'done' if c.is_done() else 'to run'}]")
         if pre:
             print("   ", shlex.join(pre))
-        print("   ", shlex.join(fine))
-    print(f"{len(run_.cells)} cells, executor {grid.executor.kind}, out {grid.out_path}")
+        for fine in fines:
+            print("   ", shlex.join(fine))
+    jobs = -(-sum(not c.is_done() for c in run_.cells) // ex.cells_per_job)
+    print(f"{len(run_.cells)} cells, executor {ex.kind}, out {grid.out_path}; {jobs} job"
+          f"{'s' * (jobs != 1)} to submit ({ex.cells_per_job} cell{'s' * (ex.cells_per_job != 1)} "
+          f"per job, {ex.nodes} node{'s' * (ex.nodes != 1)} x {ex.tasks_per_node} task"
+          f"{'s' * (ex.tasks_per_node != 1)} per cell)")
     return 0
 
 

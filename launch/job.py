@@ -1,4 +1,11 @@
-"""The job of one grid cell: `s3rec-pretrain`, then `s3rec-finetune`, as child processes.
+"""The job of grid cells: each cell's `s3rec-pretrain`, then its `s3rec-finetune`s, as child
+processes.
+
+A job runs `executor.cells_per_job` cells side by side, each in its own child process and
+folder; one that fails leaves the others to finish, and the job then fails naming it. A cell of
+world size N (`executor.nodes` x `executor.tasks_per_node`) is one job of N tasks (srun under
+SLURM, N local processes otherwise): every task runs the same commands, with its rank, and the
+training's own rendezvous joins them.
 
 Only strings and paths are pickled into a job (no model, no config object). On preemption or a
 time-out submitit calls `checkpoint()` (SIGUSR2); the training child got the same signal from
@@ -17,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +38,30 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def task_env(world_size: int, stage_index: int) -> dict:
+    """The environment of a training child: world size 1 trains alone; a larger cell takes its
+    rank from the job's task (submitit's JobEnvironment: SLURM's srun task, or the local
+    executor's process), its rendezvous host from the job's first node and its port from the
+    job id, so that every task of the job agrees on both without talking."""
+    if world_size == 1:
+        return single_process_env()
+    je = submitit.JobEnvironment()
+    if je.num_tasks != world_size:
+        raise StageFailed(f"job {je.job_id} has {je.num_tasks} tasks, the cell wants world size "
+                          f"{world_size} (executor.nodes x executor.tasks_per_node)")
+    env = dict(os.environ)
+    hosts = je.hostnames
+    master = "127.0.0.1" if os.environ.get("SUBMITIT_EXECUTOR") != "slurm" else hosts[0]
+    digits = int(re.sub(r"\D", "", str(je.job_id)) or 0)
+    env.update(RANK=str(je.global_rank), WORLD_SIZE=str(world_size),
+               LOCAL_RANK=str(je.local_rank), LOCAL_WORLD_SIZE=str(world_size // len(hosts)
+                                                                   if hosts else world_size),
+               MASTER_ADDR=os.environ.get("S3REC_MASTER_ADDR", master),
+               MASTER_PORT=str(20000 + (digits * 7 + stage_index) % 20000))
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    return env
 
 
 def single_process_env() -> dict:
@@ -98,96 +130,189 @@ class StageFailed(RuntimeError):
     """A training command exited non-zero; the message carries its run.json error line."""
 
 
-class CellJob(submitit.helpers.Checkpointable):
-    """Callable run by submitit for one cell. `pretrain_cmd` is None for finetune-only cells."""
+# How long a task of rank > 0 waits, after its training exited 0, for rank 0's to have written
+# the stage's products (rank 0 alone writes them, and may exit a little later).
+PRODUCT_WAIT_S = 120
 
-    def __init__(self, key: str, pretrain_cmd: list[str] | None, pretrain_dir: str | None,
-                 finetune_cmd: list[str], finetune_dir: str,
+
+def chain_spec(key: str, stages: list[tuple[str, list[str], str]]) -> dict:
+    """A cell as a job carries it: its key and its (stage, command, run folder) in order."""
+    return {"key": key, "stages": [{"stage": st, "cmd": list(cmd), "dir": str(d)}
+                                   for st, cmd, d in stages]}
+
+
+class _ChainRun:
+    """One cell's progress inside a job: the stage running, and how it ended."""
+
+    def __init__(self, spec: dict) -> None:
+        self.key = spec["key"]
+        self.stages = spec["stages"]
+        self.next = 0                       # index of the next stage to consider
+        self.proc: subprocess.Popen | None = None
+        self.stage: dict | None = None      # the stage `proc` runs
+        self.t0 = 0.0
+        self.outcome: str | None = None     # done | failed | preempted
+        self.error = ""
+        self.reader: threading.Thread | None = None
+
+
+class CellsJob(submitit.helpers.Checkpointable):
+    """Callable run by submitit for `chains` (chain_spec dicts), side by side; `world_size`: of
+    each cell (more than 1 only for a job of one cell)."""
+
+    def __init__(self, chains: list[dict], world_size: int = 1,
                  cancelled_file: str | None = None) -> None:
-        self.key = key
+        self.chains = chains
+        self.world_size = world_size
         self.cancelled_file = cancelled_file    # runner.cancelled_path: job ids cancel stopped
-        self.pretrain_cmd = pretrain_cmd
-        self.pretrain_dir = pretrain_dir
-        self.finetune_cmd = finetune_cmd
-        self.finetune_dir = finetune_dir
-        self._proc: subprocess.Popen | None = None
-
-    def getattr_cancelled(self) -> str | None:
-        return getattr(self, "cancelled_file", None)    # jobs pickled without it: None
+        self._runs: list[_ChainRun] = []
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_proc"] = None   # a live process handle never travels
+        state["_runs"] = []     # live process handles never travel
         return state
 
-    def __call__(self) -> dict:
-        if self.pretrain_cmd is not None and not stage_done(Path(self.pretrain_dir),
-                                                              STAGE_PRODUCT["pretrain"]):
-            self._run(self.pretrain_cmd, Path(self.pretrain_dir))
-        if not stage_done(Path(self.finetune_dir), STAGE_PRODUCT["finetune"]):
-            self._run(self.finetune_cmd, Path(self.finetune_dir))
-        return json.loads((Path(self.finetune_dir) / "results.json").read_text())
+    @property
+    def keys(self) -> str:
+        return ", ".join(c["key"] for c in self.chains)
 
-    def _run(self, cmd: list[str], run_dir: Path) -> None:
-        print(f"[{self.key}] $ {shlex.join(cmd)}", flush=True)   # pasteable: values are quoted
-        t0 = time.time()
-        self._proc = proc = subprocess.Popen(cmd, env=single_process_env())
+    def _rank(self) -> int:
+        return 0 if self.world_size == 1 else submitit.JobEnvironment().global_rank
+
+    def __call__(self) -> dict:
+        self._runs = runs = [_ChainRun(c) for c in self.chains]
         try:
             # Poll rather than wait(): checkpoint() runs as a signal handler on this thread and
-            # must be able to reap the child itself; a blocking wait() would hold Popen's lock.
-            while (code := proc.poll()) is None:
+            # must be able to reap the children itself; a blocking wait() would hold Popen's lock.
+            while any(r.outcome is None for r in runs):
+                for r in runs:
+                    if r.outcome is None and r.proc is None:
+                        self._start_next(r)
+                    elif r.proc is not None and r.proc.poll() is not None:
+                        self._finish(r)
                 time.sleep(0.5)
         finally:
             # Leaving early (the local controller's SIGINT at its time limit or on cancel, any
-            # error): the training must not outlive this job and train on unwatched.
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            self._proc = None
-        print(f"[{self.key}] exit {code} after {time.time() - t0:.1f} s", flush=True)
+            # error): no training may outlive this job and train on unwatched.
+            for r in runs:
+                if r.proc is not None and r.proc.poll() is None:
+                    r.proc.kill()
+                    r.proc.wait()
+        failed = [r for r in runs if r.outcome == "failed"]
+        if any(r.outcome == "preempted" for r in runs) and \
+                os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+            requeue_slurm_job(self.keys, self.cancelled_file)
+        if failed:
+            done = [r.key for r in runs if r.outcome == "done"]
+            raise StageFailed("; ".join(r.error for r in failed)
+                              + (f" (done in the same job: {', '.join(done)})" if done else ""))
+        return {r.key: r.outcome for r in runs}
+
+    def _start_next(self, r: _ChainRun) -> None:
+        while r.next < len(r.stages):
+            st = r.stages[r.next]
+            r.next += 1
+            if stage_done(Path(st["dir"]), STAGE_PRODUCT[st["stage"]]):
+                continue
+            self._start(r, st, r.next - 1)
+            return
+        r.outcome = "done"
+
+    def _start(self, r: _ChainRun, st: dict, index: int) -> None:
+        print(f"[{r.key}] $ {shlex.join(st['cmd'])}", flush=True)   # pasteable: values quoted
+        r.stage, r.t0 = st, time.time()
+        env = task_env(self.world_size, index)
+        if len(self.chains) == 1:
+            r.proc = subprocess.Popen(st["cmd"], env=env)
+            return
+        # Several cells share the job's log: each line of a cell's training carries its key.
+        r.proc = subprocess.Popen(st["cmd"], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT)
+        r.reader = threading.Thread(target=_prefix_lines, args=(r.proc.stdout, r.key),
+                                    daemon=True)
+        r.reader.start()
+
+    def _finish(self, r: _ChainRun) -> None:
+        code, st = r.proc.returncode, r.stage
+        if r.reader is not None:
+            r.reader.join(timeout=10)
+        r.proc = r.reader = None
+        run_dir, cmd = Path(st["dir"]), st["cmd"]
+        print(f"[{r.key}] exit {code} after {time.time() - r.t0:.1f} s", flush=True)
+        if code == 0 and self._rank() != 0:
+            _wait_for_products(run_dir, st["stage"])
         info = {}
         try:
             info = json.loads((run_dir / "run.json").read_text())
         except (OSError, json.JSONDecodeError):
             pass
+        name = Path(cmd[0]).name
         if code != 0:
             product = STAGE_PRODUCT.get(info.get("stage", ""))
             if product is not None and stage_done(run_dir, product):
                 # A signal (a cancel, a preemption) that lands while the finished training
                 # shuts down kills it: Python restores the default handlers as it exits.
                 # Its products are whole, so the stage is done.
-                print(f"[{self.key}] {Path(cmd[0]).name} was stopped (exit {code}) after it "
-                      f"had finished: {run_dir.name} is done", flush=True)
+                print(f"[{r.key}] {name} was stopped (exit {code}) after it had finished: "
+                      f"{run_dir.name} is done", flush=True)
                 return
-            raise StageFailed(f"{self.key}: {Path(cmd[0]).name} exited with {code}: "
-                              f"{info.get('error') or 'no error recorded in run.json'}")
+            r.outcome = "failed"
+            r.error = (f"{r.key}: {name} exited with {code}: "
+                       f"{info.get('error') or 'no error recorded in run.json'}")
+            print(f"[{r.key}] StageFailed: {r.error}", flush=True)
+            return
         if info.get("status") == "preempted" and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
-            requeue_slurm_job(self.key, self.getattr_cancelled())
+            r.outcome = "preempted"
+            return
         if info.get("status") != "done":
             # Exit 0 after a preemption save (run.json "preempted"): the stage is unfinished,
             # so the next stage must not start; the next launch resumes it from latest.
-            raise StageFailed(f"{self.key}: {Path(cmd[0]).name} stopped with run.json status "
-                              f"{info.get('status')!r} at epoch {info.get('epoch')}; "
-                              f"launch again to resume")
+            r.outcome = "failed"
+            r.error = (f"{r.key}: {name} stopped with run.json status {info.get('status')!r} "
+                       f"at epoch {info.get('epoch')}; launch again to resume")
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
-        """Called in the signal handler: let the child finish saving, then requeue a fresh job."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            # Under SLURM the signal reached every process of the step, the child included;
+        """Called in the signal handler: let every child finish saving, then requeue a fresh job."""
+        live = [r.proc for r in self._runs if r.proc is not None and r.proc.poll() is None]
+        deadline = time.monotonic() + CHILD_SAVE_TIMEOUT_S
+        for proc in live:
+            # Under SLURM the signal reached every process of the step, the children included;
             # the local executor signals only us, so pass it on. Asked of submitit, not of
             # SLURM_JOB_ID: a local grid launched inside an salloc or sbatch job has that too.
             if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
                 proc.send_signal(signal.SIGUSR2)
-            # Not proc.wait(): the signal may have landed while _run's poll() held Popen's
+        for proc in live:
+            # Not proc.wait(): the signal may have landed while the loop's poll() held Popen's
             # lock, which this handler (same thread) could then never take: wait(timeout)
-            # would spin to its end and a kill()'s wait() would block for ever. The child is
-            # reaped by _run once this handler has returned.
-            if not exited(proc.pid, CHILD_SAVE_TIMEOUT_S):
-                print(f"[{self.key}] training did not exit {CHILD_SAVE_TIMEOUT_S} s after the "
+            # would spin to its end and a kill()'s wait() would block for ever. The children
+            # are reaped once this handler has returned.
+            if not exited(proc.pid, max(0.0, deadline - time.monotonic())):
+                print(f"[{self.keys}] training did not exit {CHILD_SAVE_TIMEOUT_S} s after the "
                       f"signal; killing it (it resumes from its last checkpoint)", file=sys.stderr)
                 proc.kill()
                 exited(proc.pid, 10)
-        fresh = CellJob(self.key, self.pretrain_cmd, self.pretrain_dir, self.finetune_cmd,
-                        self.finetune_dir, self.getattr_cancelled())
+        fresh = CellsJob(self.chains, self.world_size, self.cancelled_file)
         return submitit.helpers.DelayedSubmission(fresh)
+
+
+def _prefix_lines(stream, key: str) -> None:
+    for line in iter(stream.readline, b""):
+        sys.stdout.write(f"[{key}] {line.decode(errors='replace')}")
+        sys.stdout.flush()
+    stream.close()
+
+
+def _wait_for_products(run_dir: Path, stage: str) -> None:
+    """Rank > 0: until rank 0 has written the stage's products, or its run.json says it
+    stopped otherwise (preempted, failed)."""
+    deadline = time.monotonic() + PRODUCT_WAIT_S
+    while time.monotonic() < deadline:
+        if stage_done(run_dir, STAGE_PRODUCT[stage]):
+            return
+        try:
+            if json.loads((run_dir / "run.json").read_text()).get("status") in ("preempted",
+                                                                                  "failed"):
+                return
+        except (OSError, json.JSONDecodeError):
+            pass
+        time.sleep(0.5)

@@ -34,8 +34,9 @@ from submitit.core.utils import FailedJobError, JobPaths
 
 from s3rec.launch import slurm_state
 from s3rec.launch.cell_check import check_cells
-from s3rec.launch.grid import Cell, Grid, GridError, check_data_exists, read_run_json
-from s3rec.launch.job import CHILD_SAVE_TIMEOUT_S, CellJob
+from s3rec.launch.grid import (STAGE_PRODUCT, Cell, Grid, GridError, check_data_exists,
+                               read_run_json, stage_done)
+from s3rec.launch.job import CHILD_SAVE_TIMEOUT_S, CellsJob, chain_spec
 from s3rec.runlog import write_atomic
 
 STATES = ("pending", "running", "done", "failed")
@@ -206,10 +207,24 @@ def cancelled_path(grid: Grid) -> Path:
     return grid.out_path / "_grid" / "cancelled.json"
 
 
-def make_job(cell: Cell, exes: tuple[str, str]) -> CellJob:
-    pre, fine = cell.commands(*exes)
-    return CellJob(cell.key, pre, None if cell.pretrain_dir is None else str(cell.pretrain_dir),
-                   fine, str(cell.finetune_dir), cancelled_file=str(cancelled_path(cell.grid)))
+def cell_chain(cell: Cell, exes: tuple[str, str]) -> dict:
+    """The cell's stages as its job runs them: the pretraining, then each fine-tune."""
+    pre, fines = cell.commands(*exes)
+    stages = [("pretrain", pre, cell.pretrain_dir)] if pre is not None else []
+    stages += [("finetune", cmd, ft.dir) for cmd, ft in zip(fines, cell.finetunes)]
+    return chain_spec(cell.key, stages)
+
+
+def make_job(cells: list[Cell], exes: tuple[str, str]) -> CellsJob:
+    """One job for `cells` (executor.cells_per_job of them at most), side by side."""
+    grid = cells[0].grid
+    return CellsJob([cell_chain(c, exes) for c in cells], world_size=cells[0].world_size,
+                    cancelled_file=str(cancelled_path(grid)))
+
+
+def packs(cells: list[Cell], per_job: int) -> list[list[Cell]]:
+    """The cells to run, `per_job` to a job, in grid order: a relaunch packs only what is left."""
+    return [cells[i:i + per_job] for i in range(0, len(cells), per_job)]
 
 
 def check_slurm_tools(grid: Grid) -> None:
@@ -227,8 +242,8 @@ def make_executor(grid: Grid) -> submitit.AutoExecutor:
     # AutoExecutor picks SLURM whenever sbatch is on PATH: always name the cluster.
     executor = submitit.AutoExecutor(folder=folder, cluster=ex.kind,
                                      **{f"{ex.kind}_max_num_timeout": ex.max_num_timeout})
-    params = dict(timeout_min=ex.timeout_min, name=f"s3rec-{grid.name}", nodes=1,
-                  tasks_per_node=1, cpus_per_task=ex.cpus_per_task)
+    params = dict(timeout_min=ex.timeout_min, name=f"s3rec-{grid.name}", nodes=ex.nodes,
+                  tasks_per_node=ex.tasks_per_node, cpus_per_task=ex.cpus_per_task)
     if ex.gpus_per_node:
         params["gpus_per_node"] = ex.gpus_per_node
     if ex.kind == "slurm":
@@ -263,7 +278,7 @@ class GridRun:
         self.registry_path = grid.out_path / "_grid" / "jobs.json"
         self.registry: dict = self._read_registry()
         self.jobs: dict[str, submitit.Job] = {}     # jobs submitted by this process
-        self.waiting: list[Cell] = []                 # local cells not started yet (throttle)
+        self.waiting: list[list[Cell]] = []           # local jobs (packs) not started yet (throttle)
         self.submitted: list[str] = []                # keys submitted by this launch
         self.skipped: dict[str, str] = {}             # key -> why not submitted
         self._gone_since: dict[str, float] = {}
@@ -294,7 +309,7 @@ class GridRun:
     @property
     def to_run(self) -> list[str]:
         """Keys this launch runs: submitted, or (local executor) waiting for a free slot."""
-        return self.submitted + [c.key for c in self.waiting]
+        return self.submitted + [c.key for pack in self.waiting for c in pack]
 
     # ------------------------------------------------------------- submitting
     def check(self) -> None:
@@ -345,9 +360,10 @@ class GridRun:
         if self.grid.executor.kind == "slurm":
             # Nothing is recorded before sbatch accepted the whole array: a refused submission
             # leaves jobs.json as it was.
+            groups = packs(todo, self.grid.executor.cells_per_job)
             try:
                 with self._executor.batch():     # one sbatch --array=0-N%parallelism
-                    jobs = [self._executor.submit(make_job(c, self._exes)) for c in todo]
+                    jobs = [self._executor.submit(make_job(g, self._exes)) for g in groups]
             except FailedJobError as e:     # sbatch ran and refused (partition, account, ...)
                 raise GridError(self._sbatch_refused(len(todo), e)) from None
             except FileNotFoundError as e:
@@ -356,10 +372,10 @@ class GridRun:
                 raise GridError(f"{self.grid.source}: key 'executor.kind': slurm, but sbatch "
                                 f"could not be run ({e.strerror}); submit from a SLURM login "
                                 f"node, or use --executor local") from None
-            for cell, job in zip(todo, jobs):
-                self._record(cell, job)
+            for group, job in zip(groups, jobs):
+                self._record(group, job)
         else:
-            self.waiting = list(todo)
+            self.waiting = packs(todo, self.grid.executor.cells_per_job)
             self._start_local()
 
     def _sbatch_refused(self, n: int, e: FailedJobError) -> str:
@@ -402,22 +418,26 @@ class GridRun:
             self._lock.close()   # closing the file drops the flock
             self._lock = None
 
-    def _record(self, cell: Cell, job: submitit.Job) -> None:
-        self.jobs[cell.key] = job
-        self.submitted.append(cell.key)
-        self.registry[cell.key] = {"executor": self.grid.executor.kind, "job_id": str(job.job_id),
-                                   "folder": str(job.paths.folder), "log": str(job.paths.stderr),
-                                   "submitted": _now()}
+    def _record(self, group: list[Cell], job: submitit.Job) -> None:
+        """The cells of one job: each key points at it (and names its partners)."""
+        for cell in group:
+            self.jobs[cell.key] = job
+            self.submitted.append(cell.key)
+            self.registry[cell.key] = {
+                "executor": self.grid.executor.kind, "job_id": str(job.job_id),
+                "folder": str(job.paths.folder), "log": str(job.paths.stderr),
+                "submitted": _now(), "cells": [c.key for c in group],
+                "world_size": cell.world_size}
         _write_json(self.registry_path, self.registry)
 
     def _start_local(self) -> None:
         """The local executor has no array throttle: keep at most array_parallelism running."""
-        running = sum(1 for k, j in self.jobs.items() if j.state == "RUNNING")
+        running = len({str(j.job_id) for j in self.jobs.values() if j.state == "RUNNING"})
         while self.waiting and running < self.grid.executor.array_parallelism:
-            cell = self.waiting.pop(0)
+            group = self.waiting.pop(0)
             with interruptible_children():
-                job = self._executor.submit(make_job(cell, self._exes))
-            self._record(cell, job)
+                job = self._executor.submit(make_job(group, self._exes))
+            self._record(group, job)
             running += 1
 
     # ------------------------------------------------------------- states
@@ -425,19 +445,20 @@ class GridRun:
         """`queued`: squeue's answer for the grid's jobs (None: squeue did not answer)."""
         if cell.is_done():
             return CellState("done", f"{cell.finetune_dir}/results.json")
-        if any(c.key == cell.key for c in self.waiting):
+        if any(c.key == cell.key for pack in self.waiting for c in pack):
             return CellState("pending", "waiting for a free local slot")
         entry = self.registry.get(cell.key)
         if entry is not None:
             st = self._job_state(cell, entry, queued)
             if st is not None:
                 return st
-        for d in (cell.finetune_dir, cell.pretrain_dir):
-            info = read_run_json(d) if d is not None else None
+        folders = [d for _, d in reversed(cell.stage_dirs)]    # the fine-tunes first
+        for d in folders:
+            info = read_run_json(d)
             if info and info.get("status") == "failed":
                 return CellState("failed", f"{d.name}: {info.get('error') or 'failed'}")
-        for d in (cell.finetune_dir, cell.pretrain_dir):
-            info = read_run_json(d) if d is not None else None
+        for d in folders:
+            info = read_run_json(d)
             if info:
                 return CellState("pending", f"unfinished {d.name} (epoch {info.get('epoch')}); "
                                             f"the next launch resumes it")
@@ -538,6 +559,8 @@ class GridRun:
             job = self.jobs.get(key)
             if entry["executor"] != "local":
                 continue
+            if int(entry["job_id"]) in roots.values():
+                continue    # packed: one job for several cells
             if (job.state == "RUNNING") if job is not None else \
                     local_controller_alive(entry["job_id"], entry["folder"]):
                 roots[key] = int(entry["job_id"])
@@ -573,15 +596,17 @@ class GridRun:
 
     # ------------------------------------------------------------- results
     def records(self) -> list[dict]:
-        """One dict per finished cell: axes, protocol, best epoch and the test metrics."""
+        """One dict per finished fine-tune: axes, the pretraining epoch it started from
+        (`finetune_from`), protocol, best epoch and the test metrics."""
         out = []
         for cell in self.cells:
-            if not cell.is_done():
-                continue
-            res = json.loads((cell.finetune_dir / "results.json").read_text())
-            out.append({**cell.axes(), "protocol": res.get("protocol"),
-                        "best_epoch": res.get("best_epoch"), **res.get("test", {}),
-                        "run": str(cell.finetune_dir)})
+            for ft in cell.finetunes:
+                if not stage_done(ft.dir, STAGE_PRODUCT["finetune"]):
+                    continue
+                res = json.loads((ft.dir / "results.json").read_text())
+                out.append({**cell.axes(), "finetune_from": ft.source,
+                            "protocol": res.get("protocol"), "best_epoch": res.get("best_epoch"),
+                            **res.get("test", {}), "run": str(ft.dir)})
         return out
 
 

@@ -31,13 +31,14 @@ def log_path(entry: dict | None) -> str:
 
 def stage_progress(cell: Cell) -> tuple[str, str, str, str]:
     """(stage, epoch e/E, eta, best validation) of the cell's stage under way or last run."""
-    stages = [("finetune", cell.finetune_dir), ("pretrain", cell.pretrain_dir)]
-    for name, folder in stages:
-        info = read_run_json(folder) if folder is not None else None
+    # Stages run in order: the last one with a run.json is the one under way (or last run).
+    for stage, folder in reversed(cell.stage_dirs):
+        info = read_run_json(folder)
         if not info:
             continue
+        name = folder.name          # pretrain, finetune, finetune-e<N>
         prog = info.get("progress") or {}
-        epochs = prog.get("epochs") or (info.get("config") or {}).get(name, {}).get("epochs")
+        epochs = prog.get("epochs") or (info.get("config") or {}).get(stage, {}).get("epochs")
         done = info.get("epoch") or 0
         if info.get("status") == "done":
             epoch, eta = f"{done}/{epochs or done}", "done"
@@ -48,7 +49,7 @@ def stage_progress(cell: Cell) -> tuple[str, str, str, str]:
         best = prog.get("best_valid") or {}
         best_text = (f"{best['metric']} {best['value']:.4f} (e{best['epoch']})"
                      if best.get("value") is not None else "")
-        if name == "finetune" and info.get("status") == "done":
+        if stage == "finetune" and info.get("status") == "done":
             best_text = best_text or "results.json"
         return name, epoch, eta, best_text
     return "", "", "", ""

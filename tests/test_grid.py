@@ -62,13 +62,13 @@ def test_cells_and_folders(tmp_path):
     c = cells[2]
     assert c.folder == tmp_path / "runs/t/beauty/s3rec-lowrank/r4/s1"
     assert c.pretrain_dir == c.folder / "pretrain" and c.finetune_dir == c.folder / "finetune"
-    pre, fine = c.commands("PRE", "FINE")
+    pre, (fine,) = c.commands("PRE", "FINE")
     assert pre[:5] == ["PRE", "--data", "/d/beauty", "--out", str(c.pretrain_dir)]
     assert "model.head_rank=4" in pre and "variant=s3rec-lowrank" in pre and "seed=1" in pre
     assert "pretrain.epochs=2" in pre and "pretrain.epochs=2" in fine
     assert fine[fine.index("--init") + 1] == str(c.pretrain_dir / "final.pt")
     ft = [c for c in cells if c.variant == "finetune-only"][0]
-    pre, fine = ft.commands()
+    pre, (fine,) = ft.commands()
     assert pre is None and ft.pretrain_dir is None and "--init" not in fine
     assert ft.key == "beauty/finetune-only/rfull/s1"
 
@@ -223,7 +223,7 @@ def test_small_hidden_size_allows_full_rank_variants():
     g = grid_from_dict(grid_with(ranks=[4], overrides={"model.hidden_size": 8,
                                                        "model.num_heads": 2}))
     for c in g.cells():
-        pre, fine = c.commands()
+        pre, (fine,) = c.commands()
         for cmd in (pre, fine):
             if cmd is None:
                 continue
@@ -234,7 +234,7 @@ def test_small_hidden_size_allows_full_rank_variants():
     # A grid whose hidden size fits the default rank passes no head_rank to full-rank cells.
     g = grid_from_dict(grid_with())
     full = [c for c in g.cells() if c.rank is None]
-    assert not any(a.startswith("model.head_rank") for c in full for a in c.commands()[1])
+    assert not any(a.startswith("model.head_rank") for c in full for a in c.commands()[1][0])
 
 
 def test_head_rank_override_still_refused(tmp_path, capsys):

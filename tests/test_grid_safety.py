@@ -111,7 +111,7 @@ def test_dry_run_prints_commands_that_paste_back(grid_yaml, tmp_path, capsys):
     code, out, _ = cli([str(path), "--dry-run"], capsys)
     assert code == 0
     printed = [ln.strip() for ln in out.splitlines() if ln.startswith("    ")]
-    expected = [c.commands()[1] for c in load_grid(path).cells()]
+    expected = [c.commands()[1][0] for c in load_grid(path).cells()]
     assert [shlex.split(ln) for ln in printed] == expected
     for ln in printed:
         _runs_in_bash_without_side_effect(ln, tmp_path)
@@ -120,7 +120,7 @@ def test_dry_run_prints_commands_that_paste_back(grid_yaml, tmp_path, capsys):
 def test_cell_job_logs_its_commands_quoted(tmp_path, capsys):
     cmd = [sys.executable, "-c", "pass", HOSTILE, "a  b"]
     with pytest.raises(job_mod.StageFailed):     # no run.json: the stage did not finish
-        job_mod.CellJob("k", None, None, cmd, str(tmp_path))._run(cmd, tmp_path)
+        job_mod.CellsJob([job_mod.chain_spec("k", [("finetune", cmd, tmp_path)])])()
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[k] $ "))
     assert shlex.split(line[len("[k] $ "):]) == cmd
     _runs_in_bash_without_side_effect(line[len("[k] $ "):], tmp_path)
@@ -212,9 +212,10 @@ def test_cancel_stops_a_local_grid_launched_with_sigint_ignored(grid_yaml, monke
     """As under `nohup s3rec-grid ... &`: the controller must still stop on cancel's SIGINT."""
     path = grid_yaml()
     grid = load_grid(path)
-    monkeypatch.setattr(runner, "make_job", lambda cell, exes: job_mod.CellJob(
-        cell.key, None, None, [sys.executable, "-c", "import time; time.sleep(120)"],
-        str(cell.finetune_dir)))
+    monkeypatch.setattr(runner, "make_job", lambda cells, exes: job_mod.CellsJob([
+        job_mod.chain_spec(c.key, [("finetune", [sys.executable, "-c", "import time; "
+                                                 "time.sleep(120)"], c.finetune_dir)])
+        for c in cells]))
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         run_ = runner.launch_grid(grid)

@@ -70,7 +70,7 @@ class FakeExecutor:
         yield
 
     def submit(self, fn) -> FakeJob:
-        self.submitted.append(fn.key)
+        self.submitted.append(fn.keys)
         return FakeJob(str(1000 + len(self.submitted)), self.folder)
 
 
@@ -321,17 +321,29 @@ def test_local_signal_delay_leaves_time_for_the_child_to_save(grid_file):
 
 
 def test_cell_job_never_leaves_its_training_child_behind(tmp_path, monkeypatch):
-    job = job_mod.CellJob("k", None, None, [sys.executable, "-c", "import time; time.sleep(120)"],
-                          str(tmp_path))
+    job = _one_stage_job([sys.executable, "-c", "import time; time.sleep(120)"], tmp_path)
     seen = []
 
     def interrupted(_s):    # the local controller's SIGINT while the child trains
-        seen.append(job._proc)
+        seen.append(job._runs[0].proc)
         raise KeyboardInterrupt
-    monkeypatch.setattr(job_mod, "time", types.SimpleNamespace(time=time.time, sleep=interrupted))
+    monkeypatch.setattr(job_mod, "time", types.SimpleNamespace(time=time.time, sleep=interrupted,
+                                                               monotonic=time.monotonic))
     with pytest.raises(KeyboardInterrupt):
-        job._run(job.finetune_cmd, tmp_path)
-    assert seen and seen[0].poll() is not None and job._proc is None
+        job()
+    assert seen and seen[0] is not None and seen[0].poll() is not None
+
+
+def _one_stage_job(cmd: list[str], run_dir) -> "job_mod.CellsJob":
+    return job_mod.CellsJob([job_mod.chain_spec("k", [("finetune", cmd, run_dir)])])
+
+
+def _started(job: "job_mod.CellsJob") -> subprocess.Popen:
+    """The job's one stage started as its loop would, the process returned."""
+    run = job_mod._ChainRun(job.chains[0])
+    run.proc = subprocess.Popen(job.chains[0]["stages"][0]["cmd"])
+    job._runs = [run]
+    return run.proc
 
 
 @pytest.mark.parametrize("executor,forwarded", [("local", True), ("slurm", False)])
@@ -345,15 +357,15 @@ def test_time_limit_signal_reaches_the_child_of_a_local_job_inside_an_allocation
              f"signal.signal(signal.SIGUSR2, lambda *a: (pathlib.Path({str(saved)!r}).touch(), "
              "sys.exit(0)))\n"
              f"pathlib.Path({str(tmp_path / 'ready')!r}).touch()\ntime.sleep(60)\n")
-    job = job_mod.CellJob("k", None, None, [sys.executable, "-c", child], str(tmp_path))
-    job._proc = subprocess.Popen(job.finetune_cmd)
+    job = _one_stage_job([sys.executable, "-c", child], tmp_path)
+    proc = _started(job)
     while not (tmp_path / "ready").exists():
         time.sleep(0.05)
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     monkeypatch.setenv("SUBMITIT_EXECUTOR", executor)
     monkeypatch.setattr(job_mod, "CHILD_SAVE_TIMEOUT_S", 5)
     job.checkpoint()
-    assert job._proc.poll() is not None                  # never left behind
+    assert proc.poll() is not None                  # never left behind
     assert saved.exists() == forwarded
 
 
@@ -365,8 +377,8 @@ def test_checkpoint_landing_while_poll_holds_popens_lock_does_not_hang(tmp_path,
     child = ("import signal, sys, time, pathlib\n"
              "signal.signal(signal.SIGUSR2, lambda *a: sys.exit(0))\n"
              f"pathlib.Path({str(ready)!r}).touch()\ntime.sleep(60)\n")
-    job = job_mod.CellJob("k", None, None, [sys.executable, "-c", child], str(tmp_path))
-    job._proc = proc = subprocess.Popen(job.finetune_cmd)
+    job = _one_stage_job([sys.executable, "-c", child], tmp_path)
+    proc = _started(job)
     while not ready.exists():
         time.sleep(0.05)
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")      # checkpoint() sends the USR2 itself
