@@ -69,17 +69,20 @@ def read_reviews(path: Path) -> dict[str, list[tuple[str, int]]]:
     return user_seq
 
 
-def k_core(user_seq: dict[str, list[str]]) -> dict[str, list[str]]:
+def k_core(user_seq: dict[str, list[str]], user_core: int = USER_CORE,
+           item_core: int = ITEM_CORE) -> dict[str, list[str]]:
+    """Users with >= user_core items and items with >= item_core users, to the fixed point; the
+    users keep their order (the generic source passes its own cores)."""
     while True:
         item_count: dict[str, int] = defaultdict(int)
         for items in user_seq.values():
             for i in items:
                 item_count[i] += 1
-        if all(len(s) >= USER_CORE for s in user_seq.values()) and \
-                all(c >= ITEM_CORE for c in item_count.values()):
+        if all(len(s) >= user_core for s in user_seq.values()) and \
+                all(c >= item_core for c in item_count.values()):
             return user_seq
-        user_seq = {u: kept for u, s in user_seq.items() if len(s) >= USER_CORE
-                    for kept in [[i for i in s if item_count[i] >= ITEM_CORE]]}
+        user_seq = {u: kept for u, s in user_seq.items() if len(s) >= user_core
+                    for kept in [[i for i in s if item_count[i] >= item_core]]}
 
 
 def read_meta(path: Path, wanted: set[str]) -> dict[str, dict]:

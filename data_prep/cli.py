@@ -1,4 +1,4 @@
-"""`s3rec-prep`: release | amazon | synthetic | verify (input formats: docs/data.md).
+"""`s3rec-prep`: release | amazon | generic | synthetic | verify (input formats: docs/data.md).
 
 Run under `mpirun -np K` to write shards on K ranks (shard i on rank i % K); the result is the
 same, byte for byte, as a one-process run with the same arguments.
@@ -14,7 +14,7 @@ from s3rec.data_prep.writer import check_out_folder, log, up_to_date, write_data
 from s3rec.data.format import DatasetError, sha256_file
 
 DEFAULT_SEED = 12345
-PATH_OPTIONS = ("src", "out", "negatives", "reviews", "meta")
+PATH_OPTIONS = ("src", "out", "negatives", "reviews", "meta", "interactions", "item_features")
 
 
 def non_negative(text: str) -> int:
@@ -54,6 +54,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one attribute vocabulary, brand and categories together (the paper's); "
                         "default: two fields, categories and brand")
     common(s)
+    s = sub.add_parser("generic", help="your own interactions (CSV, TSV, JSON lines) and item "
+                                       "features with any number of fields")
+    s.add_argument("--interactions", required=True, type=Path,
+                   help="user, item, timestamp a row (.csv, .tsv, .jsonl; a header line names the "
+                        "columns)")
+    s.add_argument("--item-features", type=Path, default=None,
+                   help="an item column and any number of field columns (.csv, .tsv, .jsonl)")
+    s.add_argument("--name", default=None, help="dataset name (default: the interactions file's)")
+    s.add_argument("--user-col", default="user", help="(default user)")
+    s.add_argument("--item-col", default="item", help="in both files (default item)")
+    s.add_argument("--time-col", default="timestamp", help="(default timestamp)")
+    s.add_argument("--delimiter", default=None,
+                   help="delimited text of any name, e.g. ';' or '\\t' (default: from .csv, .tsv)")
+    s.add_argument("--fields", default=None,
+                   help="comma-separated feature columns to use (default: all but the item)")
+    s.add_argument("--multi-sep", default="|",
+                   help="separates several values in one delimited cell (default |)")
+    s.add_argument("--merge-fields", action="store_true", default=None,   # None: not recorded
+                   help="one attribute vocabulary, the fields' ids stacked")
+    s.add_argument("--user-core", type=non_negative, default=None,
+                   help="keep users with >= N interactions, repeated with --item-core to the "
+                        "fixed point (default: no filter)")
+    s.add_argument("--item-core", type=non_negative, default=None,
+                   help="keep items with >= N interactions (default: no filter)")
+    common(s)
     s = sub.add_parser("synthetic", help="seeded data with planted cluster structure (streamed)")
     s.add_argument("--users", required=True, type=int)
     s.add_argument("--items", required=True, type=int)
@@ -92,6 +117,9 @@ def input_files(ns) -> dict[str, Path]:
             if not f.is_file():
                 raise DatasetError(f"{f}: not found")
         return {"reviews": ns.reviews, "meta": ns.meta}
+    if ns.verb == "generic":
+        from s3rec.data_prep.generic import generic_files
+        return generic_files(ns.interactions, ns.item_features)
     return {}
 
 
@@ -103,6 +131,9 @@ def make_source(ns, files: dict[str, Path]):
         from s3rec.data_prep.amazon import load_amazon
         name = ns.name or ns.reviews.name.split(".")[0].removeprefix("reviews_").removesuffix("_5")
         return load_amazon(ns.reviews, ns.meta, name, ns.seed, bool(ns.merge_fields))
+    if ns.verb == "generic":
+        from s3rec.data_prep.generic import source_from_args
+        return source_from_args(ns, files)
     from s3rec.data_prep.synthetic import SyntheticSource
     return SyntheticSource(ns.users, ns.items, ns.attributes, ns.seed, ns.clusters,
                            ns.mean_length, ns.max_length, ns.noise_attributes or 0)

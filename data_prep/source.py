@@ -38,6 +38,8 @@ class Source:
     # (name, count) of each attribute field, in the order of their ids in attr_values (field f's
     # id a is stored as a + the counts before it: s3rec.data.fields); () = one field `attributes`
     field_counts: tuple = ()
+    # the source's own ids behind the numbers, when it numbers them itself (data_prep/id_maps.py)
+    id_maps: dict | None = None
 
     def attribute_layout(self):
         """The fields (s3rec.data.fields.AttributeField) of attr_values' global ids."""

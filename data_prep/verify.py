@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from s3rec.data.format import check_layout, check_shard_content, check_shard_file, read_manifest
+from s3rec.data_prep.id_maps import check_id_maps
 
 
 def verify(folder: str | Path) -> str:
@@ -15,5 +16,6 @@ def verify(folder: str | Path) -> str:
     for i, rec in enumerate(m["shards"]):
         check_shard_file(folder, rec)
         check_shard_content(folder, m, i)
+    check_id_maps(folder, m)
     return (f"users={m['num_users']} items={m['num_items']} interactions={m['num_interactions']} "
             f"attributes={m['num_attributes']} shards={len(m['shards'])}")

@@ -21,6 +21,7 @@ import shutil
 import traceback
 from pathlib import Path
 
+from s3rec.data_prep.id_maps import check_id_maps, id_maps_text, write_id_maps
 from s3rec.data_prep.mpi import Serial
 from s3rec.data_prep.negatives import BLOCK
 from s3rec.data_prep.source import Source
@@ -55,6 +56,7 @@ def up_to_date(out: Path, args: dict, sources: dict) -> str | None:
     try:
         for rec in m["shards"]:
             check_shard_file(out, rec)
+        check_id_maps(out, m)
     except DatasetError as e:
         return str(e)
     return None
@@ -97,9 +99,10 @@ def needed_bytes(source: Source, num_shards: int) -> int:
     return shards + (num_shards + 4) * 1024
 
 
-def check_free_space(out: Path, source: Source, num_shards: int) -> None:
-    """Refuse before writing when the file system of `out` cannot hold the dataset."""
-    need, free = needed_bytes(source, num_shards), free_bytes(out)
+def check_free_space(out: Path, source: Source, num_shards: int, extra: int = 0) -> None:
+    """Refuse before writing when the file system of `out` cannot hold the dataset (and `extra`
+    bytes of other files)."""
+    need, free = needed_bytes(source, num_shards) + extra, free_bytes(out)
     if need > free:
         raise DatasetError(f"{out}: not enough free space: the dataset needs up to {need} bytes "
                            f"({need / 2**20:.1f} MiB), {free} bytes ({free / 2**20:.1f} MiB) are "
@@ -116,11 +119,12 @@ def write_dataset(source: Source, out: Path, num_shards: int, seed: int, args: d
              "num_items": source.num_items, "num_attributes": source.num_attributes,
              "seed": seed, "negatives_source": source.negatives_source, "command": command,
              "sources": sources}
-    setup_err = ""
+    setup_err, maps_text = "", ""
     if comm.rank == 0:
         shutil.rmtree(tmp_dir, ignore_errors=True)   # leftovers of a killed run
+        maps_text = id_maps_text(source.id_maps) if source.id_maps else ""
         try:
-            check_free_space(out, source, num_shards)
+            check_free_space(out, source, num_shards, len(maps_text))
             tmp_dir.mkdir(parents=True)
         except DatasetError as e:
             setup_err = str(e)
@@ -143,7 +147,7 @@ def write_dataset(source: Source, out: Path, num_shards: int, seed: int, args: d
         try:
             if not errors:
                 manifest = _finish(source, tmp_dir, out, seed, args, sources, command,
-                                   [rec for _, _, recs in reports for rec in recs])
+                                   [rec for _, _, recs in reports for rec in recs], maps_text)
         except DatasetError as e:
             final_err = str(e)
         except Exception as e:   # the other ranks must hear of it, not wait forever
@@ -165,8 +169,9 @@ def field_records(source: Source) -> list[dict]:
 
 
 def _finish(source: Source, tmp_dir: Path, out: Path, seed: int, args: dict, sources: dict,
-            command: str, records: list[dict]) -> dict:
-    """Rank 0, once every shard is written: the manifest (last file), then the folder swap."""
+            command: str, records: list[dict], maps_text: str = "") -> dict:
+    """Rank 0, once every shard is written: the id maps if any, the manifest (last file), then
+    the folder swap."""
     shards = sorted(records, key=lambda r: r["file"])
     manifest = {"format_version": FORMAT_VERSION, "name": source.name,
                 "num_users": source.num_users, "num_items": source.num_items,
@@ -176,6 +181,8 @@ def _finish(source: Source, tmp_dir: Path, out: Path, seed: int, args: dict, sou
                 "num_negatives": NUM_NEGATIVES,
                 "seed": seed, "negatives_source": source.negatives_source,
                 "sources": sources, "command": command, "args": args, "shards": shards}
+    if maps_text:
+        manifest["id_maps"] = write_id_maps(tmp_dir, maps_text)
     try:
         write_text_atomic(tmp_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     except OSError as e:

@@ -31,7 +31,8 @@ item_size = num_items + 2, attribute_size = num_attributes + 1.
 manifest.json: {"format_version", "name", "num_users", "num_items", "num_interactions",
   "num_attributes" (all fields together), "attribute_fields": [{"name", "num_attributes",
   "num_pairs"}] (format 2, in the order of the fields' global ids), "num_negatives", "seed", "negatives_source", "sources": {role: sha256}
-  (roles: sequences, attributes, negatives | reviews, meta; synthetic data has none),
+  (roles: sequences, attributes, negatives | reviews, meta | interactions, item_features;
+  synthetic data has none), "id_maps" (generic only: data_prep/id_maps.py),
   "command", "args": {option: value} (the options that decide the content; paths left out, the
   sources' checksums stand for them), "shards": [{"file", "user_start", "user_end", "num_users",
   "num_interactions", "sha256", "bytes"}]}

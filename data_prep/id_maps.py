@@ -1,0 +1,48 @@
+"""`id_maps.json`: the source's own ids behind a dataset's numbers, for a source that numbers them
+itself (generic), so results can be translated back.
+
+    {"users": [...], "items": [...], "attribute_fields": {field: [...]}}
+
+Entry k of a list is the source's id of number k + 1 (users: seq/user_ids; items: item ids;
+attribute_fields: the field's own attribute ids; a merged field's entries are [field, value]).
+ASCII JSON, so the same data gives the same bytes. The manifest records it as
+`"id_maps": {"file", "sha256", "bytes"}`; `s3rec-prep verify` checks it like a shard.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from s3rec.data.format import MANIFEST, DatasetError, sha256_file, write_error, write_text_atomic
+
+ID_MAPS = "id_maps.json"
+
+
+def id_maps_text(maps: dict) -> str:
+    return json.dumps(maps, ensure_ascii=True, separators=(",", ":")) + "\n"
+
+
+def write_id_maps(folder: Path, text: str) -> dict:
+    """Writes the file into `folder`; its manifest record."""
+    path = folder / ID_MAPS
+    try:
+        write_text_atomic(path, text)
+    except OSError as e:
+        raise write_error(path, e) from None
+    return {"file": ID_MAPS, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def check_id_maps(folder: Path, manifest: dict) -> None:
+    """The file a manifest's `id_maps` names, against its size and checksum (no key: nothing)."""
+    rec = manifest.get("id_maps")
+    if rec is None:
+        return
+    if not isinstance(rec, dict) or rec.get("file") != ID_MAPS or \
+            not isinstance(rec.get("sha256"), str) or not isinstance(rec.get("bytes"), int):
+        raise DatasetError(f"{Path(folder) / MANIFEST}: key 'id_maps' = {rec!r:.60}, expected "
+                           f"{{\"file\": \"{ID_MAPS}\", \"sha256\", \"bytes\"}}")
+    path = Path(folder) / ID_MAPS
+    if not path.is_file():
+        raise DatasetError(f"{path}: id map file missing")
+    if path.stat().st_size != rec["bytes"] or sha256_file(path) != rec["sha256"]:
+        raise DatasetError(f"{path}: size or sha256 differs from the manifest (overwritten?)")
