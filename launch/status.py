@@ -1,7 +1,7 @@
 """`s3rec-grid status`: one row per cell, read from its run folders and its job.
 
     cell                          state    stage     epoch    eta      best valid      job / log
-    synthetic/s3rec/rfull/s1      running  pretrain  3/150    2:31:02                  local 4242  runs/demo/_grid/jobs/4242_0_log.err
+    synthetic/s3rec/rfull/s1      running  pretrain  3/150    2:31:02                  local 4242  runs/demo/_submitit/4242_0_log.err
 
 The stage, epoch and ETA come from the progress record the training keeps in its run.json
 (s3rec.engine.progress; at most logging.progress_every_s old), the best validation so far from
