@@ -5,6 +5,8 @@
   example (bidirectional in pretraining, causal in fine-tuning);
 - low-rank heads: W = U V^T and the parameters of one head at each rank, counted on real heads;
 - parameter breakdown per layer (stacked bars), full rank and ranks 8/16/32, at two sizes.
+- heads per attribute field: each field's AAP and MAP head of a trained model of several
+  fields (parameters; singular values, the r of a low-rank head), labelled by field.
 
 Sizes (item_size = items + 2: padding 0 and mask_id; attribute_size = attributes + 1):
 - released Beauty data: 12,101 items and 637 attributes -> item_size 12,103, attribute_size 638
@@ -26,9 +28,10 @@ import torch  # noqa: E402
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch, Rectangle  # noqa: E402
 
 from s3rec.analysis.atomic import save_figure, write_csv  # noqa: E402
-from s3rec.config import HEAD_NAMES, HeadConfig, load_config  # noqa: E402
+from s3rec.config import FIELD_OBJECTIVES, HEAD_NAMES, HeadConfig, load_config  # noqa: E402
 from s3rec.model import S3RecModel, build_model, make_head  # noqa: E402
 from s3rec.model.encoder import attention_bias  # noqa: E402
+from s3rec.model.field_heads import field_head_name, fields_of_state  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,82 @@ def lowrank_figure(d: int, out_stem: Path, mark=(4, 8, 16, 32)) -> list[tuple[in
     save_figure(fig, out_stem)
     plt.close(fig)
     return counts
+
+
+# ---------------------------------------------------------------- heads per attribute field
+
+@dataclass(frozen=True)
+class FieldHeadFacts:
+    field: str
+    objective: str           # aap | map
+    head: str                # the head's name (its parameters: <head>_norm.*)
+    rank: int | None         # r of a low-rank head (U is d x r); None: a full head
+    params: int              # the head's parameters (matrix or factors, and bias)
+    singular: tuple          # singular values of W (U V^T for a low-rank head), descending
+
+    @property
+    def label(self) -> str:
+        kind = "full" if self.rank is None else f"rank {self.rank}"
+        return f"{self.field} {self.objective.upper()} ({kind})"
+
+
+def field_head_facts(state) -> list[FieldHeadFacts]:
+    """Each attribute field's AAP and MAP head of a state dict, field by field (the dataset's
+    order). ValueError for a one-field state: its heads are the plain aap / map."""
+    from s3rec.analysis.lowrank import head_matrix
+    fields = fields_of_state(state)
+    if fields is None:
+        raise ValueError("the state dict has one attribute field (attribute_embeddings.weight): "
+                         "no per-field heads")
+    out = []
+    for f in fields:
+        for o in FIELD_OBJECTIVES:
+            name = field_head_name(fields, f.name, o)
+            prefix = f"{name}_norm."
+            u = state.get(prefix + "U")
+            w, _ = head_matrix(state, name)
+            out.append(FieldHeadFacts(
+                f.name, o, name, None if u is None else int(u.shape[1]),
+                sum(int(v.numel()) for k, v in state.items() if k.startswith(prefix)),
+                tuple(torch.linalg.svdvals(w).tolist())))
+    return out
+
+
+def field_heads_figure(state, out_stem: Path, title: str) -> list[FieldHeadFacts]:
+    """Parameters of every field's AAP and MAP head (bars grouped by field) and their singular
+    values (a low-rank head: its r non-zero ones; full heads dashed, for reference)."""
+    facts = field_head_facts(state)
+    fields = list(dict.fromkeys(h.field for h in facts))
+    field_color = {f: plt.get_cmap("tab10")(i % 10) for i, f in enumerate(fields)}
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11.5, 4.2))
+    width = 0.8 / len(FIELD_OBJECTIVES)
+    for j, o in enumerate(FIELD_OBJECTIVES):
+        for i, f in enumerate(fields):
+            h = next(x for x in facts if x.field == f and x.objective == o)
+            x = i + (j - (len(FIELD_OBJECTIVES) - 1) / 2) * width
+            a1.bar(x, h.params, width, color=field_color[f], hatch="//" if o == "map" else None,
+                   edgecolor="white")
+            a1.text(x, h.params, f"{o.upper()}\n{'full' if h.rank is None else f'r={h.rank}'}"
+                                 f"\n{h.params:,}", ha="center", va="bottom", fontsize=8)
+    a1.set_xticks(range(len(fields)), [f"field {f}" for f in fields])
+    a1.set_ylabel("parameters of the head (count)")
+    a1.set_title("AAP (plain) and MAP (hatched) head of each field")
+    a1.margins(y=0.25)
+    for h in facts:
+        n = len(h.singular) if h.rank is None else h.rank
+        a2.plot(range(1, n + 1), h.singular[:n], color=field_color[h.field],
+                ls="--" if h.rank is None else "-", lw=1 if h.rank is None else 2,
+                marker="o" if h.objective == "aap" else "s", ms=3, label=h.label)
+    a2.set_yscale("log")
+    a2.set_xlabel("index i (descending)")
+    a2.set_ylabel("singular value s_i of W (log scale)")
+    a2.set_title("Spectrum of each field's heads (low-rank: its r values)")
+    a2.legend(loc="best")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, out_stem)
+    plt.close(fig)
+    return facts
 
 
 # ---------------------------------------------------------------- attention masks

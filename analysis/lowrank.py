@@ -4,7 +4,8 @@ For each head matrix W [d, d] of a checkpoint: its singular values, and the rela
 error of the best rank-r approximation (truncated SVD, Eckart-Young) for r = 1..d:
     err(r) = ||W - W_r||_F / ||W||_F = sqrt(sum_{i>r} s_i^2) / sqrt(sum_i s_i^2).
 Checkpoints: a project model file (final.pt, {"model": state_dict, ...}) or the authors' plain
-state dict (keys aap_norm.weight, map_norm.weight, ...). Only torch.linalg is used.
+state dict (keys aap_norm.weight, map_norm.weight, ...). A model of several attribute fields has
+an AAP and a MAP head per field (aap_<field>_norm.*), each analysed. Only torch.linalg is used.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch  # noqa: E402
 
 from s3rec.analysis.atomic import save_figure, write_csv  # noqa: E402
 from s3rec.model import read_state_dict  # noqa: E402
+from s3rec.model.field_heads import field_head_name, fields_of_state  # noqa: E402
 
 HEADS = ("aap", "map", "mip", "sp")
 FOCUS = ("aap", "map")   # the heads the low-rank variant replaces
@@ -58,10 +60,24 @@ def spectrum(w: torch.Tensor) -> tuple[list[float], list[float]]:
     return s.tolist(), err.sqrt().tolist()
 
 
+def state_head_names(state: dict) -> tuple[str, ...]:
+    """The heads of a state dict: HEADS for one attribute field; with several, each field's
+    `aap_<field>` and `map_<field>` (s3rec.model.field_heads), then mip and sp."""
+    fields = fields_of_state(state)
+    if fields is None:
+        return HEADS
+    return (*[field_head_name(fields, f.name, o) for o in FOCUS for f in fields], "mip", "sp")
+
+
+def objective_of(head: str) -> str:
+    """The objective of a head name: `aap_noise` -> `aap`."""
+    return head.split("_", 1)[0]
+
+
 def analyse_checkpoint(path: str | Path) -> list[HeadSpectrum]:
     state = read_state_dict(path)
     out = []
-    for name in HEADS:
+    for name in state_head_names(state):
         w, src = head_matrix(state, name, str(path))
         s, err = spectrum(w)
         out.append(HeadSpectrum(name, src, s, err))
@@ -79,9 +95,11 @@ def spectra_figure(spectra: list[HeadSpectrum], out_stem: Path, title: str,
                    mark_ranks: list[int] = ()) -> None:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10.5, 4))
     colors = {"aap": "tab:blue", "map": "tab:orange", "mip": "tab:gray", "sp": "tab:olive"}
-    for h in spectra:
-        focus = h.name in FOCUS
-        style = dict(color=colors.get(h.name), lw=2 if focus else 1, ls="-" if focus else "--",
+    cycle = plt.get_cmap("tab10")
+    for i, h in enumerate(spectra):
+        focus = objective_of(h.name) in FOCUS
+        style = dict(color=colors.get(h.name, cycle(i % 10)), lw=2 if focus else 1,
+                     ls="-" if focus else "--",
                      label=f"{h.name.upper()}" + ("" if focus else " (full in both variants)"))
         idx = list(range(1, len(h.singular) + 1))
         a1.plot(idx, h.singular, **style)

@@ -1,9 +1,11 @@
 """Read a tree of run folders into tidy tables.
 
 A stage folder is any folder holding a run.json (docs/architecture.md, "A run folder"). In a grid
-it sits at `<RUNS>/<grid>/<dataset>/<variant>/r<rank>/s<seed>/<stage>` (full-rank variants use
-`rfull`); the axes parsed from that path are cross-checked with run.json, and a disagreement is an
-error naming the file. Folders outside that layout still count: their axes come from run.json.
+it sits at `<RUNS>/<grid>/<dataset>/<variant>/r<rank>/[<key>=<value>/...]s<seed>/<stage>`
+(full-rank variants use `rfull`; one `<key>=<value>` folder per entry of the grid's `axes`; stage
+`pretrain`, `finetune` from the pretraining's final.pt, or `finetune-e<N>` from its epoch-N.pt);
+the axes parsed from that path are cross-checked with run.json, and a disagreement is an error
+naming the file. Folders outside that layout still count: their axes come from run.json.
 
 Two tables:
 - `runs`: one row per run and stage, with status done | unfinished | failed (unfinished = run.json
@@ -37,6 +39,10 @@ METRIC_ORDER = ("HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20"
 STATUSES = ("done", "unfinished", "failed")
 _RANK_RE = re.compile(r"^r(full|\d+)$")
 _SEED_RE = re.compile(r"^s(-?\d+)$")
+# A grid axis folder: a dotted config key, `=`, the value as launch/grid.py's axis_text writes it.
+_AXIS_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)=([A-Za-z0-9_.+-]+)$")
+_FROM_EPOCH_RE = re.compile(r"^finetune-e(\d+)$")
+FINAL = "final"     # Run.pretrain_from of a fine-tune from the pretraining's final.pt
 # A parameter-count module belongs to a pretraining head if one of the objective names is a
 # token of its name (aap_norm, heads.map, sp_head ...).
 _HEAD_RE = re.compile(r"(?:^|[._])(aap|mip|map|sp)(?:[._]|$)")
@@ -50,7 +56,8 @@ class RunFolderError(ValueError):
 class Run:
     """One stage of one grid cell, as read from disk."""
     path: Path                      # the stage folder
-    cell: str                       # grid/dataset/variant/rRANK/sSEED (or the relative folder)
+    cell: str                       # grid/dataset/variant/rRANK/[KEY=VALUE/...]sSEED (or the
+                                    #   relative folder above the stage folder)
     grid: str
     dataset: str
     variant: str
@@ -70,10 +77,17 @@ class Run:
     pretrain_params: dict[str, int] = field(default_factory=dict)  # the cell's pretraining model
     init: dict = field(default_factory=dict)   # where a fine-tune started (init_source): init,
                                                #   init_epochs, init_variant, init_rank
+    axes: dict[str, str] = field(default_factory=dict)  # the grid's `axes` of this cell: config
+                                               #   key -> value as its folder writes it ({} off
+                                               #   the layout or without axes)
+    pretrain_from: int | str = ""   # a grid fine-tune's pretraining weights: FINAL (finetune/),
+                                    #   epoch N (finetune-e<N>/); "" for a pretraining, a
+                                    #   fine-tune from scratch, or a folder off the grid layout
 
     @property
     def arm(self) -> str:
-        """What a figure line stands for: variant, rank, and any removed objective."""
+        """What a figure line stands for: variant, rank, axis values, any removed objective, and
+        the pretraining epoch it was fine-tuned from (not shown for the final weights)."""
         name = self.variant if self.rank == "full" else f"{self.variant} r={self.rank}"
         return name + self._objectives_and_suffix()
 
@@ -82,9 +96,17 @@ class Run:
         """The arm without its rank: one line of a metric-against-rank figure."""
         return self.variant + self._objectives_and_suffix()
 
+    @property
+    def name(self) -> str:
+        """The run in the report's lists: its cell, and the stage folder where the cell has
+        several fine-tunes (a `finetune-e<N>` beside its `finetune`)."""
+        return f"{self.cell}/{self.path.name}" if isinstance(self.pretrain_from, int) else self.cell
+
     def _objectives_and_suffix(self) -> str:
+        axes = "".join(f" {k}={v}" for k, v in sorted(self.axes.items()))
         removed = " w/o " + "+".join(o.upper() for o in self.removed) if self.removed else ""
-        return removed + self.arm_suffix
+        source = f" @e{self.pretrain_from}" if isinstance(self.pretrain_from, int) else ""
+        return axes + removed + source + self.arm_suffix
 
     def test_metrics(self) -> dict[str, float]:
         """Final test metrics: results.json, else the TensorBoard test/<metric> tags."""
@@ -198,16 +220,79 @@ def _config_axes(cfg: Config) -> str:
 
 
 def _path_axes(rel: tuple[str, ...], root_name: str) -> dict | None:
-    """Axes from `.../<dataset>/<variant>/r<rank>/s<seed>/<stage>`, or None off that layout."""
-    if len(rel) < 5:
+    """Axes from `.../<dataset>/<variant>/r<rank>/[<key>=<value>/...]s<seed>/<stage>`, or None
+    off that layout. `axes`: key -> value text of the axis folders; `stage`: `finetune` for a
+    `finetune-e<N>` folder, whose N is `from_epoch` (else None); `cell`: the path without the
+    stage folder. A key given by two axis folders is a ValueError."""
+    if len(rel) < 5 or not _SEED_RE.match(rel[-2]):
         return None
-    dataset, variant, r, s, stage = rel[-5:]
-    mr, ms = _RANK_RE.match(r), _SEED_RE.match(s)
-    if not (mr and ms):
+    i = len(rel) - 3                    # walk back over the axis folders to r<rank>
+    while i >= 0 and _AXIS_RE.match(rel[i]):
+        i -= 1
+    if i < 2 or not _RANK_RE.match(rel[i]):
         return None
-    grid = rel[-6] if len(rel) >= 6 else root_name
-    return {"grid": grid, "dataset": dataset, "variant": variant, "rank": mr.group(1),
-            "seed": int(ms.group(1)), "stage": stage}
+    axes: dict[str, str] = {}
+    for seg in rel[i + 1:-2]:
+        key, text = _AXIS_RE.match(seg).groups()
+        if key in axes:
+            raise ValueError(f"the folders {key}={axes[key]} and {seg} both give axis {key}")
+        axes[key] = text
+    grid = rel[i - 3] if i >= 3 else root_name
+    m = _FROM_EPOCH_RE.match(rel[-1])
+    return {"grid": grid, "dataset": rel[i - 2], "variant": rel[i - 1],
+            "rank": _RANK_RE.match(rel[i]).group(1), "seed": int(_SEED_RE.match(rel[-2]).group(1)),
+            "stage": "finetune" if m else rel[-1], "axes": axes,
+            "from_epoch": int(m.group(1)) if m else None, "cell": "/".join([grid, *rel[i - 2:-1]])}
+
+
+def _axis_text(value) -> str:
+    """A config value as a grid's axis folder writes it (launch/grid.py axis_text): strings as
+    they are, numbers and booleans as JSON."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _axis_agrees(text: str, value) -> bool:
+    """Whether folder text `text` names config value `value`. A float key also takes the
+    number the grid was given: `1` or `1e-3` name the 1.0 or 0.001 run.json records."""
+    if _axis_text(value) == text:
+        return True
+    if isinstance(value, float):
+        try:
+            return float(text) == value
+        except ValueError:
+            return False
+    return False
+
+
+def _check_axes(rj_path: Path, axes: dict[str, str], config: dict) -> None:
+    flat = flat_keys(config)
+    for key, text in axes.items():
+        if key not in flat:
+            raise RunFolderError(f"{rj_path}: the folder {key}={text} names config key "
+                                 f"{key!r}, which run.json's config does not have")
+        if not _axis_agrees(text, flat[key]):
+            raise RunFolderError(f"{rj_path}: the folder says {key}={text} but run.json says "
+                                 f"{key}={_axis_text(flat[key])}")
+
+
+def _check_pretrain_from(rj_path: Path, run: "Run", from_epoch: int | None) -> None:
+    """A grid fine-tune's folder and its --init must name the same pretraining weights."""
+    init, epochs = run.init["init"], run.init["init_epochs"]
+    if from_epoch is not None:
+        if epochs != from_epoch:
+            raise RunFolderError(
+                f"{rj_path}: the folder {run.path.name} says pretraining epoch {from_epoch} but "
+                f"run.json's init is {init or 'not set'}"
+                + (f" (epoch {epochs})" if epochs != "" else ""))
+        run.pretrain_from = from_epoch
+    elif init:
+        m = _EPOCH_FILE_RE.match(Path(init).name)
+        if m:
+            raise RunFolderError(
+                f"{rj_path}: the folder {run.path.name} holds the fine-tune from the "
+                f"pretraining's final weights but run.json's init is {init} (epoch "
+                f"{m.group(1)}: a finetune-e{m.group(1)} folder)")
+        run.pretrain_from = FINAL
 
 
 def _check(run_json_path: Path, axis: str, from_path, from_json) -> None:
@@ -232,9 +317,13 @@ def read_run(folder: Path, root: Path) -> Run:
                  "rank": _config_axes(cfg), "seed": int(rj.get("seed", cfg.seed)),
                  "stage": rj["stage"]}
     rel = folder.resolve().relative_to(root.resolve()).parts
-    axes = _path_axes(rel, root.resolve().name)
-    if axes is None:  # not a grid folder: run.json is the only source
-        axes = dict(json_axes, grid=root.resolve().name)
+    try:
+        axes = _path_axes(rel, root.resolve().name)
+    except ValueError as e:
+        raise RunFolderError(f"{rj_path}: {e}") from None
+    on_grid = axes is not None
+    if not on_grid:  # not a grid folder: run.json is the only source
+        axes = dict(json_axes, grid=root.resolve().name, axes={})
         cell = "/".join(rel[:-1]) or "."
     else:
         for a in ("variant", "rank", "seed", "stage"):
@@ -244,7 +333,8 @@ def read_run(folder: Path, root: Path) -> Run:
         if axes["dataset"].lower() not in names:
             raise RunFolderError(f"{rj_path}: the folder says dataset={axes['dataset']!r} but "
                                  f"run.json names {sorted(n for n in names if n)}")
-        cell = "/".join([axes["grid"], *rel[-5:-1]])
+        _check_axes(rj_path, axes["axes"], rj["config"])
+        cell = axes["cell"]
 
     status = rj["status"]
     if status not in ("running", "done", "failed", "preempted"):
@@ -276,10 +366,12 @@ def read_run(folder: Path, root: Path) -> Run:
     run = Run(path=folder, cell=cell, grid=axes["grid"], dataset=axes["dataset"],
               variant=axes["variant"], rank=axes["rank"], seed=axes["seed"], stage=axes["stage"],
               status=state, run_json=rj, results=results, scalars=read_scalars(folder),
-              notes=notes)
+              notes=notes, axes=axes["axes"])
     run.weights = {o: float(getattr(cfg.pretrain.weights, o)) for o in OBJECTIVES}
     run.removed = tuple(o for o in OBJECTIVES if run.weights[o] == 0)
     run.init = init_source(run)
+    if on_grid and run.stage == "finetune":
+        _check_pretrain_from(rj_path, run, axes["from_epoch"])
     if not run.scalars:
         run.notes.append("no TensorBoard scalars")
     _cross_check_test(run, res_path)
@@ -403,7 +495,8 @@ def runs_table(runs: list[Run]) -> tuple[list[dict], list[str]]:
     valid_metrics = sort_metrics({m for r in runs if r.results for m in r.results["valid"]})
     losses = sorted({t[5:] for r in runs for t in r.scalars if t.startswith("loss/")})
     modules = sorted({m for r in runs for m in (r.run_json.get("params") or {}) if m != "total"})
-    cols = (["grid", "dataset", "variant", "rank", "seed", "stage", "status", "arm", "removed",
+    cols = (["grid", "dataset", "variant", "rank", *axis_keys(runs), "seed", "stage",
+             "pretrain_from", "status", "arm", "removed",
              *[f"w_{o}" for o in OBJECTIVES], "protocol", "world_size", "epochs_reached",
              "best_epoch", "init", "init_epochs", "init_variant", "init_rank",
              *[f"test_{m}" for m in metrics], *[f"valid_{m}" for m in valid_metrics],
@@ -415,8 +508,8 @@ def runs_table(runs: list[Run]) -> tuple[list[dict], list[str]]:
         rj = r.run_json
         params = rj.get("params") or {}
         row = {"grid": r.grid, "dataset": r.dataset, "variant": r.variant, "rank": r.rank,
-               "seed": r.seed, "stage": r.stage, "status": r.status, "arm": r.arm,
-               "removed": "+".join(r.removed),
+               "seed": r.seed, "stage": r.stage, "pretrain_from": r.pretrain_from,
+               "status": r.status, "arm": r.arm, "removed": "+".join(r.removed),
                "protocol": rj.get("protocol", ""), "world_size": rj.get("world_size", ""),
                "epochs_reached": _epochs_reached(r), "best_epoch": _blank(r.best_epoch()),
                "params_total": params.get("total", ""),
@@ -424,6 +517,7 @@ def runs_table(runs: list[Run]) -> tuple[list[dict], list[str]]:
                "pretrain_head_params": _blank(head_params(r.pretrain_params)),
                "error": rj.get("error") or "", "notes": "; ".join(r.notes), "path": str(r.path)}
         row.update({f"w_{o}": r.weights[o] for o in OBJECTIVES})
+        row.update(r.axes)
         row.update(r.init)
         row.update({f"test_{m}": v for m, v in r.test_metrics().items()})
         if r.results:
@@ -440,6 +534,12 @@ def runs_table(runs: list[Run]) -> tuple[list[dict], list[str]]:
 
 def _blank(v):
     return "" if v is None else v
+
+
+def axis_keys(runs: list[Run]) -> list[str]:
+    """The grid axes (dotted config keys) any run has: one column each, blank where a run has
+    none (a finetune-only cell has no `pretrain.*` axes)."""
+    return sorted({k for r in runs for k in r.axes})
 
 
 _EPOCH_FILE_RE = re.compile(r"^epoch-(\d+)\.pt$")
@@ -490,13 +590,27 @@ SCALAR_COLUMNS = ["grid", "dataset", "variant", "rank", "seed", "stage", "tag", 
                   "wall_time"]
 
 
+def scalar_columns(runs: list[Run]) -> list[str]:
+    """SCALAR_COLUMNS, with the axis columns and `pretrain_from` where the runs need them to
+    tell their runs apart (cells differing by an axis value; a cell's several fine-tunes)."""
+    cols = list(SCALAR_COLUMNS)
+    at = cols.index("seed")
+    cols[at:at] = axis_keys(runs)
+    if any(isinstance(r.pretrain_from, int) for r in runs):
+        cols.insert(cols.index("stage") + 1, "pretrain_from")
+    return cols
+
+
 def scalars_table(runs: list[Run]) -> list[dict]:
-    """Long form: one row per (run, stage, tag, step)."""
+    """Long form: one row per (run, stage, tag, step), with the keys of scalar_columns."""
     rows = []
+    extra = "pretrain_from" in scalar_columns(runs)
     for r in runs:
+        run = {"grid": r.grid, "dataset": r.dataset, "variant": r.variant, "rank": r.rank,
+               **r.axes, "seed": r.seed, "stage": r.stage}
+        if extra:
+            run["pretrain_from"] = r.pretrain_from
         for tag in sorted(r.scalars):
             for step, value, wall in r.scalars[tag]:
-                rows.append({"grid": r.grid, "dataset": r.dataset, "variant": r.variant,
-                             "rank": r.rank, "seed": r.seed, "stage": r.stage, "tag": tag,
-                             "step": step, "value": value, "wall_time": wall})
+                rows.append({**run, "tag": tag, "step": step, "value": value, "wall_time": wall})
     return rows

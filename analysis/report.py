@@ -15,10 +15,12 @@ from pathlib import Path
 
 from s3rec.analysis.atomic import write_csv, write_text
 from s3rec.analysis.compare import paired_rows, pick_baseline
+from s3rec.analysis.field_figures import (field_anatomy_section, field_heads_partial,
+                                          fields_section)
 from s3rec.analysis.figures import Figure, all_grid_figures
 from s3rec.analysis.paper_numbers import PAPER_SOURCE, reference_for
 from s3rec.analysis.protocols import protocols_section
-from s3rec.analysis.read_runs import (SCALAR_COLUMNS, Run, RunFolderError, read_runs, runs_table,
+from s3rec.analysis.read_runs import (Run, RunFolderError, read_runs, runs_table, scalar_columns,
                                 scalars_table, sort_metrics)
 from s3rec.analysis.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, mean_interval
 
@@ -157,13 +159,13 @@ def status_section(runs: list[Run]) -> str:
         text += ("\n**Unfinished and failed runs** (kept in runs.csv; left out of the means and "
                  "figures):\n\n")
         text += _md_table(["run", "stage", "status", "epochs reached", "error / notes"],
-                          [[r.cell, r.stage, r.status, r.run_json.get("epoch", ""),
+                          [[r.name, r.stage, r.status, r.run_json.get("epoch", ""),
                             "; ".join(filter(None, [r.run_json.get("error") or "", *r.notes]))]
                            for r in bad]) + "\n"
     noted = [r for r in runs if r.status == "done" and r.notes]
     if noted:
         text += "\nNotes on finished runs:\n\n" + "\n".join(
-            f"- {r.cell} ({r.stage}): {'; '.join(r.notes)}" for r in noted) + "\n"
+            f"- {r.name} ({r.stage}): {'; '.join(r.notes)}" for r in noted) + "\n"
     return text
 
 
@@ -173,8 +175,9 @@ def _figure_md(f: Figure) -> str:
 
 
 def default_checkpoint(runs: list[Run]) -> Path | None:
-    # Prefer a cell that trained every objective (an ablated head stays at its init).
-    for r in sorted(runs, key=lambda r: (bool(r.removed), str(r.path))):
+    # Prefer a cell that trained every objective (an ablated head stays at its init), and every
+    # attribute field's heads at full rank.
+    for r in sorted(runs, key=lambda r: (bool(r.removed), field_heads_partial(r), str(r.path))):
         if (r.stage == "pretrain" and r.status == "done" and r.rank == "full"
                 and (r.path / "final.pt").is_file()):
             return r.path / "final.pt"
@@ -247,7 +250,7 @@ def build_report(runs_dir: Path, out: Path, checkpoint: Path | None = None,
     out.mkdir(parents=True, exist_ok=True)
     rows, cols = runs_table(runs)
     write_csv(out / "runs.csv", rows, cols)
-    write_csv(out / "scalars.csv", scalars_table(runs), SCALAR_COLUMNS)
+    write_csv(out / "scalars.csv", scalars_table(runs), scalar_columns(runs))
     figs, notes = all_grid_figures(runs, out / "figures")
     ranks = sorted({int(r.rank) for r in runs if r.rank.isdigit()})
     explicit = checkpoint is not None
@@ -269,10 +272,12 @@ def build_report(runs_dir: Path, out: Path, checkpoint: Path | None = None,
     if notes:
         parts += ["Figures not drawn (no data in this grid):\n",
                   "\n".join(f"- {n}" for n in notes) + "\n"]
+    if by_field := fields_section(runs, out):
+        parts += ["## Per attribute field\n", by_field]
     parts += ["## Low-rank analysis of a trained full-rank model\n",
               lowrank_section(ckpt, explicit, out, ranks)]
     if anatomy:
-        parts += ["## Model anatomy\n", anatomy_section(out)]
+        parts += ["## Model anatomy\n", anatomy_section(out), field_anatomy_section(runs, out)]
     report = out / "report.md"
     write_text(report, "\n".join(parts))
     return report
