@@ -16,9 +16,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from s3rec.launch.grid import STAGE_PRODUCT, Cell, GridError, dataset_name, read_run_json, stage_done
+from s3rec.launch.grid import (FINAL, STAGE_PRODUCT, Cell, GridError, dataset_name,
+                               read_run_json, stage_done)
 from s3rec.config import NO_RESULT_KEYS, Config, flat_keys, load_config
-from s3rec.engine.resume_check import ENGINE_KEYS, MAY_CHANGE, OTHER_STAGE, dataset_fingerprint
+from s3rec.engine.checkpoint import ResumeError
+from s3rec.engine.resume_check import (ENGINE_KEYS, MAY_CHANGE, OTHER_STAGE, dataset_fingerprint,
+                                       saved_state)
+from s3rec.run_folder import RunFolderError
 
 
 def check_cells(cells: list[Cell]) -> None:
@@ -42,6 +46,8 @@ def check_cells(cells: list[Cell]) -> None:
                                 f"{'es' * (info['world_size'] != 1)}, the grid now gives "
                                 f"{cell.world_size} (executor.nodes x executor.tasks_per_node); "
                                 f"restore them, {_ELSE}")
+            if stage == "pretrain":
+                _check_finetune_inputs(cell, info)
             saved = info.get("dataset_fingerprint")
             # (a dataset folder that is gone: check_data_exists, run before this, says so)
             if saved is not None and (Path(cell.data) / "manifest.json").exists():
@@ -69,6 +75,33 @@ def _fingerprint(cell: Cell) -> dict:
 
 
 _ELSE = "or give the grid another 'out' (or remove this cell's folder to run it again)"
+
+
+def _check_finetune_inputs(cell: Cell, info: dict) -> None:
+    """Every `finetune_from` epoch still to fine-tune from has its pretrain/epoch-N.pt, or will
+    have it. A pretraining saves epoch-N.pt as it ends epoch N, for the N in its save_epochs
+    then; one that has passed epoch N without (N added to finetune_from since) never will, and
+    that fine-tune would fail in its job on the missing --init file."""
+    done = stage_done(cell.pretrain_dir, STAGE_PRODUCT["pretrain"])
+    for ft in cell.finetunes:
+        if ft.source == FINAL or ft.init.exists() or stage_done(ft.dir, STAGE_PRODUCT["finetune"]):
+            continue
+        if not done:
+            try:
+                found = saved_state(cell.pretrain_dir / "checkpoints")
+            except (ResumeError, RunFolderError):
+                continue    # the pretraining's own start names a damaged checkpoint
+            reached = (found[1].get("trainer") or {}).get("epoch", 0) if found else 0
+            if reached < ft.source:
+                continue    # it saves epoch-N.pt when it gets there (save_epochs has N now)
+        n = ft.source
+        saved = (info.get("config") or {}).get("pretrain", {}).get("save_epochs")
+        passed = "finished" if done else f"is past epoch {n}"
+        raise GridError(f"{ft.init} (cell {cell.key}): missing, but finetune_from asks for "
+                        f"epoch {n}: the pretraining {passed} with pretrain.save_epochs {saved}, "
+                        f"and epoch-N.pt is written only as epoch N ends, for the N listed then; "
+                        f"drop {n} from finetune_from, or remove {cell.folder} to run the cell "
+                        f"again (its pretraining then saves epoch {n})")
 
 
 def _check_config(where: str, expected: Config, stage: str, info: dict, done: bool) -> None:

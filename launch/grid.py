@@ -54,10 +54,11 @@ class ExecutorConfig:
     partition: str = ""               # (str) SLURM partition ("" = the cluster's default)
     account: str = ""                 # (str) SLURM account ("" = none)
     qos: str = ""                     # (str) SLURM QOS ("" = none)
-    array_parallelism: int = 2        # (int) cells running at once (SLURM array %N; local too)
+    array_parallelism: int = 2        # (int) jobs running at once (SLURM array %N; local too):
+                                      #   up to array_parallelism x cells_per_job cells
     timeout_min: int = 60             # (int) wall time of one cell's job, minutes
     cpus_per_task: int = 1            # (int) CPUs of one cell's job
-    mem_gb: float = 0                 # (float) memory of one cell's job (0 = cluster default)
+    mem_gb: float = 0.0               # (float) memory of one cell's job (0 = cluster default)
     gpus_per_node: int = 0            # (int) GPUs per node of one job (0 = none: CPU training);
                                       #   tasks_per_node > 1 wants one per task
     nodes: int = 1                    # (int) nodes of one cell (SLURM; local: 1)
@@ -85,7 +86,10 @@ class Grid:
                                                 #   cell per combination, a folder per value
     finetune_from: list = field(default_factory=lambda: [FINAL])
                                                 # (list) pretraining epochs each cell fine-tunes
-                                                #   from: N (pretrain/epoch-N.pt) or `final`
+                                                #   from: N (pretrain/epoch-N.pt) or `final`. An N
+                                                #   added once a pretraining has passed epoch N
+                                                #   has no weights (a launch refuses it): list it
+                                                #   in pretrain.save_epochs from the start
     config: str = ""                  # (str) a base training YAML passed as --config ("" = none)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     source: str = "<code>"            # where the grid came from, for error messages (not a key)
@@ -384,18 +388,23 @@ def validate(grid: Grid) -> None:
     _check_axes(grid)
     for v in grid.variants:
         for r in (grid.ranks if v in LOWRANK_VARIANTS else [None]):
-            for values in grid.axis_combinations(v):
+            settings: dict[tuple, tuple] = {}
+            # Every combination, also the pretrain.* values a finetune-only cell drops: in a
+            # grid of finetune-only cells alone a misspelt key would otherwise pass unseen.
+            for values in grid.axis_combinations():
                 extra = [f"{k}={json.dumps(x)}" for k, x in values]
                 extra += [f"variant={v}", *grid.rank_args(r)]
                 try:
                     cfg = load_config(grid.config or None, grid.override_args() + extra)
                 except ConfigError as e:
                     where = "".join(f", {k}={axis_text(x)}" for k, x in values)
-                    raise GridError(f"{src}: key '{'axes' if values else 'overrides'}' with "
+                    key = _axis_value_key(grid, values, str(e)) if values else "overrides"
+                    raise GridError(f"{src}: key '{key}' with "
                                     f"variant {v}{'' if r is None else f', rank {r}'}{where}: "
                                     f"{e}") from None
+                _check_same_setting(grid, settings, values, cfg)
                 if v not in NO_PRETRAIN_VARIANTS:
-                    _check_finetune_from(grid, cfg.pretrain.epochs)
+                    _check_finetune_from(grid, cfg.pretrain.epochs, values)
     _check_finetune_from(grid, None)
     ex = grid.executor
     if ex.kind not in ("local", "slurm"):
@@ -464,9 +473,42 @@ def _check_axes(grid: Grid) -> None:
                             f"{k}={dup} ({values})")
 
 
-def _check_finetune_from(grid: Grid, pretrain_epochs: int | None) -> None:
+def _axis_value_key(grid: Grid, values: tuple, message: str) -> str:
+    """`axes.<key>[i]` of the value in `values` that a config error names, else `axes` (the
+    combination as a whole, e.g. two settings that only together are refused)."""
+    for k, x in values:
+        if f"'{k}'" in message or f"'{k}." in message:
+            i = next(i for i, y in enumerate(grid.axes[k]) if type(y) is type(x) and y == x)
+            return f"axes.{k}[{i}]"
+    return "axes"
+
+
+def _setting(cfg: Any, key: str) -> str:
+    """The value the config holds at a dotted key, as JSON (None where there is none)."""
+    node = cfg.to_dict()
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return json.dumps(node, sort_keys=True)
+
+
+def _check_same_setting(grid: Grid, settings: dict, values: tuple, cfg: Any) -> None:
+    """Two axis values the config reads as one setting (YAML's 1e-3, a string, and 0.001; 1 and
+    1.0 of a float key) would be two folders holding the same experiment."""
+    if not values:
+        return
+    other = settings.setdefault(tuple(_setting(cfg, k) for k, _ in values), values)
+    if other is values:     # (not ==: 1 == 1.0)
+        return
+    k, a, b = next((k, a, b) for (k, a), (_, b) in zip(other, values)
+                   if (type(a), a) != (type(b), b))
+    raise GridError(f"{grid.source}: key 'axes.{k}': {a!r} and {b!r} are the same setting "
+                    f"({k} = {_setting(cfg, k)}), so two folders would hold one experiment; "
+                    f"give it once")
+
+
+def _check_finetune_from(grid: Grid, pretrain_epochs: int | None, values: tuple = ()) -> None:
     """`finetune_from`: distinct entries, each `final` or an epoch 1..pretrain.epochs (checked
-    per cell config when `pretrain_epochs` is given)."""
+    per cell config when `pretrain_epochs` is given; `values`: the cell's axis values)."""
     src, ff = grid.source, grid.finetune_from
     if not isinstance(ff, list) or not ff:
         raise GridError(f"{src}: key 'finetune_from': expected a non-empty list of pretraining "
@@ -478,8 +520,10 @@ def _check_finetune_from(grid: Grid, pretrain_epochs: int | None) -> None:
             raise GridError(f"{src}: key 'finetune_from[{i}]': expected an epoch >= 1 or "
                             f"'{FINAL}', got {e!r}")
         if pretrain_epochs is not None and e > pretrain_epochs:
+            axis = next((f", axes.pretrain.epochs[{grid.axes['pretrain.epochs'].index(x)}]"
+                         for k, x in values if k == "pretrain.epochs"), "")
             raise GridError(f"{src}: key 'finetune_from[{i}]': epoch {e} is after the "
-                            f"pretraining's last (pretrain.epochs = {pretrain_epochs})")
+                            f"pretraining's last (pretrain.epochs = {pretrain_epochs}{axis})")
     if len(set(map(str, ff))) != len(ff):
         raise GridError(f"{src}: key 'finetune_from': repeated entry in {ff}")
 

@@ -60,7 +60,8 @@ def task_env(world_size: int, stage_index: int) -> dict:
                                                                    if hosts else world_size),
                MASTER_ADDR=os.environ.get("S3REC_MASTER_ADDR", master),
                MASTER_PORT=str(20000 + (digits * 7 + stage_index) % 20000))
-    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    # GLOO_SOCKET_IFNAME is left to s3rec.distributed: loopback for one machine, the route to
+    # MASTER_ADDR across nodes (a forced "lo" would strand the other nodes' ranks).
     return env
 
 
@@ -153,7 +154,7 @@ class _ChainRun:
         self.t0 = 0.0
         self.outcome: str | None = None     # done | failed | preempted
         self.error = ""
-        self.reader: threading.Thread | None = None
+        self.readers: list[threading.Thread] = []   # a packed cell's output, prefixed
 
 
 class CellsJob(submitit.helpers.Checkpointable):
@@ -201,6 +202,12 @@ class CellsJob(submitit.helpers.Checkpointable):
         failed = [r for r in runs if r.outcome == "failed"]
         if any(r.outcome == "preempted" for r in runs) and \
                 os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+            if self._rank() != 0:
+                # Rank 0 requeues the job, and with it every task: a second `scontrol
+                # requeue` from here could land on the job's fresh start and stop it.
+                print(f"[{self.keys}] training saved a checkpoint on SLURM's signal; rank 0 "
+                      f"requeues the job", flush=True)
+                raise SystemExit(-1)
             requeue_slurm_job(self.keys, self.cancelled_file)
         if failed:
             done = [r.key for r in runs if r.outcome == "done"]
@@ -222,21 +229,30 @@ class CellsJob(submitit.helpers.Checkpointable):
         print(f"[{r.key}] $ {shlex.join(st['cmd'])}", flush=True)   # pasteable: values quoted
         r.stage, r.t0 = st, time.time()
         env = task_env(self.world_size, index)
+        if self.world_size > 1:
+            # Where each rank ran: submitit's own line names the machine (socket.gethostname()),
+            # which is not the SLURM node where several nodes share one machine.
+            node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+            print(f"[{r.key}] rank {env['RANK']} of {env['WORLD_SIZE']} on node {node}, "
+                  f"rendezvous {env['MASTER_ADDR']}:{env['MASTER_PORT']}", flush=True)
         if len(self.chains) == 1:
             r.proc = subprocess.Popen(st["cmd"], env=env)
             return
         # Several cells share the job's log: each line of a cell's training carries its key.
+        # stdout and stderr stay apart, as in a job of one cell: the log a status row names
+        # (the job's stderr) holds the training's progress lines either way.
         r.proc = subprocess.Popen(st["cmd"], env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT)
-        r.reader = threading.Thread(target=_prefix_lines, args=(r.proc.stdout, r.key),
-                                    daemon=True)
-        r.reader.start()
+                                  stderr=subprocess.PIPE)
+        r.readers = [threading.Thread(target=_prefix_lines, args=(pipe, r.key, out), daemon=True)
+                     for pipe, out in ((r.proc.stdout, sys.stdout), (r.proc.stderr, sys.stderr))]
+        for t in r.readers:
+            t.start()
 
     def _finish(self, r: _ChainRun) -> None:
         code, st = r.proc.returncode, r.stage
-        if r.reader is not None:
-            r.reader.join(timeout=10)
-        r.proc = r.reader = None
+        for t in r.readers:
+            t.join(timeout=10)
+        r.proc, r.readers = None, []
         run_dir, cmd = Path(st["dir"]), st["cmd"]
         print(f"[{r.key}] exit {code} after {time.time() - r.t0:.1f} s", flush=True)
         if code == 0 and self._rank() != 0:
@@ -295,10 +311,10 @@ class CellsJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(fresh)
 
 
-def _prefix_lines(stream, key: str) -> None:
+def _prefix_lines(stream, key: str, out) -> None:
     for line in iter(stream.readline, b""):
-        sys.stdout.write(f"[{key}] {line.decode(errors='replace')}")
-        sys.stdout.flush()
+        out.write(f"[{key}] {line.decode(errors='replace')}")
+        out.flush()
     stream.close()
 
 

@@ -349,7 +349,8 @@ class GridRun:
             st = self.state_of(cell, queued)
             if st.state == "done":
                 self.skipped[cell.key] = "done"
-            elif st.state in ("pending", "running") and cell.key in self.registry:
+            elif st.state in ("pending", "running") and cell.key in self.registry \
+                    and not ran_former_cell(cell, self.registry[cell.key]):
                 self.skipped[cell.key] = f"still queued ({st.detail})"
             else:
                 todo.append(cell)
@@ -427,7 +428,8 @@ class GridRun:
                 "executor": self.grid.executor.kind, "job_id": str(job.job_id),
                 "folder": str(job.paths.folder), "log": str(job.paths.stderr),
                 "submitted": _now(), "cells": [c.key for c in group],
-                "world_size": cell.world_size}
+                "world_size": cell.world_size,
+                "stages": [[st, str(d)] for st, d in cell.stage_dirs]}
         _write_json(self.registry_path, self.registry)
 
     def _start_local(self) -> None:
@@ -448,6 +450,11 @@ class GridRun:
         if any(c.key == cell.key for pack in self.waiting for c in pack):
             return CellState("pending", "waiting for a free local slot")
         entry = self.registry.get(cell.key)
+        if entry is not None and ran_former_cell(cell, entry):
+            todo = [d.name for st, d in cell.stage_dirs if not stage_done(d, STAGE_PRODUCT[st])]
+            return CellState("pending", f"unfinished: {', '.join(todo)} added to the grid after "
+                                        f"{entry['executor']} job {entry['job_id']}, which ran "
+                                        f"the rest; the next launch runs them")
         if entry is not None:
             st = self._job_state(cell, entry, queued)
             if st is not None:
@@ -608,6 +615,21 @@ class GridRun:
                             "protocol": res.get("protocol"), "best_epoch": res.get("best_epoch"),
                             **res.get("test", {}), "run": str(ft.dir)})
         return out
+
+
+def ran_former_cell(cell: Cell, entry: dict) -> bool:
+    """Whether the cell's job (its jobs.json entry) was given other stages than the cell has now
+    (a `finetune_from` entry added since) and every stage it was given is done: it has nothing
+    left to run, even while it is still ending, so it says nothing about the new stages (its
+    result file does not mean they failed) and a launch may submit them at once."""
+    try:
+        given = sorted((str(st), str(d)) for st, d in entry.get("stages"))
+    except (TypeError, ValueError):
+        return False    # recorded by a launcher that did not record stages (or damaged)
+    if given == sorted((st, str(d)) for st, d in cell.stage_dirs):
+        return False
+    return all(stage in STAGE_PRODUCT and stage_done(Path(d), STAGE_PRODUCT[stage])
+               for stage, d in given)
 
 
 def launch_grid(grid: Grid) -> GridRun:
