@@ -28,10 +28,15 @@ def write_csv(path: str | Path, rows: list[dict], columns: list[str]) -> None:
 
 def save_figure(fig, path_stem: str | Path, formats=("png", "svg")) -> list[Path]:
     """Save a matplotlib figure as PATH_STEM.png and .svg, each atomically."""
+    import matplotlib
     out = []
     for fmt in formats:
         p = Path(f"{path_stem}.{fmt}")
         with atomic_path(p) as tmp:
-            fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight")
+            # No date in an SVG and fixed element ids: a report made again from the same runs
+            # is the same bytes (PNGs carry no date).
+            with matplotlib.rc_context({"svg.hashsalt": "s3rec"}):
+                fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight",
+                            metadata={"Date": None} if fmt == "svg" else None)
         out.append(p)
     return out

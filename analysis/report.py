@@ -8,6 +8,7 @@ DIR/params_breakdown.csv. Every file is written under a temporary name and renam
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
@@ -18,6 +19,7 @@ from s3rec.analysis.compare import paired_rows, pick_baseline
 from s3rec.analysis.field_figures import (field_anatomy_section, field_heads_partial,
                                           fields_section)
 from s3rec.analysis.figures import Figure, all_grid_figures
+from s3rec.analysis.lowrank_study import conclusion_section
 from s3rec.analysis.paper_numbers import PAPER_SOURCE, reference_for
 from s3rec.analysis.protocols import protocols_section
 from s3rec.analysis.read_runs import (Run, RunFolderError, read_runs, runs_table, scalar_columns,
@@ -240,7 +242,11 @@ def anatomy_section(out: Path) -> str:
 # ---------------------------------------------------------------- the command
 
 def build_report(runs_dir: Path, out: Path, checkpoint: Path | None = None,
-                 anatomy: bool = True, baseline: str | None = None) -> Path:
+                 anatomy: bool = True, baseline: str | None = None,
+                 command: str | None = None) -> Path:
+    """`command`: the command line that made the report, stated at its top so that it can be
+    regenerated (everything else in the folder is then the same, byte for byte, apart from the
+    `Generated` time)."""
     if checkpoint is not None and not Path(checkpoint).is_file():   # fail before any work
         from s3rec.model import CheckpointError
         raise CheckpointError(f"--checkpoint {checkpoint} does not exist")
@@ -260,6 +266,7 @@ def build_report(runs_dir: Path, out: Path, checkpoint: Path | None = None,
              f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} from "
              f"{len(runs)} stage folders. Tables: [runs.csv](runs.csv) (one row per run and "
              f"stage), [scalars.csv](scalars.csv) (every logged scalar).\n",
+             *([f"Regenerate it with `{command}`.\n"] if command else []),
              "## Runs\n", status_section(runs),
              "## Results beside the paper\n", results_section(runs),
              *(["## Arms against the baseline, paired by test user\n", paired]
@@ -278,6 +285,8 @@ def build_report(runs_dir: Path, out: Path, checkpoint: Path | None = None,
               lowrank_section(ckpt, explicit, out, ranks)]
     if anatomy:
         parts += ["## Model anatomy\n", anatomy_section(out), field_anatomy_section(runs, out)]
+    if conclusion := conclusion_section(runs):
+        parts += ["## Conclusion: low-rank heads against full heads\n", conclusion]
     report = out / "report.md"
     write_text(report, "\n".join(parts))
     return report
@@ -288,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         report = build_report(args.runs, args.out, args.checkpoint, anatomy=not args.no_anatomy,
-                              baseline=args.baseline)
+                              baseline=args.baseline,
+                              command=shlex.join(["s3rec-report", *(sys.argv[1:] if argv is None
+                                                                    else argv)]))
     except (CheckpointError, RunFolderError, OSError) as e:
         print(f"s3rec-report: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,181 @@
+"""The report's conclusion for a grid of low-rank heads against full heads.
+
+Where a grid has finished fine-tunes of `s3rec` (full AAP/MAP heads) and of `s3rec-lowrank` at
+some rank, with the same seeds and otherwise the same settings (dataset, protocol, pretraining
+epoch, axis values, removed objectives), each rank is set against the full heads:
+
+- parameters: the pretraining model's total and its heads' (run.json "params"), and what the
+  rank saves of each;
+- HR@10 and NDCG@10: the mean over seeds of each arm with its 95% t-interval, and the difference
+  low-rank - full paired by seed (the same seed draws the same data order and the same init of
+  everything but the heads), as a 95% t-interval over the seed pairs and relative to the full
+  heads' mean;
+- the paired bootstrap over test users of the seed-averaged per-user metric (compare.py), which
+  holds the trained models fixed;
+- whether the rank stays within TOLERANCE (relative) of the full heads: "yes" only when the whole
+  seed interval of the relative difference lies above -TOLERANCE;
+- how the relative difference moves from one pretraining epoch to the next, where the grid
+  fine-tunes from several.
+
+Every number comes from results.json, test_ranks.npy and run.json of the run folders.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+from s3rec.analysis.compare import arm_users
+from s3rec.analysis.read_runs import Run, head_params
+from s3rec.analysis.stats import Interval, mean_interval, paired_bootstrap
+
+FULL, LOWRANK = "s3rec", "s3rec-lowrank"
+METRICS = ("HR@10", "NDCG@10")
+TOLERANCE = 0.01        # "keeps the accuracy": within 1% (relative) of the full heads
+
+
+def _group_key(r: Run) -> tuple:
+    """What must agree for two arms to be compared: everything but the variant and rank."""
+    return (r.dataset, str(r.run_json.get("protocol", "")), tuple(sorted(r.axes.items())),
+            r.removed)
+
+
+def _epoch_sort(e) -> tuple:
+    return (1, 0) if e == "final" else (0, int(e)) if e != "" else (2, 0)
+
+
+def _epoch_text(e) -> str:
+    return "final" if e == "final" else f"epoch {e}" if e != "" else "-"
+
+
+def _rel(iv: Interval, base: float) -> Interval:
+    return Interval(iv.mean / base, iv.lo / base, iv.hi / base, iv.n)
+
+
+def _pct(iv: Interval) -> str:
+    if iv.n < 2:
+        return f"{100 * iv.mean:+.2f}%"
+    return f"{100 * iv.mean:+.2f}% [{100 * iv.lo:+.2f}, {100 * iv.hi:+.2f}]"
+
+
+def _verdict(rel: Interval) -> str:
+    tol = 100 * TOLERANCE
+    if rel.n >= 2 and rel.lo >= -TOLERANCE:
+        return f"yes (the whole interval is above -{tol:.0f}%)"
+    if rel.mean >= -TOLERANCE:
+        lo = f"; the interval reaches {100 * rel.lo:+.2f}%" if rel.n >= 2 else \
+            " (one seed: no interval)"
+        return f"not shown (the mean is within {tol:.0f}%{lo})"
+    return f"no ({100 * rel.mean:+.2f}%)"
+
+
+def comparisons(runs: list[Run]) -> list[dict]:
+    """One dict per (group, pretraining epoch, rank, metric) with both arms' seeds done."""
+    done = [r for r in runs if r.stage == "finetune" and r.status == "done"
+            and r.variant in (FULL, LOWRANK)]
+    by: dict[tuple, dict[tuple, dict[int, Run]]] = defaultdict(lambda: defaultdict(dict))
+    for r in done:
+        by[(_group_key(r), r.pretrain_from)][(r.variant, r.rank)][r.seed] = r
+    out = []
+    for (group, epoch), arms in sorted(by.items(), key=lambda kv: (kv[0][0],
+                                                                   _epoch_sort(kv[0][1]))):
+        full = arms.get((FULL, "full"))
+        if not full:
+            continue
+        for (variant, rank), low in sorted(arms.items(), key=lambda kv: (kv[0][0], int(kv[0][1])
+                                                                         if kv[0][1].isdigit()
+                                                                         else 0)):
+            if variant != LOWRANK:
+                continue
+            seeds = sorted(set(full) & set(low))
+            if not seeds:
+                continue
+            f_runs, l_runs = [full[s] for s in seeds], [low[s] for s in seeds]
+            f_users = arm_users("full", f_runs)
+            l_users = arm_users("low", l_runs)
+            for m in METRICS:
+                fv = np.array([r.test_metrics()[m] for r in f_runs])
+                lv = np.array([r.test_metrics()[m] for r in l_runs])
+                f_iv, l_iv = mean_interval(fv), mean_interval(lv)
+                diff = mean_interval(lv - fv)
+                paired = None
+                if m in f_users.values and m in l_users.values and \
+                        f_users.seeds == l_users.seeds == seeds:
+                    paired = paired_bootstrap(l_users.values[m], f_users.values[m])
+                out.append({"group": group, "epoch": epoch, "rank": int(rank), "metric": m,
+                            "seeds": seeds, "full": f_iv, "low": l_iv, "diff": diff,
+                            "rel": _rel(diff, f_iv.mean) if f_iv.mean else diff,
+                            "paired": paired,
+                            "params": (_params(f_runs[0]), _params(l_runs[0]))})
+    return out
+
+
+def _params(r: Run) -> tuple[int | None, int | None]:
+    """(total, heads) of the pretraining model the fine-tune started from."""
+    p = r.pretrain_params or {}
+    return (int(p["total"]) if "total" in p else None), head_params(p)
+
+
+def conclusion_section(runs: list[Run]) -> str:
+    """Markdown: the comparison table and the sentences it supports; "" without such arms."""
+    rows = comparisons(runs)
+    if not rows:
+        return ""
+    out = []
+    groups = sorted({r["group"] for r in rows})
+    for group in groups:
+        dataset, protocol, axes, removed = group
+        g = [r for r in rows if r["group"] == group]
+        title = f"### {dataset}, protocol {protocol}"
+        title += "".join(f", {k}={v}" for k, v in axes)
+        title += f", without {'+'.join(o.upper() for o in removed)}" if removed else ""
+        table = ["| rank | pretraining | metric | seeds | full heads | low-rank | difference "
+                 "(paired by seed) | relative | users' paired bootstrap: difference, p | within "
+                 f"{100 * TOLERANCE:.0f}% |", "|" + "---|" * 10]
+        for r in g:
+            p = r["paired"]
+            boot = (f"{p.diff:+.4f} [{p.lo:+.4f}, {p.hi:+.4f}], p {p.fmt_p()}" if p else
+                    "no per-user ranks")
+            table.append(f"| {r['rank']} | {_epoch_text(r['epoch'])} | {r['metric']} | "
+                         f"{','.join(map(str, r['seeds']))} | {r['full'].fmt()} | "
+                         f"{r['low'].fmt()} | {r['diff'].fmt()} | {_pct(r['rel'])} | {boot} | "
+                         f"{_verdict(r['rel'])} |")
+        out.append(title + "\n\n" + "\n".join(table) + "\n")
+        out.append(_sentences(g))
+    out.append(
+        "Full heads and low-rank heads are paired by seed; the interval of the difference is "
+        "a 95% Student-t interval over the seed pairs, and the relative difference divides it "
+        "by the full heads' mean (whose own spread is in its column). The users' bootstrap "
+        "(10,000 resamples) compares the seed-averaged models on the same test users. "
+        f"\"Within {100 * TOLERANCE:.0f}%\" is yes only when the whole interval of the relative "
+        "difference lies above that line; with few seeds a close mean is \"not shown\", not "
+        "\"yes\".\n")
+    return "\n".join(out)
+
+
+def _sentences(g: list[dict]) -> str:
+    lines = []
+    ranks = sorted({r["rank"] for r in g})
+    for rank in ranks:
+        rr = [r for r in g if r["rank"] == rank]
+        (f_total, f_heads), (l_total, l_heads) = rr[0]["params"]
+        if None not in (f_total, l_total, f_heads, l_heads) and f_total and f_heads:
+            lines.append(f"- **r = {rank}, parameters:** {l_total:,} against {f_total:,} for "
+                         f"full heads: {f_total - l_total:,} fewer ({100 * (f_total - l_total) / f_total:.2f}% "
+                         f"of the model); in the heads {l_heads:,} against {f_heads:,} "
+                         f"({100 * (f_heads - l_heads) / f_heads:.1f}% of the heads).")
+        for m in METRICS:
+            mm = sorted((r for r in rr if r["metric"] == m), key=lambda r: _epoch_sort(r["epoch"]))
+            parts = [f"{_epoch_text(r['epoch'])}: {_pct(r['rel'])}, within "
+                     f"{100 * TOLERANCE:.0f}%: {_verdict(r['rel'])}" for r in mm]
+            lines.append(f"- **r = {rank}, {m}** relative to full heads: " + "; ".join(parts) + ".")
+            if len(mm) >= 2:
+                a, b = mm[0], mm[-1]
+                moved = 100 * (b["rel"].mean - a["rel"].mean)
+                overlap = a["rel"].n >= 2 and b["rel"].n >= 2 and \
+                    a["rel"].lo <= b["rel"].hi and b["rel"].lo <= a["rel"].hi
+                lines.append(f"  From {_epoch_text(a['epoch'])} to {_epoch_text(b['epoch'])} the "
+                             f"gap moves by {moved:+.2f} points"
+                             + ("; the two intervals overlap, so the change is within the "
+                                "seeds' spread." if overlap else "."))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,128 @@
+"""The report's low-rank conclusion (analysis/lowrank_study.py) against an independent
+computation on made-up runs: per-seed metrics from made-up per-user ranks, Student-t intervals
+from scipy, the verdict on the 1% line, and the report made again being the same bytes."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from s3rec.analysis import lowrank_study
+from s3rec.analysis.read_runs import Run
+from s3rec.analysis.report import build_report
+
+USERS = 400
+PARAMS = {"full": {"item_embeddings": 1000, "aap_norm": 4160, "map_norm": 4160,
+                   "mip_norm": 4160, "sp_norm": 4160, "total": 17640},
+          "4": {"item_embeddings": 1000, "aap_norm": 520, "map_norm": 520,
+                "mip_norm": 4160, "sp_norm": 4160, "total": 10360}}
+
+
+def _ranks(seed: int, shift: int) -> np.ndarray:
+    """Made-up 0-based test ranks among 100 candidates; a larger shift ranks worse."""
+    rng = np.random.default_rng(seed)
+    return np.minimum(99, rng.integers(0, 30, size=USERS) + shift).astype(np.int64)
+
+
+def _hr10(ranks: np.ndarray) -> float:
+    return float((ranks < 10).mean())
+
+
+def _ndcg10(ranks: np.ndarray) -> float:
+    return float(np.where(ranks < 10, 1.0 / np.log2(ranks + 2.0), 0.0).mean())
+
+
+def _run(tmp: Path, variant: str, rank: str, seed: int, epoch, shift: int) -> Run:
+    folder = tmp / f"{variant}-r{rank}-s{seed}-e{epoch}"
+    folder.mkdir(parents=True)
+    ranks = _ranks(100 * seed + (0 if variant == "s3rec" else 7), shift)
+    np.save(folder / "test_ranks.npy", ranks)
+    test = {"HR@10": _hr10(ranks), "NDCG@10": _ndcg10(ranks)}
+    return Run(path=folder, cell=f"g/d/{variant}/r{rank}/s{seed}", grid="g", dataset="D",
+               variant=variant, rank=rank, seed=seed, stage="finetune", status="done",
+               run_json={"protocol": "sampled-99"}, results={"test": test, "valid": {},
+                                                              "best_epoch": 1},
+               pretrain_params=PARAMS[rank], pretrain_from=epoch)
+
+
+@pytest.fixture
+def runs(tmp_path):
+    out = []
+    for epoch, low_shift in ((10, 3), (30, 0)):
+        for seed in (1, 2, 3):
+            out.append(_run(tmp_path, "s3rec", "full", seed, epoch, 0))
+            out.append(_run(tmp_path, "s3rec-lowrank", "4", seed, epoch, low_shift))
+    return out
+
+
+def _t_interval(x: np.ndarray) -> tuple[float, float, float]:
+    m = float(np.mean(x))
+    half = sps.t.ppf(0.975, len(x) - 1) * np.std(x, ddof=1) / np.sqrt(len(x))
+    return m, m - half, m + half
+
+
+def test_comparisons_equal_an_independent_computation(runs):
+    rows = lowrank_study.comparisons(runs)
+    assert [(r["epoch"], r["rank"], r["metric"]) for r in rows] == [
+        (10, 4, "HR@10"), (10, 4, "NDCG@10"), (30, 4, "HR@10"), (30, 4, "NDCG@10")]
+    for row in rows:
+        fn = _hr10 if row["metric"] == "HR@10" else _ndcg10
+        full = np.array([fn(np.load(r.path / "test_ranks.npy")) for r in runs
+                         if r.variant == "s3rec" and r.pretrain_from == row["epoch"]])
+        low = np.array([fn(np.load(r.path / "test_ranks.npy")) for r in runs
+                        if r.variant != "s3rec" and r.pretrain_from == row["epoch"]])
+        for got, want in ((row["full"], _t_interval(full)), (row["low"], _t_interval(low)),
+                          (row["diff"], _t_interval(low - full))):
+            assert (got.mean, got.lo, got.hi) == pytest.approx(want, abs=1e-9)
+        m, lo, hi = _t_interval(low - full)
+        assert (row["rel"].mean, row["rel"].lo, row["rel"].hi) == pytest.approx(
+            (m / full.mean(), lo / full.mean(), hi / full.mean()), abs=1e-9)
+        assert row["paired"].diff == pytest.approx(float((low - full).mean()), abs=1e-12)
+        assert row["params"] == ((17640, 16640), (10360, 9360))
+
+
+def test_verdict_on_the_one_percent_line():
+    from s3rec.analysis.stats import Interval
+    assert lowrank_study._verdict(Interval(-0.002, -0.008, 0.004, 3)).startswith("yes")
+    assert lowrank_study._verdict(Interval(-0.005, -0.02, 0.01, 3)).startswith("not shown")
+    assert lowrank_study._verdict(Interval(-0.005, -0.005, -0.005, 1)).startswith("not shown")
+    assert lowrank_study._verdict(Interval(-0.03, -0.05, -0.01, 3)).startswith("no (")
+
+
+def test_conclusion_states_parameters_verdicts_and_the_gap_over_epochs(runs):
+    text = lowrank_study.conclusion_section(runs)
+    # parameters: 17,640 - 10,360 = 7,280 fewer (41.27%); heads 16,640 -> 9,360 (43.8%)
+    assert "10,360 against 17,640 for full heads: 7,280 fewer (41.27% of the model)" in text
+    assert "in the heads 9,360 against 16,640 (43.8% of the heads)" in text
+    # epoch 30: identical shift, so the low-rank arm differs only by its seeds' draws
+    assert re.search(r"r = 4, HR@10\*\* relative to full heads: epoch 10: [-+]\d", text)
+    assert "From epoch 10 to epoch 30 the gap moves by" in text
+    # epoch 10's low-rank arm ranks every user 3 places worse: a clear loss, a "no"
+    row10 = next(r for r in lowrank_study.comparisons(runs)
+                 if r["epoch"] == 10 and r["metric"] == "HR@10")
+    assert row10["rel"].mean < -0.1 and lowrank_study._verdict(row10["rel"]).startswith("no (")
+
+
+def test_report_made_again_is_the_same_bytes_apart_from_its_time(tmp_path):
+    """On a real tiny grid's folders the test suite already makes (the fabricated grid of
+    tests/test_analysis_fixtures.py): everything the report writes is the same bytes twice."""
+    from tests.test_analysis_fixtures import fabricate_grid
+    root = tmp_path / "runs"
+    fabricate_grid(root)
+    a, b = tmp_path / "a", tmp_path / "b"
+    cmd = "s3rec-report runs --out OUT"
+    build_report(root, a, anatomy=False, command=cmd)
+    build_report(root, b, anatomy=False, command=cmd)
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files_a == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert any(str(f).endswith(".svg") for f in files_a) and any(str(f).endswith(".png")
+                                                                 for f in files_a)
+    for f in files_a:
+        x, y = (a / f).read_bytes(), (b / f).read_bytes()
+        if f.name == "report.md":
+            x, y = (re.sub(rb"Generated \S+", b"Generated T", v) for v in (x, y))
+            assert f"Regenerate it with `{cmd}`.".encode() in x
+        assert x == y, f"{f} differs between two reports of the same runs"
