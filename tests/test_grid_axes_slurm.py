@@ -166,3 +166,22 @@ def test_axes_and_finetune_from_on_slurm_and_what_relaunches_submit(cluster, tin
     for cell in open_grid(load_grid(path)).cells:
         line = next(ln for ln in status.splitlines() if ln.startswith(cell.key + " "))
         assert line.split()[1] == "done", line
+
+    # 6. the report: one arm per (variant, axis value, pretraining epoch), each from its folder
+    from s3rec.analysis.report import build_report
+    report = build_report(out, tmp_path / "report", anatomy=False).read_text()
+    arms = set(re.findall(r"^\| ours: ([^|]+?) \|", report, flags=re.M))
+    assert arms == {f"s3rec pretrain.lr={lr}{e}" for lr in ("0.001", "0.002", "0.003")
+                    for e in (" @e1", "")} | {f"s3rec pretrain.lr={lr} @e2"
+                                             for lr in ("0.001", "0.003")} | {"finetune-only"}
+    # 7. TensorBoard's HParams tab over the grid: the axis is an hparam of every session, and
+    # every fine-tune session carries its test HR@10 and NDCG@10
+    from tests.tensorboard_server import hparams_experiment, hparams_sessions, tensorboard
+    with tensorboard(out) as url:
+        names = {h["name"] for h in hparams_experiment(url)["hparamInfos"]}
+        assert {"pretrain.lr", "variant", "seed", "init"} <= names, names
+        finetunes = [x for x in hparams_sessions(url) if "/finetune" in x["name"]]
+        assert len(finetunes) == 9, [x["name"] for x in finetunes]   # 3 + 2 + 3 + 1
+        for x in finetunes:
+            tags = {m["name"]["tag"] for m in x["metricValues"]}
+            assert {"test/HR@10", "test/NDCG@10"} <= tags, (x["name"], tags)
