@@ -54,15 +54,26 @@ def task_env(world_size: int, stage_index: int) -> dict:
     env = dict(os.environ)
     hosts = je.hostnames
     master = "127.0.0.1" if os.environ.get("SUBMITIT_EXECUTOR") != "slurm" else hosts[0]
-    digits = int(re.sub(r"\D", "", str(je.job_id)) or 0)
     env.update(RANK=str(je.global_rank), WORLD_SIZE=str(world_size),
                LOCAL_RANK=str(je.local_rank), LOCAL_WORLD_SIZE=str(world_size // len(hosts)
                                                                    if hosts else world_size),
                MASTER_ADDR=os.environ.get("S3REC_MASTER_ADDR", master),
-               MASTER_PORT=str(20000 + (digits * 7 + stage_index) % 20000))
+               MASTER_PORT=str(rendezvous_port(str(je.job_id), stage_index)))
     # GLOO_SOCKET_IFNAME is left to s3rec.distributed: loopback for one machine, the route to
     # MASTER_ADDR across nodes (a forced "lo" would strand the other nodes' ranks).
     return env
+
+
+# Stages of one cell get consecutive ports: a cell has fewer than this many stages.
+PORTS_PER_JOB = 64
+
+
+def rendezvous_port(job_id: str, stage_index: int) -> int:
+    """A port every task of a job derives alike from its id (`123`, or `123_4` in an array):
+    the tasks of an array, which may share a node, and a cell's stages each get their own."""
+    base, _, task = job_id.partition("_")
+    n = int(re.sub(r"\D", "", base) or 0) * 1000 + int(re.sub(r"\D", "", task) or 0)
+    return 20000 + (n * PORTS_PER_JOB + stage_index % PORTS_PER_JOB) % 20000
 
 
 def single_process_env() -> dict:

@@ -240,3 +240,13 @@ def test_task_env_of_an_srun_task_on_another_node_slurm_variables_set_by_hand(mo
     assert task_env(2, 2)["MASTER_PORT"] != env["MASTER_PORT"]   # each stage its own port
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "ib0")             # the user's choice is kept
     assert task_env(2, 1)["GLOO_SOCKET_IFNAME"] == "ib0"
+
+
+def test_rendezvous_ports_of_an_arrays_tasks_and_a_cells_stages_differ():
+    """Two tasks of one array (`53_0`, `53_1`) may share a node: with many `finetune_from`
+    entries their stages' ports must not meet, nor those of `5_30` and `53_0`."""
+    from s3rec.launch.job import rendezvous_port
+    ports = [rendezvous_port(j, s) for j in [f"53_{t}" for t in range(10)] + ["5_30", "530"]
+             for s in range(12)]
+    assert len(set(ports)) == len(ports) and all(20000 <= p < 40000 for p in ports)
+    assert rendezvous_port("53_1", 3) == rendezvous_port("53_1", 3)
