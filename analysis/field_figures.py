@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from s3rec.analysis.figures import (Figure, _colors, _done_finetunes, _headline, _save, _stats,
-                                    _tag, plt)
+                                    _tag, metric_bars, plt)
 from s3rec.analysis.read_runs import Run
 from s3rec.config import (FIELD_OBJECTIVES, NO_RESULT_KEYS, ConfigError, config_from_dict,
                           flat_keys)
@@ -272,16 +272,7 @@ def field_ablation_figure(frs: list[FieldRun], field: str, out: Path, dataset: s
     colors = _colors(metrics)
     width = 0.8 / len(metrics)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.7 * len(bars) + 2), 4.4))
-    for j, m in enumerate(metrics):
-        for i, (_, group) in enumerate(bars):
-            vals = _values(group, m)
-            if not vals:
-                continue
-            mean, lo, hi = _stats(vals)
-            x = i + (j - (len(metrics) - 1) / 2) * width
-            ax.bar(x, mean, width, color=colors[m], label=m if i == 0 else None,
-                   yerr=[[mean - lo], [hi - mean]], capsize=3)
-            ax.text(x, hi, f"{mean:.3f}", ha="center", va="bottom", fontsize=8)
+    metric_bars(ax, [group for _, group in bars], metrics, colors, width, _values)
     ax.set_xticks(range(len(bars)), [f"{lab}\n(n={len(g)})" for lab, g in bars], fontsize=8)
     ax.set_ylabel(f"test metric ({protocol})")
     ax.set_title(f"{dataset}: removing field {field}'s pretraining objectives")

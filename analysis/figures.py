@@ -42,6 +42,22 @@ def _save(fig, out: Path, name: str) -> str:
     return f"{out.name}/{name}"
 
 
+def metric_bars(ax, groups: list, metrics: list[str], colors: dict, width: float,
+                values) -> None:
+    """One bar per group and metric, side by side: the mean over seeds with its 95% interval
+    as the error bar, its value written above; `values(group, metric)` gives the seeds'."""
+    for j, m in enumerate(metrics):
+        for i, group in enumerate(groups):
+            vals = values(group, m)
+            if not vals:
+                continue
+            mean, lo, hi = _stats(vals)
+            x = i + (j - (len(metrics) - 1) / 2) * width
+            ax.bar(x, mean, width, color=colors[m], label=m if i == 0 else None,
+                   yerr=[[mean - lo], [hi - mean]], capsize=3)
+            ax.text(x, hi, f"{mean:.3f}", ha="center", va="bottom", fontsize=8)
+
+
 def _stats(values: list[float]) -> tuple[float, float, float]:
     """Mean and its 95% interval over seeds."""
     iv = mean_interval(values)
@@ -245,16 +261,7 @@ def ablation_bars(runs: list[Run], out: Path) -> tuple[list[Figure], list[str]]:
         width = 0.8 / len(metrics)
         names = sorted(arms, key=lambda a: (" w/o " in a, a))
         colors = _colors(metrics)
-        for j, m in enumerate(metrics):
-            for i, arm in enumerate(names):
-                vals = _metric_values(arms[arm], m)
-                if not vals:
-                    continue
-                mean, lo, hi = _stats(vals)
-                x = i + (j - (len(metrics) - 1) / 2) * width
-                ax.bar(x, mean, width, color=colors[m], label=m if i == 0 else None,
-                       yerr=[[mean - lo], [hi - mean]], capsize=3)
-                ax.text(x, hi, f"{mean:.3f}", ha="center", va="bottom", fontsize=8)
+        metric_bars(ax, [arms[a] for a in names], metrics, colors, width, _metric_values)
         ax.set_xticks(range(len(names)), [f"{a}\n(n={len(arms[a])})" for a in names])
         ax.set_ylabel(f"test metric ({protocol})")
         ax.set_title(f"{dataset}: removing one pretraining objective")
