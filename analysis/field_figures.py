@@ -272,12 +272,9 @@ def field_ablation_figure(frs: list[FieldRun], field: str, out: Path, dataset: s
     colors = _colors(metrics)
     width = 0.8 / len(metrics)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.7 * len(bars) + 2), 4.4))
-    metric_bars(ax, [group for _, group in bars], metrics, colors, width, _values)
-    ax.set_xticks(range(len(bars)), [f"{lab}\n(n={len(g)})" for lab, g in bars], fontsize=8)
-    ax.set_ylabel(f"test metric ({protocol})")
-    ax.set_title(f"{dataset}: removing field {field}'s pretraining objectives")
-    ax.legend(loc="lower right")
-    ax.margins(y=0.12)
+    metric_bars(ax, [group for _, group in bars], metrics, colors, width, _values,
+                [lab for lab, _ in bars], f"test metric ({protocol})",
+                f"{dataset}: removing field {field}'s pretraining objectives", tick_size=8)
     fig.tight_layout()
     stem = _save(fig, out, f"field_ablation_{field}_{_tag(dataset, protocol)}")
     return Figure(f"Ablation of field {field}'s AAP and MAP ({dataset}, {protocol})", stem,

@@ -43,9 +43,15 @@ def _save(fig, out: Path, name: str) -> str:
 
 
 def metric_bars(ax, groups: list, metrics: list[str], colors: dict, width: float,
-                values) -> None:
+                values, labels: list[str], ylabel: str, title: str,
+                tick_size: float | None = None) -> None:
     """One bar per group and metric, side by side: the mean over seeds with its 95% interval
-    as the error bar, its value written above; `values(group, metric)` gives the seeds'."""
+    as the error bar, its value written above; `values(group, metric)` gives the seeds'; each
+    group labelled with its number of runs."""
+    ax.set_xticks(range(len(groups)), [f"{lab}\n(n={len(g)})" for lab, g in zip(labels, groups)],
+                  fontsize=tick_size)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     for j, m in enumerate(metrics):
         for i, group in enumerate(groups):
             vals = values(group, m)
@@ -56,6 +62,8 @@ def metric_bars(ax, groups: list, metrics: list[str], colors: dict, width: float
             ax.bar(x, mean, width, color=colors[m], label=m if i == 0 else None,
                    yerr=[[mean - lo], [hi - mean]], capsize=3)
             ax.text(x, hi, f"{mean:.3f}", ha="center", va="bottom", fontsize=8)
+    ax.legend(loc="lower right")
+    ax.margins(y=0.12)
 
 
 def _stats(values: list[float]) -> tuple[float, float, float]:
@@ -261,12 +269,8 @@ def ablation_bars(runs: list[Run], out: Path) -> tuple[list[Figure], list[str]]:
         width = 0.8 / len(metrics)
         names = sorted(arms, key=lambda a: (" w/o " in a, a))
         colors = _colors(metrics)
-        metric_bars(ax, [arms[a] for a in names], metrics, colors, width, _metric_values)
-        ax.set_xticks(range(len(names)), [f"{a}\n(n={len(arms[a])})" for a in names])
-        ax.set_ylabel(f"test metric ({protocol})")
-        ax.set_title(f"{dataset}: removing one pretraining objective")
-        ax.legend(loc="lower right")
-        ax.margins(y=0.12)
+        metric_bars(ax, [arms[a] for a in names], metrics, colors, width, _metric_values, names,
+                    f"test metric ({protocol})", f"{dataset}: removing one pretraining objective")
         fig.tight_layout()
         stem = _save(fig, out, f"ablation_{_tag(dataset, protocol)}")
         figs.append(Figure(f"Ablation of the pretraining objectives ({dataset}, {protocol})",
