@@ -82,11 +82,9 @@ def comparisons(runs: list[Run]) -> list[dict]:
         full = arms.get((FULL, "full"))
         if not full:
             continue
-        for (variant, rank), low in sorted(arms.items(), key=lambda kv: (kv[0][0], int(kv[0][1])
-                                                                         if kv[0][1].isdigit()
-                                                                         else 0)):
-            if variant != LOWRANK:
-                continue
+        ranks = sorted(int(rank) for variant, rank in arms if variant == LOWRANK)
+        for rank in ranks:
+            low = arms[(LOWRANK, str(rank))]
             seeds = sorted(set(full) & set(low))
             if not seeds:
                 continue
@@ -102,7 +100,7 @@ def comparisons(runs: list[Run]) -> list[dict]:
                 if m in f_users.values and m in l_users.values and \
                         f_users.seeds == l_users.seeds == seeds:
                     paired = paired_bootstrap(l_users.values[m], f_users.values[m])
-                out.append({"group": group, "epoch": epoch, "rank": int(rank), "metric": m,
+                out.append({"group": group, "epoch": epoch, "rank": rank, "metric": m,
                             "seeds": seeds, "full": f_iv, "low": l_iv, "diff": diff,
                             "rel": _rel(diff, f_iv.mean) if f_iv.mean else diff,
                             "paired": paired,

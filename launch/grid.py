@@ -386,6 +386,7 @@ def validate(grid: Grid) -> None:
             raise GridError(f"{src}: key 'ranks[{i}]': rank {r} must be in 1..{hidden} "
                             f"(model.hidden_size)")
     _check_axes(grid)
+    _check_finetune_from(grid, None)        # its entries; each cell's pretrain.epochs below
     for v in grid.variants:
         for r in (grid.ranks if v in LOWRANK_VARIANTS else [None]):
             settings: dict[tuple, tuple] = {}
@@ -405,7 +406,6 @@ def validate(grid: Grid) -> None:
                 _check_same_setting(grid, settings, values, cfg)
                 if v not in NO_PRETRAIN_VARIANTS:
                     _check_finetune_from(grid, cfg.pretrain.epochs, values)
-    _check_finetune_from(grid, None)
     ex = grid.executor
     if ex.kind not in ("local", "slurm"):
         raise GridError(f"{src}: key 'executor.kind': expected local|slurm, got {ex.kind!r}")
