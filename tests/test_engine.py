@@ -3,6 +3,7 @@ DeepSpeed engine (world size 1, gloo) around a tiny stand-in model for checkpoin
 import importlib.metadata
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +100,23 @@ def test_unreadable_deepspeed_file_names_the_file(tmp_path):
     with pytest.raises(ConfigError, match=r"deepspeed config .*latin1\.json: not UTF-8"):
         build_ds_config(load_config(None, [f"deepspeed.config_file={binary}"]), "pretrain", 1,
                         "cpu")
+
+
+@pytest.mark.parametrize("content, key, expected", [
+    ({"zero_optimization": {"stage": "two"}}, "zero_optimization.stage", "0, 1, 2 or 3"),
+    ({"zero_optimization": {"stage": 2.5}}, "zero_optimization.stage", "0, 1, 2 or 3"),
+    ({"zero_optimization": {"stage": True}}, "zero_optimization.stage", "0, 1, 2 or 3"),
+    ({"zero_optimization": {"stage": 4}}, "zero_optimization.stage", "0, 1, 2 or 3"),
+    ({"zero_optimization": [2]}, "zero_optimization", "a JSON object"),
+    ({"bf16": True}, "bf16", "a JSON object"),
+    ({"fp16": {"enabled": "yes"}}, "fp16.enabled", "true or false"),
+], ids=["stage-word", "stage-fraction", "stage-bool", "stage-4", "zero-list", "bf16-bool",
+        "fp16-enabled-word"])
+def test_file_values_of_the_wrong_type_name_the_key(tmp_path, content, key, expected):
+    f = tmp_path / "ds.json"
+    f.write_text(json.dumps(content))
+    with pytest.raises(ConfigError, match=rf"ds\.json: '{re.escape(key)}' must be {expected}"):
+        build_ds_config(load_config(None, [f"deepspeed.config_file={f}"]), "pretrain", 1, "cpu")
 
 
 def test_file_choosing_zero3_under_a_compiled_step_is_an_error(tmp_path):

@@ -158,6 +158,16 @@ def test_a_second_start_fails_at_once_naming_the_holder(tiny_data, tmp_path):
     assert not (out / rf.RUN_JSON).exists() and not (out / rf.CHECKPOINTS).exists()
 
 
+def test_a_refused_deepspeed_config_leaves_no_run_folder(tiny_data, tmp_path):
+    """The batch checks need the world size, known only once the process group is up; they
+    still come before --out is made."""
+    out = tmp_path / "new" / "run"
+    line = _error_line(_pretrain(tiny_data, out, "pretrain.batch_size=15",
+                                 "deepspeed.grad_accum=2", expect=2))
+    assert "config key 'pretrain.batch_size': global batch 15 is not divisible" in line
+    assert not (tmp_path / "new").exists()
+
+
 def test_the_holder_names_its_slurm_job(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     lock = rf.RunLock(tmp_path).acquire()

@@ -97,7 +97,27 @@ def _read_file(path: str) -> dict:
             from None
     if not isinstance(data, dict):
         raise ConfigError(f"deepspeed config {path}: expected a JSON object")
+    _check_read_keys(path, data)
     return data
+
+
+def _check_read_keys(path: str, data: dict) -> None:
+    """The file's keys that build_ds_config reads itself (the others are DeepSpeed's to check):
+    each named, with what it takes, rather than a traceback from int("two")."""
+    for section in ("zero_optimization", "bf16", "fp16"):
+        if section in data and not isinstance(data[section], dict):
+            raise ConfigError(f"deepspeed config {path}: '{section}' must be a JSON object, got "
+                              f"{json.dumps(data[section])}")
+    stage = data.get("zero_optimization", {}).get("stage", 0)
+    # bool is an int in Python, and 2.0 would be read as 2: only a JSON integer is a stage
+    if type(stage) is not int or not 0 <= stage <= 3:
+        raise ConfigError(f"deepspeed config {path}: 'zero_optimization.stage' must be 0, 1, 2 "
+                          f"or 3, got {json.dumps(stage)}")
+    for half in ("bf16", "fp16"):
+        enabled = data.get(half, {}).get("enabled", False)
+        if not isinstance(enabled, bool):
+            raise ConfigError(f"deepspeed config {path}: '{half}.enabled' must be true or false, "
+                              f"got {json.dumps(enabled)}")
 
 
 def build_ds_config(cfg: Config, stage: str, world_size: int, device_type: str,
@@ -114,7 +134,7 @@ def build_ds_config(cfg: Config, stage: str, world_size: int, device_type: str,
         zo = base.get("zero_optimization", {})
         if "stage" in zo and zo["stage"] != ds.zero_stage:
             log(f"deepspeed.zero_stage={zo['stage']} taken from {ds.config_file}")
-            ds.zero_stage = int(zo["stage"])
+            ds.zero_stage = zo["stage"]
         half = [p for p in ("bf16", "fp16") if base.get(p, {}).get("enabled")]
         if len(half) > 1:
             raise ConfigError(f"deepspeed config {ds.config_file}: bf16 and fp16 both enabled")

@@ -11,6 +11,7 @@ refusal is broadcast as any start-up error)."""
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -77,6 +78,10 @@ def start(stage: str, args, protocol: str | None) -> Setup:
     signals.install()       # first: a preemption during start-up still gets its checkpoint
     cfg = load_cfg(args)
     info = dist.setup(args.local_rank)
+    # The DeepSpeed config's rules (batch divisibility, the file's keys) before RUN is made, so
+    # that a refused start leaves no folder; make_engine builds it again and keeps what a
+    # config file chose (zero stage, precision) in cfg.
+    build_ds_config(copy.deepcopy(cfg), stage, info.world_size, info.device.type)
     from s3rec.data.reader import Dataset
     ds = Dataset(args.data)
     run_dir = Path(args.out)
