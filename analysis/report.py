@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from s3rec.analysis.atomic import write_csv, write_text
-from s3rec.analysis.compare import paired_rows, pick_baseline
+from s3rec.analysis.compare import DEFAULT_BASELINE, paired_rows, pick_baseline
 from s3rec.analysis.field_figures import (field_anatomy_section, field_heads_partial,
                                           fields_section)
 from s3rec.analysis.figures import Figure, all_grid_figures
@@ -43,6 +43,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-anatomy", action="store_true",
                    help="skip the model-anatomy figures (they build full-size models)")
     return p
+
+
+class ReportInputError(ValueError):
+    """An argument that names nothing in the runs (exit status 2, nothing written)."""
 
 
 # ---------------------------------------------------------------- pieces of the report
@@ -108,8 +112,14 @@ def paired_section(runs: list[Run], baseline: str | None) -> str:
     groups, _ = _finished_groups(runs)
     out = []
     for (dataset, protocol), arms in sorted(groups.items()):
+        if len(arms) < 2:
+            continue
         base = pick_baseline(arms, baseline)
-        if base is None or len(arms) < 2:
+        if base is None:
+            out.append(f"- {dataset}, protocol {protocol}: " + (
+                f"the baseline {baseline} has no finished fine-tune here" if baseline else
+                f"no arm named {DEFAULT_BASELINE}; choose the baseline with `--baseline ARM`, "
+                f"one of: " + ", ".join(f"`{a}`" for a in sorted(arms))))
             continue
         rows, notes = paired_rows(arms, base)
         if rows:
@@ -253,6 +263,10 @@ def build_report(runs_dir: Path, out: Path, checkpoint: Path | None = None,
     runs = read_runs(runs_dir)
     if not runs:
         raise SystemExit(f"s3rec-report: no run folders (run.json) under {runs_dir}")
+    arms = {r.arm for r in runs if r.stage == "finetune"}
+    if baseline is not None and baseline not in arms:
+        raise ReportInputError(f"--baseline {baseline!r}: no fine-tune arm of that name under "
+                               f"{runs_dir}; its arms: " + ", ".join(map(repr, sorted(arms))))
     out.mkdir(parents=True, exist_ok=True)
     rows, cols = runs_table(runs)
     write_csv(out / "runs.csv", rows, cols)
@@ -300,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                               baseline=args.baseline,
                               command=shlex.join(["s3rec-report", *(sys.argv[1:] if argv is None
                                                                     else argv)]))
-    except (CheckpointError, RunFolderError, OSError) as e:
+    except (CheckpointError, RunFolderError, ReportInputError, OSError) as e:
         print(f"s3rec-report: error: {e}", file=sys.stderr)
         return 2
     print(f"s3rec-report: wrote {report}")

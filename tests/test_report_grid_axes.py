@@ -278,3 +278,25 @@ def test_unfinished_finetune_of_an_epoch_is_listed_by_its_folder(grid, tmp_path)
     # one seed each: the finished fine-tune from the final weights, none from epoch 1
     assert "| ours: s3rec pretrain.lr=0.001 | 1 (1) |" in text
     assert "| ours: s3rec pretrain.lr=0.001 @e1 |" not in text
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_a_baseline_naming_no_arm_is_refused_and_a_missing_default_is_said(grid, tmp_path):
+    """Every s3rec arm here carries an axis value, so none is named `s3rec`: the default
+    baseline is absent, and the report says so with the arms to choose from. A --baseline
+    naming no arm (a typo) is refused before anything is written."""
+    runs, _ = grid
+    p = subprocess.run(["s3rec-report", str(runs), "--out", str(tmp_path / "typo"),
+                        "--no-anatomy", "--baseline", "s3rec @e2"], env=clean_env(),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "s3rec-report: error: --baseline 's3rec @e2': no fine-tune arm of that name" in p.stderr
+    assert "'s3rec pretrain.lr=0.001 @e1'" in p.stderr and "'finetune-only'" in p.stderr
+    assert not (tmp_path / "typo").exists()
+
+    report = build_report(runs, tmp_path / "default", anatomy=False)
+    paired = report.read_text().split("## Arms against the baseline, paired by test user")[1]
+    paired = paired.split("\n## ")[0]
+    assert "no arm named s3rec; choose the baseline with `--baseline ARM`, one of: " in paired
+    assert "`s3rec pretrain.lr=0.002 @e1`" in paired and "`finetune-only`" in paired
