@@ -23,7 +23,7 @@ from s3rec.launch.grid import Grid
 from s3rec.launch.job import CellsJob, chain_spec
 from s3rec.launch.runner import launch_grid, open_grid, packs, resolve_commands
 from tests.cluster_fixtures import (TINY, cluster, final_metrics, local_run,  # noqa: F401
-                                    run_json, seconds_per_epoch, tiny_data)
+                                    preempt_both_nodes, run_json, seconds_per_epoch, tiny_data)
 
 
 def packed_grid(tmp_path, data, name, seeds, overrides=None, **executor) -> dict:
@@ -66,6 +66,18 @@ def reference_runs(data, out, cells) -> threading.Thread:
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return t
+
+
+def assert_both_resumed_as_their_references(run, text, ref) -> None:
+    """Each cell of the job resumed its pretraining and ends exactly as its unpacked,
+    uninterrupted reference in ref/<seed>/: bit-identical weights, equal test metrics."""
+    for c in run.cells:
+        assert re.search(rf"^\[{re.escape(c.key)}\] .*resumed from", text, re.M), text[-3000:]
+        assert run_json(c.pretrain_dir)["starts"] >= 2 and run_json(c.finetune_dir)["starts"] == 1
+        a, b = (torch.load(d / "final.pt", map_location="cpu", weights_only=True)["model"]
+                for d in (c.pretrain_dir, ref / str(c.seed) / "pretrain"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert final_metrics(c.finetune_dir) == final_metrics(ref / str(c.seed) / "finetune")
 
 
 # ---------------------------------------------------------------------- unit
@@ -254,11 +266,51 @@ def test_packed_job_past_its_time_limit_requeues_and_both_cells_resume(cluster, 
     assert all(s.state == "done" for s in states.values()), states
     text = job_log(entry)
     assert "Caught signal SIGUSR2" in text, text[-3000:]
-    for c in run.cells:
-        assert re.search(rf"^\[{re.escape(c.key)}\] .*resumed from", text, re.M), text[-3000:]
-        assert run_json(c.pretrain_dir)["starts"] >= 2 and run_json(c.finetune_dir)["starts"] == 1
-        ref = tmp_path / "ref" / str(c.seed)
-        a, b = (torch.load(d / "final.pt", map_location="cpu", weights_only=True)["model"]
-                for d in (c.pretrain_dir, ref / "pretrain"))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-        assert final_metrics(c.finetune_dir) == final_metrics(ref / "finetune")
+    assert_both_resumed_as_their_references(run, text, tmp_path / "ref")
+
+
+@pytest.mark.cluster
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_packed_job_preempted_by_slurm_requeues_once_and_both_cells_resume(cluster, tiny_data,
+                                                                          tmp_path):
+    """SLURM's own preemption (PreemptMode=REQUEUE, the debug partition's GraceTime of 60 s):
+    SIGTERM reaches both trainings of a packed job at once, each saves and exits, and the job
+    requeues itself once for both (requeue_slurm_job with the two keys). Both resume from
+    latest and end exactly as uninterrupted unpacked runs. Pretrainings of >= 40 epochs, about
+    40 s alone here: the preemption lands at epoch 3, long before either ends."""
+    epochs = min(3000, max(40, int(40 / seconds_per_epoch(tiny_data, tmp_path)) + 1))
+    spec = packed_grid(tmp_path, tiny_data, "packpreempt", [1, 2],
+                       overrides={"pretrain.epochs": epochs, "pretrain.save_epochs": [],
+                                  "finetune.epochs": 2})
+    run = launch_grid(Grid(**spec))
+    keys = [c.key for c in run.cells]
+    entry = run.registry[keys[0]]
+    assert jobs_of(run.registry) == {entry["job_id"]: keys}
+    reference = reference_runs(tiny_data, tmp_path / "ref", run.cells)
+    t0 = time.time()
+    try:
+        while not all(re.search(rf"^\[{re.escape(k)}\] \[pretrain\] epoch 3/", job_log(entry),
+                                re.M) for k in keys):
+            st = run.states()
+            assert not any(s.state in ("done", "failed") for s in st.values()) \
+                and time.time() - t0 < 300, f"both pretrainings never reached epoch 3: {st}"
+            time.sleep(0.5)
+        preempt_both_nodes(cluster, tmp_path)
+        states = run.wait(poll_s=1, timeout_s=600)
+        reference.join(timeout=600)
+    except BaseException:
+        run.cancel()
+        raise
+    assert all(s.state == "done" for s in states.values()), states
+    text = job_log(entry)
+    assert "Bypassing signal SIGTERM" in text, text[-3000:]
+    for k in keys:
+        assert re.search(rf"^\[{re.escape(k)}\] .*received here: SIGTERM", text, re.M), \
+            text[-3000:]
+    # one requeue, by the job for both cells, not one per cell
+    requeues = re.findall(r"^\[(.*)\] training saved a checkpoint on SLURM's signal "
+                          r"\(preemption\); requeueing job", text, re.M)
+    assert requeues == [", ".join(keys)], text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    assert_both_resumed_as_their_references(run, text, tmp_path / "ref")
