@@ -32,6 +32,8 @@ import submitit
 
 from s3rec.launch.grid import CHILD_SAVE_TIMEOUT_S, STAGE_PRODUCT, stage_done
 
+CELL_FAILED = "StageFailed"    # a failed cell's own line: [KEY] StageFailed: ERROR
+
 
 def free_port() -> int:
     """A free TCP port on loopback: several cells may share a machine (and its MASTER_PORT)."""
@@ -283,10 +285,8 @@ class CellsJob(submitit.helpers.Checkpointable):
                 print(f"[{r.key}] {name} was stopped (exit {code}) after it had finished: "
                       f"{run_dir.name} is done", flush=True)
                 return
-            r.outcome = "failed"
-            r.error = (f"{r.key}: {name} exited with {code}: "
-                       f"{info.get('error') or 'no error recorded in run.json'}")
-            print(f"[{r.key}] StageFailed: {r.error}", flush=True)
+            self._fail(r, f"{r.key}: {name} exited with {code}: "
+                          f"{info.get('error') or 'no error recorded in run.json'}")
             return
         if info.get("status") == "preempted" and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
             r.outcome = "preempted"
@@ -294,9 +294,16 @@ class CellsJob(submitit.helpers.Checkpointable):
         if info.get("status") != "done":
             # Exit 0 after a preemption save (run.json "preempted"): the stage is unfinished,
             # so the next stage must not start; the next launch resumes it from latest.
-            r.outcome = "failed"
-            r.error = (f"{r.key}: {name} stopped with run.json status {info.get('status')!r} "
-                       f"at epoch {info.get('epoch')}; launch again to resume")
+            self._fail(r, f"{r.key}: {name} stopped with run.json status "
+                          f"{info.get('status')!r} at epoch {info.get('epoch')}; launch again "
+                          f"to resume")
+
+    @staticmethod
+    def _fail(r: _ChainRun, error: str) -> None:
+        """The cell failed: on the job's stderr, one line of its own (runner.cell_error_line
+        reads it for the cell's status; the job's StageFailed joins every failed cell's)."""
+        r.outcome, r.error = "failed", error
+        print(f"[{r.key}] {CELL_FAILED}: {error}", file=sys.stderr, flush=True)
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         """Called in the signal handler: let every child finish saving, then requeue a fresh job."""

@@ -36,7 +36,7 @@ from s3rec.launch import slurm_state
 from s3rec.launch.cell_check import check_cells
 from s3rec.launch.grid import (STAGE_PRODUCT, Cell, Grid, GridError, check_data_exists,
                                read_run_json, stage_done)
-from s3rec.launch.job import CHILD_SAVE_TIMEOUT_S, CellsJob, chain_spec
+from s3rec.launch.job import CELL_FAILED, CHILD_SAVE_TIMEOUT_S, CellsJob, chain_spec
 from s3rec.runlog import write_atomic
 
 STATES = ("pending", "running", "done", "failed")
@@ -497,8 +497,10 @@ class GridRun:
         # the cell is not done (checked first), so the job failed, and its log says why.
         paths = JobPaths(entry["folder"], job_id=jid, task_id=0)
         if paths.result_pickle.exists():
-            return CellState("failed", f"{name}: {last_error_line(paths.stderr)} "
-                                       f"(log {paths.stderr})")
+            packed = len(entry.get("cells") or ()) > 1
+            why = (packed and cell_error_line(paths.stderr, cell.key)) or \
+                last_error_line(paths.stderr)
+            return CellState("failed", f"{name}: {why} (log {paths.stderr})")
         if entry["executor"] == "slurm":
             final = slurm_state.final_state(jid)
             if final == "PREEMPTED":    # PreemptMode=CANCEL; the training saved on SIGTERM
@@ -640,6 +642,18 @@ def launch_grid(grid: Grid) -> GridRun:
 def open_grid(grid: Grid) -> GridRun:
     """A handle for looking at (or cancelling) a grid launched before, submitting nothing."""
     return GridRun(grid)
+
+
+def cell_error_line(log: Path, key: str) -> str | None:
+    """The failed cell's own line in the log of a job of several cells (CellsJob._fail), whole
+    and without its key prefix; None where it has none (the job failed before or around it)."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return None
+    mine = [ln[len(key) + 3:].strip() for ln in text.splitlines()
+            if ln.startswith(f"[{key}] {CELL_FAILED}: ")]
+    return mine[-1] if mine else None
 
 
 def last_error_line(log: Path) -> str:

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 import submitit
@@ -20,8 +21,9 @@ from submitit.core.utils import JobPaths
 
 from s3rec.launch import grid_cli
 from s3rec.launch.grid import Grid
-from s3rec.launch.job import CellsJob, chain_spec
-from s3rec.launch.runner import launch_grid, open_grid, packs, resolve_commands
+from s3rec.launch.job import CellsJob, StageFailed, chain_spec
+from s3rec.launch.runner import (cell_error_line, launch_grid, open_grid, packs,
+                                 resolve_commands)
 from tests.cluster_fixtures import (TINY, cluster, final_metrics, local_run,  # noqa: F401
                                     preempt_both_nodes, run_json, seconds_per_epoch, tiny_data)
 
@@ -114,6 +116,29 @@ def test_a_job_unpickles_without_torch_so_its_signal_handler_comes_early(tmp_pat
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split("\n")[0] == "CellsJob a/s1 []"
+
+
+def test_each_failed_cell_of_a_packed_job_has_its_own_whole_error(tmp_path, capfd):
+    """Two cells of one job fail with long errors: the job's StageFailed joins both, far past
+    what one status line shows; each cell's status reads the cell's own line, whole."""
+    errors = {"a/s1": "ConfigError: " + "first " * 80 + "end",
+              "a/s2": "DatasetError: " + "second " * 80 + "end"}
+    chains = []
+    for key, error in errors.items():
+        d = tmp_path / key.replace("/", "-")
+        write = (f"import json, pathlib, sys; p = pathlib.Path({str(d)!r}); p.mkdir(); "
+                 f"(p / 'run.json').write_text(json.dumps({{'stage': 'pretrain', "
+                 f"'status': 'failed', 'error': {error!r}}})); sys.exit(2)")
+        chains.append(chain_spec(key, [("pretrain", [sys.executable, "-c", write], str(d))]))
+    with pytest.raises(StageFailed) as raised:
+        CellsJob(chains)()
+    assert len(str(raised.value)) > 600
+    log = tmp_path / "job.err"
+    log.write_text(capfd.readouterr().err + f"StageFailed: {raised.value}\n")
+    for key, error in errors.items():
+        assert cell_error_line(log, key) == \
+            f"StageFailed: {key}: {Path(sys.executable).name} exited with 2: {error}"
+    assert cell_error_line(log, "a/s3") is None
 
 
 @pytest.mark.multiproc
