@@ -452,6 +452,14 @@ def _check_axes(grid: Grid) -> None:
         if k in grid.overrides:
             raise GridError(f"{src}: key 'axes.{k}': conflicts with 'overrides.{k}' "
                             f"({grid.overrides[k]!r}); an axis sets it per cell, so drop one")
+        # An override of a whole mapping (`model.heads: {...}`) also sets the axis's key, or
+        # part of it: which of the two wins would depend on the order they are applied in.
+        for o in grid.overrides:
+            if k.startswith(o + ".") or o.startswith(k + "."):
+                raise GridError(f"{src}: key 'axes.{k}': conflicts with 'overrides.{o}', which "
+                                f"sets {'all of' if k.startswith(o + '.') else 'part of'} it; "
+                                f"an axis sets {k} per cell, so take it out of the override or "
+                                f"drop the axis")
         if not isinstance(values, list) or not values:
             raise GridError(f"{src}: key 'axes.{k}': expected a non-empty list of values, "
                             f"got {values!r}")

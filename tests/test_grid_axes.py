@@ -115,6 +115,18 @@ def test_axis_that_is_also_an_override_names_both_keys(tmp_path, capsys):
     assert "axes.pretrain.epochs" in msg and "overrides.pretrain.epochs" in msg
 
 
+@pytest.mark.parametrize("override, value, axis", [
+    ("model.heads", {"aap": {"init": "xavier"}}, "model.heads.aap.init"),
+    ("model.heads.aap", {"init": "xavier"}, "model.heads.aap.init"),
+])
+def test_axis_inside_an_overridden_mapping_names_both_keys(tmp_path, capsys, override, value,
+                                                           axis):
+    data = spec(axes={axis: ["orthogonal", "svd"]})
+    data["overrides"][override] = value
+    msg = refused(tmp_path, data, capsys)
+    assert f"axes.{axis}': conflicts with 'overrides.{override}', which sets all of it" in msg
+
+
 @pytest.mark.parametrize("key, named", [("variant", "variants"), ("seed", "seeds"),
                                         ("model.head_rank", "ranks")])
 def test_axis_on_a_named_axis_names_it(tmp_path, capsys, key, named):
