@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from s3rec.data_prep.records import unique_keys
 from s3rec.data_prep.source import MemorySource
 from s3rec.data.format import DatasetError
 
@@ -52,7 +53,7 @@ def read_reviews(path: Path) -> dict[str, list[tuple[str, int]]]:
         if not line.strip():
             continue
         try:
-            r = json.loads(line)
+            r = json.loads(line, object_pairs_hook=unique_keys)
             user, item, t = r["reviewerID"], r["asin"], int(r["unixReviewTime"])
             overall = float(r.get("overall", 1.0))
             if not isinstance(user, str) or not isinstance(item, str):
@@ -85,13 +86,27 @@ def k_core(user_seq: dict[str, list[str]], user_core: int = USER_CORE,
                     for kept in [[i for i in s if item_count[i] >= item_core]]}
 
 
+def unique_dict_keys(tree: ast.Expression) -> ast.Expression:
+    """`tree` if no dict literal in it has a key twice (which literal_eval would let the last
+    win, silently); parsed once, then evaluated from the tree."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Dict):
+            seen = set()
+            for k in node.keys:
+                if isinstance(k, ast.Constant):
+                    if k.value in seen:
+                        raise ValueError(f"key {k.value!r} twice in one record")
+                    seen.add(k.value)
+    return tree
+
+
 def read_meta(path: Path, wanted: set[str]) -> dict[str, dict]:
     meta: dict[str, dict] = {}
     for lineno, line in gzip_lines(path):
         if not line.strip():
             continue
         try:
-            info = ast.literal_eval(line)
+            info = ast.literal_eval(unique_dict_keys(ast.parse(line.strip(), mode="eval")))
             asin = info["asin"]
             if not isinstance(asin, str):
                 raise TypeError(f"asin must be a string, got {asin!r}")

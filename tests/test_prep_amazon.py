@@ -89,7 +89,16 @@ def assert_refused(tmp_path, capsys, reviews, meta, message):
 @pytest.mark.parametrize("where,line,message", [
     ("reviews", '{"reviewerID": "u1", "asin": "p1"}\n', "reviews_Toy_5.json.gz:3: malformed review"),
     ("meta", "{'asin': 'p1', 'categories': [['Beauty'\n", "meta_Toy.json.gz:3: malformed meta record"),
-])
+    # a key twice: json.loads and literal_eval would keep the last, silently
+    ("reviews", '{"reviewerID": "u1", "asin": "p1", "asin": "p2", "unixReviewTime": 5}\n',
+     "reviews_Toy_5.json.gz:3: malformed review (need JSON with string reviewerID and asin, "
+     "integer unixReviewTime, numeric overall): ValueError(\"key 'asin' twice in one object\")"),
+    ("meta", "{'asin': 'p1', 'brand': 'a', 'brand': 'b'}\n",
+     "meta_Toy.json.gz:3: malformed meta record (need a Python dict literal with a string "
+     "'asin'): ValueError(\"key 'brand' twice in one record\")"),
+    ("meta", "{'asin': 'p1', 'related': {'x': [], 'x': []}}\n", "'x' twice in one record"),
+], ids=["reviews-truncated", "meta-truncated", "reviews-key-twice", "meta-key-twice",
+        "meta-nested-key-twice"])
 def test_amazon_malformed_lines(tmp_path, capsys, where, line, message):
     import gzip
     reviews, meta = write_amazon(tmp_path / "raw", "Toy", *big_fixture())
