@@ -29,6 +29,7 @@ import numpy as np
 
 from s3rec.data_prep.records import unique_keys
 from s3rec.data_prep.source import MemorySource
+from s3rec.data.fields import DEFAULT_FIELD
 from s3rec.data.format import DatasetError
 
 USER_CORE = ITEM_CORE = 5
@@ -143,32 +144,39 @@ def load_amazon(reviews: Path, meta_path: Path, name: str, seed: int,
     if missing:
         raise DatasetError(f"{meta_path}: item {missing[0]} has no meta record ({len(missing)} "
                            f"items missing)")
+    maps = {"users": list(user_seq), "items": list(item_id)}
     if merge_fields:
-        return MemorySource(name, np.array(flat), np.array(lengths),
-                            np.arange(1, len(lengths) + 1), merged_table(meta, item_id), seed)
-    table, counts = field_table(meta, item_id)
+        table, names = merged_table(meta, item_id)
+        source = MemorySource(name, np.array(flat), np.array(lengths),
+                              np.arange(1, len(lengths) + 1), table, seed)
+        source.id_maps = {**maps, "attribute_fields": {DEFAULT_FIELD: names}}
+        return source
+    table, counts, vocab = field_table(meta, item_id)
     source = MemorySource(name, np.array(flat), np.array(lengths),
                           np.arange(1, len(lengths) + 1), table, seed)
     source.field_counts = counts
     source.num_attributes = sum(n for _, n in counts)
+    source.id_maps = {**maps, "attribute_fields": vocab}
     return source
 
 
-def merged_table(meta: dict, item_id: dict[str, int]) -> list[list[int]]:
-    """Each item's attribute ids in the paper's one vocabulary (brand, then categories)."""
+def merged_table(meta: dict, item_id: dict[str, int]) -> tuple[list[list[int]], list[str]]:
+    """Each item's attribute ids in the paper's one vocabulary (brand, then categories), and
+    the vocabulary (entry k: the name of id k + 1; a brand and a category of one name share it)."""
     attr_id: dict[str, int] = {}
     table: list[list[int]] = [[] for _ in range(len(item_id) + 1)]
     for asin, info in meta.items():   # meta-file order decides attribute ids, as in the original
         names = [info["brand"]] if "brand" in info else []
         names += [c for path in info.get("categories", []) for c in path[1:]]
         table[item_id[asin]] = [attr_id.setdefault(a, len(attr_id) + 1) for a in names]
-    return table
+    return table, list(attr_id)
 
 
-def field_table(meta: dict, item_id: dict[str, int]) -> tuple[list[list[int]], tuple]:
+def field_table(meta: dict, item_id: dict[str, int]) -> tuple[list[list[int]], tuple, dict]:
     """Each item's ids in the fields `categories` and `brand` (own ids from 1, in meta-file
     order of first appearance), as global ids (brand's shifted by the count of categories:
-    s3rec.data.fields), and the fields' (name, count)."""
+    s3rec.data.fields); the fields' (name, count); each field's names by own id (entry k:
+    id k + 1)."""
     cat_id: dict[str, int] = {}
     brand_id: dict[str, int] = {}
     cats: list[list[int]] = [[] for _ in range(len(item_id) + 1)]
@@ -180,4 +188,5 @@ def field_table(meta: dict, item_id: dict[str, int]) -> tuple[list[list[int]], t
         if "brand" in info:
             brands[i] = [brand_id.setdefault(info["brand"], len(brand_id) + 1)]
     table = [c + [b + len(cat_id) for b in br] for c, br in zip(cats, brands)]
-    return table, (("categories", len(cat_id)), ("brand", len(brand_id)))
+    return (table, (("categories", len(cat_id)), ("brand", len(brand_id))),
+            {"categories": list(cat_id), "brand": list(brand_id)})

@@ -1,10 +1,13 @@
 """`id_maps.json`: the source's own ids behind a dataset's numbers, for a source that numbers them
-itself (generic), so results can be translated back.
+itself (generic; amazon: reviewer ids, ASINs, category and brand names), so results can be
+translated back.
 
     {"users": [...], "items": [...], "attribute_fields": {field: [...]}}
 
 Entry k of a list is the source's id of number k + 1 (users: seq/user_ids; items: item ids;
-attribute_fields: the field's own attribute ids; a merged field's entries are [field, value]).
+attribute_fields: the field's own attribute ids; a merged field's entries are [field, value],
+but amazon's merged vocabulary, the paper's, holds plain names: a brand and a category of one
+name are one attribute there).
 ASCII JSON, so the same data gives the same bytes. The manifest records it as
 `"id_maps": {"file", "sha256", "bytes"}`; `s3rec-prep verify` checks it like a shard.
 """

@@ -86,6 +86,39 @@ def assert_refused(tmp_path, capsys, reviews, meta, message):
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["raw"]
 
 
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "fields"])
+def test_amazon_id_maps_name_every_number(tmp_path, merge):
+    """id_maps.json gives back each user's reviewer id, each item's ASIN and each attribute's
+    name: every item's attributes, read through it, are its meta record's brand and categories."""
+    import json
+    reviews, meta = write_amazon(tmp_path / "raw", "Toy", *big_fixture())
+    out = tmp_path / "ds"
+    assert main(["amazon", "--reviews", str(reviews), "--meta", str(meta), "--out", str(out)]
+                + (["--merge-fields"] if merge else [])) == 0
+    assert main(["verify", str(out)]) == 0
+    ds = Dataset(out)
+    maps = json.loads((out / "id_maps.json").read_text())
+    assert ds.manifest["id_maps"]["file"] == "id_maps.json"
+    assert maps["users"][:5] == ["u1", "u2", "u3", "u4", "u5"] and len(maps["users"]) == 15
+    assert maps["items"][:5] == ["p4", "p1", "p2", "p5", "p3"] and len(maps["items"]) == 255
+    by_asin = {m["asin"]: m for m in big_fixture()[1]}
+    values, aoff = ds.item_attributes()
+    for item in range(1, ds.num_items + 1):
+        info = by_asin[maps["items"][item - 1]]
+        cats = {c for path in info["categories"] for c in path[1:]}
+        brand = {info["brand"]} if "brand" in info else set()
+        ids = values[aoff[item]:aoff[item + 1]].tolist()
+        if merge:
+            names = {maps["attribute_fields"]["attributes"][a - 1] for a in ids}
+            assert names == cats | brand, item
+        else:
+            n_cats = len(maps["attribute_fields"]["categories"])
+            got_cats = {maps["attribute_fields"]["categories"][a - 1] for a in ids if a <= n_cats}
+            got_brand = {maps["attribute_fields"]["brand"][a - n_cats - 1] for a in ids
+                         if a > n_cats}
+            assert (got_cats, got_brand) == (cats, brand), item
+
+
 @pytest.mark.parametrize("where,line,message", [
     ("reviews", '{"reviewerID": "u1", "asin": "p1"}\n', "reviews_Toy_5.json.gz:3: malformed review"),
     ("meta", "{'asin': 'p1', 'categories': [['Beauty'\n", "meta_Toy.json.gz:3: malformed meta record"),
