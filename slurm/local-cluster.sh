@@ -204,6 +204,22 @@ wait_ready() {
 
 print_env() { echo "export SLURM_CONF=$CONF"; }
 
+# This cluster's step daemons: slurmd's children run in its log folder, and outlive slurmd
+# (re-parented to init) when it stops while a job is still running or still ending.
+cluster_steps() {
+  local pid
+  for pid in $(pgrep -x slurmstepd); do
+    [[ "$(readlink "/proc/$pid/cwd" 2>/dev/null)" == "$DIR/"* ]] && echo "$pid"
+  done
+  return 0
+}
+
+kill_tree() {  # $1 = pid: its descendants first, so none is re-parented and missed
+  local child
+  for child in $(pgrep -P "$1"); do kill_tree "$child"; done
+  kill -9 "$1" 2>/dev/null || true
+}
+
 stop() {
   local f pid name stopped=0
   # Ask the controller first (clean state save); then make sure every pid we wrote is gone.
@@ -221,6 +237,8 @@ stop() {
     if pid="$(live_pid "$f" "$name")"; then die "could not stop $name (pid $pid)"; fi
     [ -f "$f" ] && stopped=1 && rm -f "$f"
   done
+  # A job's tasks (a training) would otherwise run on unwatched, taking the cores.
+  for pid in $(cluster_steps); do kill_tree "$pid"; done
   drop_default_conf
   echo "local-cluster: stopped"
 }
