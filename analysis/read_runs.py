@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import struct
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
@@ -197,13 +199,24 @@ def check_events(folder: Path, status: str) -> list[str]:
     return notes
 
 
+def _not_a_purge(record: logging.LogRecord) -> bool:
+    """A resumed run's writer marks its restart (s3rec.runlog: purge_step), and the steps an
+    earlier start logged past its last checkpoint are dropped, as designed; TensorBoard warns of
+    each drop as "likely caused by a TensorFlow restart", which only misleads here."""
+    return not record.getMessage().startswith("Detected out of order event.step")
+
+
 def read_scalars(folder: Path) -> dict[str, list[tuple[int, float, float]]]:
     """Every scalar of the event files directly in `folder` (all files; resumed runs write
     several, and EventAccumulator drops the steps a restart purged)."""
     if not any(p.name.startswith("events.out.tfevents") for p in folder.iterdir()):
         return {}
     acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
-    acc.Reload()
+    event_accumulator.logger.addFilter(_not_a_purge)
+    try:
+        acc.Reload()
+    finally:
+        event_accumulator.logger.removeFilter(_not_a_purge)
     out = {}
     for tag in acc.Tags()["scalars"]:
         pts = sorted((int(e.step), float(e.value), float(e.wall_time)) for e in acc.Scalars(tag))

@@ -45,10 +45,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-class ReportInputError(ValueError):
-    """An argument that names nothing in the runs (exit status 2, nothing written)."""
-
-
 # ---------------------------------------------------------------- pieces of the report
 
 def _fmt(vals: list[float]) -> str:
@@ -117,9 +113,9 @@ def paired_section(runs: list[Run], baseline: str | None) -> str:
         base = pick_baseline(arms, baseline)
         if base is None:
             out.append(f"- {dataset}, protocol {protocol}: " + (
-                f"the baseline {baseline} has no finished fine-tune here" if baseline else
-                f"no arm named {DEFAULT_BASELINE}; choose the baseline with `--baseline ARM`, "
-                f"one of: " + ", ".join(f"`{a}`" for a in sorted(arms))))
+                f"the baseline `{baseline}` has no finished fine-tune here" if baseline else
+                f"no arm named `{DEFAULT_BASELINE}`") + "; choose the baseline with "
+                f"`--baseline ARM`, one of: " + ", ".join(f"`{a}`" for a in sorted(arms)))
             continue
         rows, notes = paired_rows(arms, base)
         if rows:
@@ -265,8 +261,11 @@ def build_report(runs_dir: Path, out: Path, checkpoint: Path | None = None,
         raise SystemExit(f"s3rec-report: no run folders (run.json) under {runs_dir}")
     arms = {r.arm for r in runs if r.stage == "finetune"}
     if baseline is not None and baseline not in arms:
-        raise ReportInputError(f"--baseline {baseline!r}: no fine-tune arm of that name under "
-                               f"{runs_dir}; its arms: " + ", ".join(map(repr, sorted(arms))))
+        # Not an error: a grid under way has no fine-tune of the arm yet. Said here and in the
+        # report, so that a misspelt name is seen either way.
+        print(f"s3rec-report: warning: --baseline {baseline!r}: no fine-tune of that arm under "
+              f"{runs_dir} (yet?); its arms: " + (", ".join(map(repr, sorted(arms))) or "none"),
+              file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     rows, cols = runs_table(runs)
     write_csv(out / "runs.csv", rows, cols)
@@ -314,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                               baseline=args.baseline,
                               command=shlex.join(["s3rec-report", *(sys.argv[1:] if argv is None
                                                                     else argv)]))
-    except (CheckpointError, RunFolderError, ReportInputError, OSError) as e:
+    except (CheckpointError, RunFolderError, OSError) as e:
         print(f"s3rec-report: error: {e}", file=sys.stderr)
         return 2
     print(f"s3rec-report: wrote {report}")

@@ -119,9 +119,12 @@ def test_path_and_run_json_disagreeing_is_an_error_naming_the_file(
         read_runs(tmp_path)
 
 
-def test_a_resumed_run_reads_without_the_purged_steps(tmp_path):
+def test_a_resumed_run_reads_without_the_purged_steps(tmp_path, caplog):
     """The engine reopens its writer with purge_step on resume; the steps logged after the last
-    checkpoint by the killed process must not appear twice."""
+    checkpoint by the killed process must not appear twice. That drop is by design: TensorBoard's
+    warning about "a TensorFlow restart" is not passed on; its other warnings are."""
+    import logging
+
     from torch.utils.tensorboard import SummaryWriter
 
     from s3rec.analysis.read_runs import read_scalars
@@ -134,6 +137,12 @@ def test_a_resumed_run_reads_without_the_purged_steps(tmp_path):
     pts = read_scalars(tmp_path)["loss/total"]
     assert [p[0] for p in pts] == list(range(12))
     assert [p[1] for p in pts] == [100.0 + s for s in range(6)] + [200.0 + s for s in range(6, 12)]
+    assert not [r for r in caplog.records if "TensorFlow restart" in r.getMessage()]
+    tb_logger = logging.getLogger("tensorboard")
+    assert not tb_logger.filters
+    with caplog.at_level(logging.WARNING, logger="tensorboard"):
+        tb_logger.warning("another warning")
+    assert "another warning" in caplog.text
 
 
 def test_same_arm_with_other_settings_in_another_grid_is_not_pooled(

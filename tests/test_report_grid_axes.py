@@ -282,21 +282,24 @@ def test_unfinished_finetune_of_an_epoch_is_listed_by_its_folder(grid, tmp_path)
 
 @pytest.mark.multiproc
 @pytest.mark.slow
-def test_a_baseline_naming_no_arm_is_refused_and_a_missing_default_is_said(grid, tmp_path):
+def test_a_baseline_naming_no_arm_and_a_missing_default_are_said(grid, tmp_path):
     """Every s3rec arm here carries an axis value, so none is named `s3rec`: the default
-    baseline is absent, and the report says so with the arms to choose from. A --baseline
-    naming no arm (a typo) is refused before anything is written."""
+    baseline is absent. A --baseline naming no arm (a typo, or an arm whose fine-tunes have not
+    started) is not an error, since a grid under way has no such fine-tune yet: both are said
+    in the report, with the arms to choose from, and the asked one on stderr too."""
     runs, _ = grid
     p = subprocess.run(["s3rec-report", str(runs), "--out", str(tmp_path / "typo"),
                         "--no-anatomy", "--baseline", "s3rec @e2"], env=clean_env(),
                        capture_output=True, text=True, timeout=600)
-    assert p.returncode == 2, p.stderr[-3000:]
-    assert "s3rec-report: error: --baseline 's3rec @e2': no fine-tune arm of that name" in p.stderr
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "s3rec-report: warning: --baseline 's3rec @e2': no fine-tune of that arm" in p.stderr
     assert "'s3rec pretrain.lr=0.001 @e1'" in p.stderr and "'finetune-only'" in p.stderr
-    assert not (tmp_path / "typo").exists()
-
-    report = build_report(runs, tmp_path / "default", anatomy=False)
-    paired = report.read_text().split("## Arms against the baseline, paired by test user")[1]
-    paired = paired.split("\n## ")[0]
-    assert "no arm named s3rec; choose the baseline with `--baseline ARM`, one of: " in paired
-    assert "`s3rec pretrain.lr=0.002 @e1`" in paired and "`finetune-only`" in paired
+    for folder, said in (("typo", "the baseline `s3rec @e2` has no finished fine-tune here"),
+                         ("default", "no arm named `s3rec`")):
+        if folder == "default":
+            build_report(runs, tmp_path / folder, anatomy=False)
+        text = (tmp_path / folder / "report.md").read_text()
+        paired = text.split("## Arms against the baseline, paired by test user")[1]
+        paired = paired.split("\n## ")[0]
+        assert f"{said}; choose the baseline with `--baseline ARM`, one of: " in paired
+        assert "`s3rec pretrain.lr=0.002 @e1`" in paired and "`finetune-only`" in paired
