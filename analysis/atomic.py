@@ -5,6 +5,7 @@ line naming the file and its free space.
 """
 from __future__ import annotations
 
+import contextvars
 import csv
 from pathlib import Path
 
@@ -26,11 +27,18 @@ def write_csv(path: str | Path, rows: list[dict], columns: list[str]) -> None:
                 w.writerow(r)
 
 
-def save_figure(fig, path_stem: str | Path, formats=("png", "svg")) -> list[Path]:
-    """Save a matplotlib figure as PATH_STEM.png and .svg, each atomically."""
+# The formats every figure of the report being made is saved in (s3rec-report --figures):
+# set once by build_report rather than passed through every figure's maker.
+FIGURE_FORMATS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
+    "figure_formats", default=("png", "svg"))
+
+
+def save_figure(fig, path_stem: str | Path, formats: tuple[str, ...] | None = None) -> list[Path]:
+    """Save a matplotlib figure as PATH_STEM.png and .svg (or `formats`, else FIGURE_FORMATS),
+    each atomically."""
     import matplotlib
     out = []
-    for fmt in formats:
+    for fmt in formats or FIGURE_FORMATS.get():
         p = Path(f"{path_stem}.{fmt}")
         with atomic_path(p) as tmp:
             # No date in an SVG and fixed element ids: a report made again from the same runs

@@ -14,7 +14,7 @@ from collections import Counter, defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from s3rec.analysis.atomic import write_csv, write_text
+from s3rec.analysis.atomic import FIGURE_FORMATS, write_csv, write_text
 from s3rec.analysis.compare import DEFAULT_BASELINE, paired_rows, pick_baseline
 from s3rec.analysis.field_figures import (field_anatomy_section, field_heads_partial,
                                           fields_section)
@@ -42,6 +42,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "s3rec where present")
     p.add_argument("--no-anatomy", action="store_true",
                    help="skip the model-anatomy figures (they build full-size models)")
+    p.add_argument("--figures", default="png,svg", choices=["png,svg", "png"],
+                   help="figure files: PNG and SVG (default), or PNG only (a report kept in a "
+                        "repository)")
+    p.add_argument("--no-scalars", action="store_true",
+                   help="leave out scalars.csv, every logged point (megabytes for a long grid)")
     return p
 
 
@@ -178,8 +183,8 @@ def status_section(runs: list[Run]) -> str:
 
 
 def _figure_md(f: Figure) -> str:
-    return (f"### {f.title}\n\n![{f.title}]({f.stem}.png)\n\n{f.caption} "
-            f"([SVG]({f.stem}.svg))\n")
+    svg = f" ([SVG]({f.stem}.svg))" if "svg" in FIGURE_FORMATS.get() else ""
+    return f"### {f.title}\n\n![{f.title}]({f.stem}.png)\n\n{f.caption}{svg}\n"
 
 
 def default_checkpoint(runs: list[Run]) -> Path | None:
@@ -249,10 +254,21 @@ def anatomy_section(out: Path) -> str:
 
 def build_report(runs_dir: Path, out: Path, checkpoint: Path | None = None,
                  anatomy: bool = True, baseline: str | None = None,
-                 command: str | None = None) -> Path:
+                 command: str | None = None, figure_formats: tuple[str, ...] = ("png", "svg"),
+                 scalars: bool = True) -> Path:
     """`command`: the command line that made the report, stated at its top so that it can be
     regenerated (everything else in the folder is then the same, byte for byte, apart from the
-    `Generated` time)."""
+    `Generated` time). `figure_formats`: png, svg or both; `scalars`: write scalars.csv (every
+    logged point: megabytes for a long grid)."""
+    token = FIGURE_FORMATS.set(tuple(figure_formats))
+    try:
+        return _build_report(runs_dir, out, checkpoint, anatomy, baseline, command, scalars)
+    finally:
+        FIGURE_FORMATS.reset(token)
+
+
+def _build_report(runs_dir: Path, out: Path, checkpoint: Path | None, anatomy: bool,
+                  baseline: str | None, command: str | None, scalars: bool) -> Path:
     if checkpoint is not None and not Path(checkpoint).is_file():   # fail before any work
         from s3rec.model import CheckpointError
         raise CheckpointError(f"--checkpoint {checkpoint} does not exist")
@@ -269,7 +285,8 @@ def build_report(runs_dir: Path, out: Path, checkpoint: Path | None = None,
     out.mkdir(parents=True, exist_ok=True)
     rows, cols = runs_table(runs)
     write_csv(out / "runs.csv", rows, cols)
-    write_csv(out / "scalars.csv", scalars_table(runs), scalar_columns(runs))
+    if scalars:
+        write_csv(out / "scalars.csv", scalars_table(runs), scalar_columns(runs))
     figs, notes = all_grid_figures(runs, out / "figures")
     ranks = sorted({int(r.rank) for r in runs if r.rank.isdigit()})
     explicit = checkpoint is not None
@@ -278,7 +295,8 @@ def build_report(runs_dir: Path, out: Path, checkpoint: Path | None = None,
     parts = [f"# S3Rec report: {runs_dir}\n",
              f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} from "
              f"{len(runs)} stage folders. Tables: [runs.csv](runs.csv) (one row per run and "
-             f"stage), [scalars.csv](scalars.csv) (every logged scalar).\n",
+             f"stage)" + (", [scalars.csv](scalars.csv) (every logged scalar)" if scalars else "")
+             + ".\n",
              *([f"Regenerate it with `{command}`.\n"] if command else []),
              "## Runs\n", status_section(runs),
              "## Results beside the paper\n", results_section(runs),
@@ -311,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = build_report(args.runs, args.out, args.checkpoint, anatomy=not args.no_anatomy,
                               baseline=args.baseline,
+                              figure_formats=tuple(args.figures.split(",")),
+                              scalars=not args.no_scalars,
                               command=shlex.join(["s3rec-report", *(sys.argv[1:] if argv is None
                                                                     else argv)]))
     except (CheckpointError, RunFolderError, OSError) as e:

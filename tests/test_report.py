@@ -117,6 +117,23 @@ def test_grid_without_ablations_or_finished_finetunes_skips_figures_with_a_note(
     assert "No finished full-rank pretraining with a final.pt" in text
 
 
+def test_png_only_without_scalars_writes_and_links_neither(fabricated_grid, tmp_path):  # noqa: F811
+    """The form kept in a repository: --figures png --no-scalars. The figures are the same
+    PNGs, byte for byte, as a full report's; no SVG, no scalars.csv, and no link to either."""
+    root, _ = fabricated_grid
+    full, small = tmp_path / "full", tmp_path / "small"
+    assert main([str(root), "--out", str(full), "--no-anatomy"]) == 0
+    assert main([str(root), "--out", str(small), "--no-anatomy", "--figures", "png",
+                 "--no-scalars"]) == 0
+    text = (small / "report.md").read_text()
+    assert "scalars.csv" not in text and ".svg" not in text and "[SVG]" not in text
+    assert not (small / "scalars.csv").exists() and not list(small.rglob("*.svg"))
+    pngs = sorted(p.relative_to(full) for p in full.rglob("*.png"))
+    assert pngs and pngs == sorted(p.relative_to(small) for p in small.rglob("*.png"))
+    assert all((full / p).read_bytes() == (small / p).read_bytes() for p in pngs)
+    assert "--figures png --no-scalars" in text.split("\n## ")[0]
+
+
 def test_explicit_checkpoint_must_exist(fabricated_grid, tmp_path, capsys):  # noqa: F811
     root, _ = fabricated_grid
     assert main([str(root), "--out", str(tmp_path / "r"), "--no-anatomy",
