@@ -59,6 +59,8 @@ def _pct(iv: Interval) -> str:
 
 
 def _verdict(rel: Interval) -> str:
+    """Within TOLERANCE? yes / not shown (the mean is) / no (the mean is not), and a "no" says
+    whether the interval rules the line out too or still reaches it."""
     tol = 100 * TOLERANCE
     if rel.n >= 2 and rel.lo >= -TOLERANCE:
         return f"yes (the whole interval is above -{tol:.0f}%)"
@@ -66,7 +68,12 @@ def _verdict(rel: Interval) -> str:
         lo = f"; the interval reaches {100 * rel.lo:+.2f}%" if rel.n >= 2 else \
             " (one seed: no interval)"
         return f"not shown (the mean is within {tol:.0f}%{lo})"
-    return f"no ({100 * rel.mean:+.2f}%)"
+    if rel.n < 2:
+        return f"no ({100 * rel.mean:+.2f}%; one seed: no interval)"
+    if rel.hi < -TOLERANCE:
+        return f"no ({100 * rel.mean:+.2f}%; the whole interval is below -{tol:.0f}%)"
+    return (f"no by the mean ({100 * rel.mean:+.2f}%), but the interval reaches "
+            f"{100 * rel.hi:+.2f}%: a gap within {tol:.0f}% is not ruled out")
 
 
 def comparisons(runs: list[Run]) -> list[dict]:
@@ -147,7 +154,8 @@ def conclusion_section(runs: list[Run]) -> str:
         "(10,000 resamples) compares the seed-averaged models on the same test users. "
         f"\"Within {100 * TOLERANCE:.0f}%\" is yes only when the whole interval of the relative "
         "difference lies above that line; with few seeds a close mean is \"not shown\", not "
-        "\"yes\".\n")
+        "\"yes\", and a mean beyond it is a \"no\" whose interval may still reach the line, "
+        "which the verdict then says.\n")
     return "\n".join(out)
 
 
