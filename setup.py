@@ -34,7 +34,8 @@ setup(
         "psutil>=5.9.8",
         "packaging>=24.2",
     ],
-    extras_require={"dev": ["pytest>=8", "mpich"]},
+    # scipy: the tests check the report's statistics against it
+    extras_require={"dev": ["pytest>=8", "mpich", "scipy"]},
     entry_points={"console_scripts": [
         "s3rec-prep=s3rec.data_prep.cli:main",
         "s3rec-pretrain=s3rec.pretrain:main",

@@ -13,7 +13,7 @@ extras=${1:+[$1]}
 
 need=(deepspeed h5py submitit tensorboard matplotlib yaml packaging s3rec.data_prep s3rec.launch
       s3rec.analysis)
-[ "$1" = dev ] && need+=(mpi4py pytest)
+[ "$1" = dev ] && need+=(mpi4py pytest scipy)
 # Installed from this checkout (an editable install points at one folder; CI clones the
 # repository elsewhere) and every module found. Found, not imported: importing DeepSpeed and
 # TensorBoard alone takes seconds.
