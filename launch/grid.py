@@ -532,6 +532,14 @@ def _check_finetune_from(grid: Grid, pretrain_epochs: int | None, values: tuple 
                          for k, x in values if k == "pretrain.epochs"), "")
             raise GridError(f"{src}: key 'finetune_from[{i}]': epoch {e} is after the "
                             f"pretraining's last (pretrain.epochs = {pretrain_epochs}{axis})")
+        if e == pretrain_epochs and FINAL in ff:
+            # epoch-N.pt and final.pt are saved from the same checkpoint: two identical
+            # fine-tunes, twice the time
+            axis = next((f", axes.pretrain.epochs[{grid.axes['pretrain.epochs'].index(x)}]"
+                         for k, x in values if k == "pretrain.epochs"), "")
+            raise GridError(f"{src}: key 'finetune_from[{i}]': epoch {e} is the pretraining's "
+                            f"last (pretrain.epochs = {pretrain_epochs}{axis}), whose weights "
+                            f"are also '{FINAL}'s: the two fine-tunes would be the same; keep one")
     if len(set(map(str, ff))) != len(ff):
         raise GridError(f"{src}: key 'finetune_from': repeated entry in {ff}")
 

@@ -194,6 +194,8 @@ def test_axis_value_the_config_refuses_is_named(tmp_path, capsys, key, values, w
     ([1, 1], "finetune_from'", "repeated entry"),
     (["final", "final"], "finetune_from'", "repeated entry"),
     ([1, 3], "finetune_from[1]", "epoch 3 is after the pretraining's last (pretrain.epochs = 2)"),
+    (["final", 2], "finetune_from[1]", "epoch 2 is the pretraining's last (pretrain.epochs = 2), "
+     "whose weights are also 'final's: the two fine-tunes would be the same; keep one"),
     ([], "finetune_from'", "non-empty list"),
     ("final", "finetune_from'", "non-empty list"),
 ])
@@ -205,11 +207,18 @@ def test_bad_finetune_from_entries_are_named(tmp_path, capsys, entries, where, w
 def test_finetune_from_past_an_axis_value_of_pretrain_epochs_is_named(tmp_path, capsys):
     overrides = {"model.hidden_size": 16, "finetune.epochs": 2}
     assert grid_from_dict(spec(overrides=overrides, axes={"pretrain.epochs": [3, 4]},
-                               finetune_from=[3, "final"]))
+                               finetune_from=[2, "final"]))
+    assert grid_from_dict(spec(overrides=overrides, axes={"pretrain.epochs": [3, 4]},
+                               finetune_from=[3]))
     msg = refused(tmp_path, spec(overrides=overrides, axes={"pretrain.epochs": [4, 2]},
                                  finetune_from=[3, "final"]), capsys)
     assert "key 'finetune_from[0]'" in msg
     assert "(pretrain.epochs = 2, axes.pretrain.epochs[1])" in msg
+    # the last epoch of one axis value, beside final: the same weights twice
+    msg = refused(tmp_path, spec(overrides=overrides, axes={"pretrain.epochs": [4, 3]},
+                                 finetune_from=[3, "final"]), capsys)
+    assert "epoch 3 is the pretraining's last (pretrain.epochs = 3, axes.pretrain.epochs[1])" \
+        in msg
 
 
 def test_finetune_from_epochs_join_save_epochs_of_the_pretraining_only():
@@ -265,7 +274,7 @@ def test_new_finetune_from_epoch_the_done_pretraining_did_not_save_is_refused(
     before submitting, naming the missing epoch-2.pt and both ways out."""
     first = dict(spec(data=[str(tiny_data)], variants=["s3rec"], config=str(TINY),
                       out=str(tmp_path / "runs"), finetune_from=[1, "final"]),
-                 overrides={"pretrain.epochs": 2, "pretrain.save_epochs": []})
+                 overrides={"pretrain.epochs": 3, "pretrain.save_epochs": []})
     cell = grid_from_dict(first).cells()[0]
     proc = start_pretraining(cell)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
@@ -321,6 +330,7 @@ def test_a_job_that_ran_every_stage_it_was_given_is_not_failed_by_a_new_finetune
     2. The cell is not failed (it used to be: a result file and an unfinished cell), and a launch
     submits it at once, also while that job is still ending."""
     first = spec(variants=["s3rec"], out=str(tmp_path / "runs"), finetune_from=[1, "final"])
+    first["overrides"]["pretrain.epochs"] = 3     # epoch 2, added below, is not the last
     cell = grid_from_dict(first).cells()[0]
     for stage, d in cell.stage_dirs:
         d.mkdir(parents=True)

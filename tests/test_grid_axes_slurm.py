@@ -123,9 +123,10 @@ def test_axes_and_finetune_from_on_slurm_and_what_relaunches_submit(cluster, tin
     assert submissions(out) == 2
 
     # 4a. finetune_from gains 3, which no pretraining saved (3 is the last epoch, kept as
-    # final.pt only): refused before anything is submitted, naming the file and the ways out
+    # final.pt only; beside `final` it would be refused as the same weights twice): refused
+    # before anything is submitted, naming the file and the ways out
     before = registry.read_bytes()
-    spec["finetune_from"] = [1, 3, "final"]
+    spec["finetune_from"] = [1, 3]
     path = write(tmp_path / "grid.yaml", spec)
     capsys.readouterr()
     assert grid_cli.main([path]) == 2
