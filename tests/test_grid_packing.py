@@ -70,6 +70,21 @@ def reference_runs(data, out, cells) -> threading.Thread:
     return t
 
 
+def launch_long_pack(tmp_path, data, name, min_epochs, **executor):
+    """Two cells packed into one SLURM job, each pretraining for about 40 s here and now (at
+    least `min_epochs`), and their unpacked references started beside them (into ref/):
+    (run, the two keys, the job's registry entry, the references' thread)."""
+    epochs = min(3000, max(min_epochs, int(40 / seconds_per_epoch(data, tmp_path)) + 1))
+    spec = packed_grid(tmp_path, data, name, [1, 2],
+                       overrides={"pretrain.epochs": epochs, "pretrain.save_epochs": [],
+                                  "finetune.epochs": 2}, **executor)
+    run = launch_grid(Grid(**spec))
+    keys = [c.key for c in run.cells]
+    entry = run.registry[keys[0]]
+    assert jobs_of(run.registry) == {entry["job_id"]: keys}
+    return run, keys, entry, reference_runs(data, tmp_path / "ref", run.cells)
+
+
 def assert_both_resumed_as_their_references(run, text, ref) -> None:
     """Each cell of the job resumed its pretraining and ends exactly as its unpacked,
     uninterrupted reference in ref/<seed>/: bit-identical weights, equal test metrics."""
@@ -259,16 +274,8 @@ def test_packed_job_past_its_time_limit_requeues_and_both_cells_resume(cluster, 
     both resume from latest and end exactly as uninterrupted unpacked runs. (Sized as in
     test_grid_slurm, the time limit lifted after the first requeue; the USR2 comes 10 to 40 s
     into the job: pretrainings of 40 s alone, slower side by side and beside the reference.)"""
-    epochs = min(3000, max(5, int(40 / seconds_per_epoch(tiny_data, tmp_path)) + 1))
-    spec = packed_grid(tmp_path, tiny_data, "packtime", [1, 2],
-                       overrides={"pretrain.epochs": epochs, "pretrain.save_epochs": [],
-                                  "finetune.epochs": 2},
-                       timeout_min=1, signal_delay_s=50)
-    run = launch_grid(Grid(**spec))
-    keys = [c.key for c in run.cells]
-    entry = run.registry[keys[0]]
-    assert jobs_of(run.registry) == {entry["job_id"]: keys}
-    reference = reference_runs(tiny_data, tmp_path / "ref", run.cells)
+    run, keys, entry, reference = launch_long_pack(tmp_path, tiny_data, "packtime", 5,
+                                                   timeout_min=1, signal_delay_s=50)
     t0 = time.time()
     try:
         def saved_and_requeued() -> bool:
@@ -304,15 +311,7 @@ def test_packed_job_preempted_by_slurm_requeues_once_and_both_cells_resume(clust
     requeues itself once for both (requeue_slurm_job with the two keys). Both resume from
     latest and end exactly as uninterrupted unpacked runs. Pretrainings of >= 40 epochs, about
     40 s alone here: the preemption lands at epoch 3, long before either ends."""
-    epochs = min(3000, max(40, int(40 / seconds_per_epoch(tiny_data, tmp_path)) + 1))
-    spec = packed_grid(tmp_path, tiny_data, "packpreempt", [1, 2],
-                       overrides={"pretrain.epochs": epochs, "pretrain.save_epochs": [],
-                                  "finetune.epochs": 2})
-    run = launch_grid(Grid(**spec))
-    keys = [c.key for c in run.cells]
-    entry = run.registry[keys[0]]
-    assert jobs_of(run.registry) == {entry["job_id"]: keys}
-    reference = reference_runs(tiny_data, tmp_path / "ref", run.cells)
+    run, keys, entry, reference = launch_long_pack(tmp_path, tiny_data, "packpreempt", 40)
     t0 = time.time()
     try:
         while not all(re.search(rf"^\[{re.escape(k)}\] \[pretrain\] epoch 3/", job_log(entry),
