@@ -9,16 +9,15 @@ attribute_fields: the field's own attribute ids; a merged field's entries are [f
 but amazon's merged vocabulary, the paper's, holds plain names: a brand and a category of one
 name are one attribute there).
 ASCII JSON, so the same data gives the same bytes. The manifest records it as
-`"id_maps": {"file", "sha256", "bytes"}`; `s3rec-prep verify` checks it like a shard.
+`"id_maps": {"file", "sha256", "bytes"}`; `s3rec-prep verify` checks it like a shard, and
+`s3rec-evaluate --topk` reads it (s3rec.data.format: check_id_maps, read_id_maps).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from s3rec.data.format import MANIFEST, DatasetError, sha256_file, write_error, write_text_atomic
-
-ID_MAPS = "id_maps.json"
+from s3rec.data.format import ID_MAPS, sha256_file, write_error, write_text_atomic
 
 
 def id_maps_text(maps: dict) -> str:
@@ -33,19 +32,3 @@ def write_id_maps(folder: Path, text: str) -> dict:
     except OSError as e:
         raise write_error(path, e) from None
     return {"file": ID_MAPS, "sha256": sha256_file(path), "bytes": path.stat().st_size}
-
-
-def check_id_maps(folder: Path, manifest: dict) -> None:
-    """The file a manifest's `id_maps` names, against its size and checksum (no key: nothing)."""
-    rec = manifest.get("id_maps")
-    if rec is None:
-        return
-    if not isinstance(rec, dict) or rec.get("file") != ID_MAPS or \
-            not isinstance(rec.get("sha256"), str) or not isinstance(rec.get("bytes"), int):
-        raise DatasetError(f"{Path(folder) / MANIFEST}: key 'id_maps' = {rec!r:.60}, expected "
-                           f"{{\"file\": \"{ID_MAPS}\", \"sha256\", \"bytes\"}}")
-    path = Path(folder) / ID_MAPS
-    if not path.is_file():
-        raise DatasetError(f"{path}: id map file missing")
-    if path.stat().st_size != rec["bytes"] or sha256_file(path) != rec["sha256"]:
-        raise DatasetError(f"{path}: size or sha256 differs from the manifest (overwritten?)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from s3rec.data.format import check_layout, check_shard_content, check_shard_file, read_manifest
-from s3rec.data_prep.id_maps import check_id_maps
+from s3rec.data.format import check_id_maps
 
 
 def verify(folder: str | Path) -> str:

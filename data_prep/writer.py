@@ -21,7 +21,8 @@ import shutil
 import traceback
 from pathlib import Path
 
-from s3rec.data_prep.id_maps import check_id_maps, id_maps_text, write_id_maps
+from s3rec.data.format import check_id_maps
+from s3rec.data_prep.id_maps import id_maps_text, write_id_maps
 from s3rec.data_prep.mpi import Serial
 from s3rec.data_prep.negatives import BLOCK
 from s3rec.data_prep.source import Source

@@ -13,7 +13,9 @@ process's. Writes, in --out (default: the run folder):
   evaluation/<protocol>-<split>-ranks.npy   int64 [users]: each user's 0-based rank of the answer
   evaluation/<protocol>-<split>-top<K>.npz  with --topk K: users int64 [U], items int64 [U, K],
                                             scores float32 [U, K]: each user's K best items over
-                                            the whole catalogue, history excluded, best first
+                                            the whole catalogue, history excluded, best first;
+                                            with the dataset's id_maps.json also user_ids [U]
+                                            and item_ids [U, K], the source's own ids (str)
 and, where --out holds a fine-tune's results.json, its "protocols"[<protocol>][<split>].
 <protocol> is sampled-N, popular-N or full.
 """
@@ -169,9 +171,19 @@ def _body(argv, holder) -> str:
     top = top_items(module, view, args.topk, args.batch_size, info.device) if args.topk else None
     key = protocol_key(args.protocol, args.negatives)
     if dist.is_main():
+        if top is not None and (maps := ds.id_maps()) is not None:
+            top = top + source_ids(maps, ds.load_user_ids(), top[0])
         write_outputs(out, key, args, metrics, ranks, top, source, info.world_size)
     dist.log_main(f"[{key} {args.split}] " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     return "done"
+
+
+def source_ids(maps: dict, user_numbers: np.ndarray, items: torch.Tensor
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(user_ids str [U], item_ids str [U, K]): the source's own ids (id_maps.json: entry k names
+    number k + 1) of each user (by its number, seq/user_ids) and of its top-K items."""
+    users, names = np.array(maps["users"], dtype=str), np.array(maps["items"], dtype=str)
+    return users[user_numbers - 1], names[items.numpy() - 1]
 
 
 def write_outputs(out: Path, key: str, args, metrics: dict, ranks: torch.Tensor, top,
@@ -182,8 +194,10 @@ def write_outputs(out: Path, key: str, args, metrics: dict, ranks: torch.Tensor,
     write_npy_atomic(folder / f"{stem}-ranks.npy", ranks.numpy())
     if top is not None:
         buf = io.BytesIO()
+        # fixed-width unicode arrays, not objects: read back with allow_pickle=False
+        named = dict(user_ids=top[2], item_ids=top[3]) if len(top) == 4 else {}
         np.savez(buf, users=np.arange(len(ranks), dtype=np.int64), items=top[0].numpy(),
-                 scores=top[1].numpy())
+                 scores=top[1].numpy(), **named)
         write_atomic(folder / f"{stem}-top{args.topk}.npz", buf.getvalue())
     record = {"protocol": key, "split": args.split, "metrics": metrics, "model": source,
               "data": str(Path(args.data).resolve()), "negatives": {

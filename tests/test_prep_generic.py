@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 
 from s3rec.data.reader import Dataset
@@ -371,3 +372,19 @@ def test_a_generic_dataset_verifies_pretrains_and_finetunes(tmp_path):
     assert 0 <= results["test"]["HR@10"] <= 1
     assert {"attribute_embeddings_genre", "attribute_embeddings_brand"} <= set(results["params"])
     assert not subprocess.run(["s3rec-prep", "verify", str(data)], capture_output=True).returncode
+
+    # the top-K of s3rec-evaluate, translated back to the file's own ids through id_maps.json
+    run(["s3rec-evaluate", "--data", str(data), "--model", str(fine), "--protocol", "full",
+         "--topk", "3"])
+    with np.load(fine / "evaluation" / "full-test-top3.npz", allow_pickle=False) as top:
+        users, items, user_ids, item_ids = (top[k] for k in ("users", "items", "user_ids",
+                                                            "item_ids"))
+    maps = read_json(data / "id_maps.json")
+    ds = Dataset(data)
+    assert user_ids.tolist() == [maps["users"][n - 1] for n in ds.load_user_ids()]
+    assert user_ids[:3].tolist() == ["u1", "u2", "u3"] and len(user_ids) == len(users) == 13
+    assert item_ids.tolist() == [[maps["items"][i - 1] for i in row] for row in items.tolist()]
+    # each user's items in the file: the ranking leaves out all but the test answer
+    seen = {u: {i for v, i, _ in HAND + FILLER if v == u} for u in user_ids.tolist()}
+    for u, row in zip(user_ids.tolist(), item_ids.tolist()):
+        assert len(set(row)) == 3 and len(set(row) & seen[u]) <= 1, (u, row)

@@ -32,7 +32,7 @@ manifest.json: {"format_version", "name", "num_users", "num_items", "num_interac
   "num_attributes" (all fields together), "attribute_fields": [{"name", "num_attributes",
   "num_pairs"}] (format 2, in the order of the fields' global ids), "num_negatives", "seed", "negatives_source", "sources": {role: sha256}
   (roles: sequences, attributes, negatives | reviews, meta | interactions, item_features;
-  synthetic data has none), "id_maps" (generic only: data_prep/id_maps.py),
+  synthetic data has none), "id_maps" (generic and amazon: data_prep/id_maps.py),
   "command", "args": {option: value} (the options that decide the content; paths left out, the
   sources' checksums stand for them), "shards": [{"file", "user_start", "user_end", "num_users",
   "num_interactions", "sha256", "bytes"}]}
@@ -144,6 +144,38 @@ def load_json(path: Path) -> object:
         return json.loads(text, object_pairs_hook=unique)
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+
+
+ID_MAPS = "id_maps.json"    # the source's own ids behind the numbers (data_prep/id_maps.py)
+
+
+def check_id_maps(folder: str | os.PathLike, manifest: dict) -> None:
+    """The file a manifest's `id_maps` names, against its size and checksum (no key: nothing)."""
+    rec = manifest.get("id_maps")
+    if rec is None:
+        return
+    if not isinstance(rec, dict) or rec.get("file") != ID_MAPS or \
+            not isinstance(rec.get("sha256"), str) or not isinstance(rec.get("bytes"), int):
+        raise DatasetError(f"{Path(folder) / MANIFEST}: key 'id_maps' = {rec!r:.60}, expected "
+                           f"{{\"file\": \"{ID_MAPS}\", \"sha256\", \"bytes\"}}")
+    path = Path(folder) / ID_MAPS
+    if not path.is_file():
+        raise DatasetError(f"{path}: id map file missing")
+    if path.stat().st_size != rec["bytes"] or sha256_file(path) != rec["sha256"]:
+        raise DatasetError(f"{path}: size or sha256 differs from the manifest (overwritten?)")
+
+
+def read_id_maps(folder: str | os.PathLike, manifest: dict) -> dict | None:
+    """id_maps.json of a dataset folder, checked against its manifest; None where it has none."""
+    if manifest.get("id_maps") is None:
+        return None
+    check_id_maps(folder, manifest)
+    path = Path(folder) / ID_MAPS
+    maps = load_json(path)
+    if not isinstance(maps, dict) or not all(isinstance(maps.get(k), list)
+                                             for k in ("users", "items")):
+        raise DatasetError(f"{path}: expected an object with lists 'users' and 'items'")
+    return maps
 
 
 def free_bytes(path: str | os.PathLike) -> int:

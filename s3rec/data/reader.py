@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from s3rec.data.fields import AttributeField, attr_datasets, manifest_layout, stack_fields
-from s3rec.data.format import (CHUNK, MANIFEST, NEGATIVES, NUM_NEGATIVES, SEQ_ITEMS, SEQ_OFFSETS, DatasetError, check_headers, check_shard_file,
-                               open_shard, read_manifest)
+from s3rec.data.format import (CHUNK, MANIFEST, NEGATIVES, NUM_NEGATIVES, SEQ_ITEMS, SEQ_OFFSETS, SEQ_USER_IDS, DatasetError, check_headers, check_shard_file,
+                               open_shard, read_id_maps, read_manifest)
 
 _VERIFIED: set[tuple[str, int, int]] = set()   # (path, size, mtime_ns) checked in this process
 
@@ -119,6 +119,17 @@ class Dataset:
         end = self.num_users if end is None else end
         parts = [self._read(i, NEGATIVES, slice(lo, hi)) for i, lo, hi in self._shards_for(start, end)]
         return np.concatenate(parts) if parts else np.zeros((0, NUM_NEGATIVES), np.int32)
+
+    def id_maps(self) -> dict | None:
+        """The source's own ids behind the numbers (id_maps.json), None where it has none."""
+        return read_id_maps(self.path, self.manifest)
+
+    def load_user_ids(self, start: int = 0, end: int | None = None) -> np.ndarray:
+        """int64 [end - start]: the user numbers (seq/user_ids) of global users [start, end)."""
+        end = self.num_users if end is None else end
+        parts = [self._read(i, SEQ_USER_IDS, slice(lo, hi))
+                 for i, lo, hi in self._shards_for(start, end)]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
     @property
     def attribute_fields(self) -> tuple[AttributeField, ...]:
