@@ -2,6 +2,7 @@
 
     cell                          state    stage     epoch    eta      best valid      job / log
     synthetic/s3rec/rfull/s1      running  pretrain  3/150    2:31:02                  local 4242  runs/demo/_submitit/4242_0_log.err
+    synthetic/s3rec/rfull/s2      running  finetune  4/200    <=1:02:05  MRR 0.3123 (e3)  local 4243  runs/demo/_submitit/4243_0_log.err
 
 The stage, epoch and ETA come from the progress record the training keeps in its run.json
 (s3rec.engine.progress; at most logging.progress_every_s old), the best validation so far from
@@ -44,6 +45,10 @@ def stage_progress(cell: Cell) -> tuple[str, str, str, str]:
             epoch, eta = f"{done}/{epochs or done}", "done"
         elif prog:
             epoch, eta = f"{prog['epoch']}/{epochs}", clock(prog.get("eta_run_s"))
+            patience = (info.get("config") or {}).get(stage, {}).get("patience")
+            if stage == "finetune" and patience != 0:
+                # the time to the last of its epochs: early stopping may end it sooner
+                eta = "<=" + eta
         else:
             epoch, eta = f"{done}/{epochs or '?'}", "?"
         best = prog.get("best_valid") or {}
