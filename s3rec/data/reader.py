@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from s3rec.data.fields import AttributeField, attr_datasets, manifest_layout, stack_fields
-from s3rec.data.format import (CHUNK, MANIFEST, NEGATIVES, NUM_NEGATIVES, SEQ_ITEMS, SEQ_OFFSETS, SEQ_USER_IDS, DatasetError, check_headers, check_shard_file,
+from s3rec.data.format import (CHUNK, MANIFEST, NEGATIVES, NUM_NEGATIVES, SEQ_ITEMS, SEQ_OFFSETS,
+                               SEQ_USER_IDS, DatasetError, check_headers, check_shard_file,
                                open_shard, read_id_maps, read_manifest)
 
 _VERIFIED: set[tuple[str, int, int]] = set()   # (path, size, mtime_ns) checked in this process
