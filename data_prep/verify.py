@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from s3rec.data.format import check_layout, check_shard_content, check_shard_file, read_manifest
-from s3rec.data.format import check_id_maps
+from s3rec.data.format import (check_id_maps, check_layout, check_shard_content, check_shard_file,
+                               read_manifest)
 
 
 def verify(folder: str | Path) -> str:

@@ -518,6 +518,9 @@ def _check_finetune_from(grid: Grid, pretrain_epochs: int | None, values: tuple 
     """`finetune_from`: distinct entries, each `final` or an epoch 1..pretrain.epochs (checked
     per cell config when `pretrain_epochs` is given; `values`: the cell's axis values)."""
     src, ff = grid.source, grid.finetune_from
+    # where the cell's pretrain.epochs comes from an axis value, that value's place in the list
+    axis = next((f", axes.pretrain.epochs[{grid.axes['pretrain.epochs'].index(x)}]"
+                 for k, x in values if k == "pretrain.epochs"), "")
     if not isinstance(ff, list) or not ff:
         raise GridError(f"{src}: key 'finetune_from': expected a non-empty list of pretraining "
                         f"epochs and/or '{FINAL}', got {ff!r}")
@@ -528,15 +531,11 @@ def _check_finetune_from(grid: Grid, pretrain_epochs: int | None, values: tuple 
             raise GridError(f"{src}: key 'finetune_from[{i}]': expected an epoch >= 1 or "
                             f"'{FINAL}', got {e!r}")
         if pretrain_epochs is not None and e > pretrain_epochs:
-            axis = next((f", axes.pretrain.epochs[{grid.axes['pretrain.epochs'].index(x)}]"
-                         for k, x in values if k == "pretrain.epochs"), "")
             raise GridError(f"{src}: key 'finetune_from[{i}]': epoch {e} is after the "
                             f"pretraining's last (pretrain.epochs = {pretrain_epochs}{axis})")
         if e == pretrain_epochs and FINAL in ff:
             # epoch-N.pt and final.pt are saved from the same checkpoint: two identical
             # fine-tunes, twice the time
-            axis = next((f", axes.pretrain.epochs[{grid.axes['pretrain.epochs'].index(x)}]"
-                         for k, x in values if k == "pretrain.epochs"), "")
             raise GridError(f"{src}: key 'finetune_from[{i}]': epoch {e} is the pretraining's "
                             f"last (pretrain.epochs = {pretrain_epochs}{axis}), whose weights "
                             f"are also '{FINAL}'s: the two fine-tunes would be the same; keep one")

@@ -651,8 +651,9 @@ def cell_error_line(log: Path, key: str) -> str | None:
         text = log.read_text(errors="replace")
     except OSError:
         return None
-    mine = [ln[len(key) + 3:].strip() for ln in text.splitlines()
-            if ln.startswith(f"[{key}] {CELL_FAILED}: ")]
+    prefix = f"[{key}] "
+    mine = [ln[len(prefix):].strip() for ln in text.splitlines()
+            if ln.startswith(f"{prefix}{CELL_FAILED}: ")]
     return mine[-1] if mine else None
 
 

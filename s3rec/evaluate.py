@@ -171,31 +171,30 @@ def _body(argv, holder) -> str:
     top = top_items(module, view, args.topk, args.batch_size, info.device) if args.topk else None
     key = protocol_key(args.protocol, args.negatives)
     if dist.is_main():
-        if top is not None and (maps := ds.id_maps()) is not None:
-            top = top + source_ids(maps, ds.load_user_ids(), top[0])
-        write_outputs(out, key, args, metrics, ranks, top, source, info.world_size)
+        maps = ds.id_maps() if top is not None else None
+        named = source_ids(maps, ds.load_user_ids(), top[0]) if maps is not None else {}
+        write_outputs(out, key, args, metrics, ranks, top, source, info.world_size, named)
     dist.log_main(f"[{key} {args.split}] " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     return "done"
 
 
-def source_ids(maps: dict, user_numbers: np.ndarray, items: torch.Tensor
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """(user_ids str [U], item_ids str [U, K]): the source's own ids (id_maps.json: entry k names
-    number k + 1) of each user (by its number, seq/user_ids) and of its top-K items."""
+def source_ids(maps: dict, user_numbers: np.ndarray, items: torch.Tensor) -> dict:
+    """{"user_ids": str [U], "item_ids": str [U, K]}: the source's own ids (id_maps.json: entry k
+    names number k + 1) of each user (by its number, seq/user_ids) and of its top-K items."""
     users, names = np.array(maps["users"], dtype=str), np.array(maps["items"], dtype=str)
-    return users[user_numbers - 1], names[items.numpy() - 1]
+    return {"user_ids": users[user_numbers - 1], "item_ids": names[items.numpy() - 1]}
 
 
 def write_outputs(out: Path, key: str, args, metrics: dict, ranks: torch.Tensor, top,
-                  source: str, world_size: int) -> None:
+                  source: str, world_size: int, named: dict) -> None:
+    """`named`: the top-K's source ids (source_ids), or {} where the dataset has none."""
     folder = out / EVAL_DIR
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"{key}-{args.split}"
     write_npy_atomic(folder / f"{stem}-ranks.npy", ranks.numpy())
     if top is not None:
         buf = io.BytesIO()
-        # fixed-width unicode arrays, not objects: read back with allow_pickle=False
-        named = dict(user_ids=top[2], item_ids=top[3]) if len(top) == 4 else {}
+        # `named` holds fixed-width unicode arrays, not objects: read with allow_pickle=False
         np.savez(buf, users=np.arange(len(ranks), dtype=np.int64), items=top[0].numpy(),
                  scores=top[1].numpy(), **named)
         write_atomic(folder / f"{stem}-top{args.topk}.npz", buf.getvalue())
