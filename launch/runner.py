@@ -11,7 +11,9 @@ so a later launch, or `s3rec-grid status`, in another process knows what is queu
 again submits nothing for cells that are done or still queued, and resubmits the others (their
 training resumes from checkpoints/latest). A launch holds OUT/_grid/launch.lock from submitting
 until its wait ends, so a second launch of the same grid fails at once instead of training the
-same cells twice (the local executor's waiting cells live only in the first one's memory).
+same cells twice. The local executor's cells waiting for a free slot are the launch's own to
+start; it lists them in OUT/_grid/waiting.json while it holds the lock, so `status` in another
+process shows them waiting rather than never submitted.
 """
 from __future__ import annotations
 
@@ -276,6 +278,7 @@ class GridRun:
         self.grid = grid
         self.cells = grid.cells()
         self.registry_path = grid.out_path / "_grid" / "jobs.json"
+        self.waiting_path = self.registry_path.with_name("waiting.json")
         self.registry: dict = self._read_registry()
         self.jobs: dict[str, submitit.Job] = {}     # jobs submitted by this process
         self.waiting: list[list[Cell]] = []           # local jobs (packs) not started yet (throttle)
@@ -283,6 +286,7 @@ class GridRun:
         self.skipped: dict[str, str] = {}             # key -> why not submitted
         self._gone_since: dict[str, float] = {}
         self._seen_queued: set[str] = set()          # keys whose SLURM job this process saw queued
+        self._waiting_elsewhere: dict[str, str] = {}  # key -> PID of the launch it waits in
         self._lock = None                             # OUT/_grid/launch.lock while launching
         self._executor: submitit.AutoExecutor | None = None
         self._exes: tuple[str, str] | None = None
@@ -412,10 +416,12 @@ class GridRun:
         f.write(f"{os.getpid()}\n")
         f.flush()
         self._lock = f
+        self.waiting_path.unlink(missing_ok=True)    # a killed launch's list: its cells are ours
 
     def release(self) -> None:
         """Let another launch of this grid start (called when the wait ends, and by cancel)."""
         if self._lock is not None:
+            self.waiting_path.unlink(missing_ok=True)   # only this launch could start them
             self._lock.close()   # closing the file drops the flock
             self._lock = None
 
@@ -435,12 +441,37 @@ class GridRun:
     def _start_local(self) -> None:
         """The local executor has no array throttle: keep at most array_parallelism running."""
         running = len({str(j.job_id) for j in self.jobs.values() if j.state == "RUNNING"})
+        started = not self.waiting_path.exists()     # the first call writes the list
         while self.waiting and running < self.grid.executor.array_parallelism:
             group = self.waiting.pop(0)
             with interruptible_children():
                 job = self._executor.submit(make_job(group, self._exes))
             self._record(group, job)
             running += 1
+            started = True
+        if started:
+            self._write_waiting()
+
+    def _write_waiting(self) -> None:
+        """OUT/_grid/waiting.json: this launch's PID and the cells it has yet to start."""
+        _write_json(self.waiting_path, {"pid": os.getpid(),
+                                        "cells": [c.key for pack in self.waiting for c in pack]})
+
+    def read_waiting_elsewhere(self) -> dict[str, str]:
+        """Cells waiting for a free slot in another live launch of this grid: key -> its PID.
+        waiting.json counts only while the PID it names holds the launch lock; one left by a
+        launch that was killed names a PID that no longer does."""
+        holder = self.launch_holder()
+        if holder is None:
+            return {}
+        try:
+            rec = json.loads(self.waiting_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(rec, dict) or str(rec.get("pid")) != holder or \
+                not isinstance(rec.get("cells"), list):
+            return {}
+        return {k: holder for k in rec["cells"] if isinstance(k, str)}
 
     # ------------------------------------------------------------- states
     def state_of(self, cell: Cell, queued=_ASK) -> CellState:
@@ -449,6 +480,9 @@ class GridRun:
             return CellState("done", f"{cell.finetune_dir}/results.json")
         if any(c.key == cell.key for pack in self.waiting for c in pack):
             return CellState("pending", "waiting for a free local slot")
+        if cell.key in self._waiting_elsewhere:
+            return CellState("pending", f"waiting for a free local slot in launch PID "
+                                        f"{self._waiting_elsewhere[cell.key]}")
         entry = self.registry.get(cell.key)
         if entry is not None and ran_former_cell(cell, entry):
             todo = [d.name for st, d in cell.stage_dirs if not stage_done(d, STAGE_PRODUCT[st])]
@@ -525,6 +559,7 @@ class GridRun:
         self.poll()
         ids = [e["job_id"] for e in self.registry.values() if e["executor"] == "slurm"]
         queued = slurm_state.queue_states(ids) if ids else {}
+        self._waiting_elsewhere = self.read_waiting_elsewhere()
         return {c.key: self.state_of(c, queued) for c in self.cells}
 
     def poll(self) -> None:
@@ -557,6 +592,8 @@ class GridRun:
         controller, as submitit does, then SIGTERM, then SIGKILL). Returns one line per job
         still running (empty: all ended); `stop_notes` says which needed more than SIGINT."""
         self.waiting.clear()
+        if self._lock is not None:
+            self._write_waiting()
         slurm_ids = [e["job_id"] for k, e in self.registry.items() if e["executor"] == "slurm"]
         if slurm_ids:
             path = cancelled_path(self.grid)

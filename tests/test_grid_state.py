@@ -311,6 +311,34 @@ def test_second_launch_of_a_grid_fails_at_once(grid_file, fake_submit, capsys):
     again.release()
 
 
+def test_status_elsewhere_shows_the_launchs_waiting_cells_as_waiting(grid_file, fake_submit,
+                                                                     capsys):
+    grid, path = grid_file("local")
+    first = runner.launch_grid(grid)
+    waiting = first.waiting[0][0].key
+    seen = runner.open_grid(grid).states()[waiting]     # as `s3rec-grid status` in a 2nd process
+    assert seen.state == "pending" and seen.detail == \
+        f"waiting for a free local slot in launch PID {os.getpid()}"
+    assert runner.is_active(seen)             # so `status --watch` goes on while it waits
+    grid_cli.main(["status", str(path)])   # the fake job it started has no live controller
+    assert f"in launch PID {os.getpid()}" in capsys.readouterr().out
+    first.release()
+    assert not first.waiting_path.exists()
+    assert runner.open_grid(grid).states()[waiting].detail == "not submitted"
+
+
+def test_a_killed_launchs_waiting_list_is_not_believed(grid_file, fake_submit):
+    grid, _ = grid_file("local")
+    key = grid.cells()[1].key
+    stale = grid.out_path / "_grid" / "waiting.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps({"pid": 999999, "cells": [key]}))    # no launch holds the lock
+    assert runner.open_grid(grid).states()[key].detail == "not submitted"
+    first = runner.launch_grid(grid)           # a new launch replaces the list with its own
+    assert json.loads(stale.read_text()) == {"pid": os.getpid(), "cells": [key]}
+    first.release()
+
+
 # ---------------------------------------------------------------- 11. local time limits
 
 def test_local_signal_delay_leaves_time_for_the_child_to_save(grid_file):
