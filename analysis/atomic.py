@@ -1,5 +1,5 @@
-"""Atomic file writes for reports and figures: the run-folder contract's one writer
-(s3rec.run_folder.atomic_path: a temporary name in the same folder, then renamed), so a reader
+"""Atomic file writes for reports and figures: the project's one writer
+(s3rec.atomic_write.atomic_path: a temporary name in the same folder, then renamed), so a reader
 (or a crashed report) never sees a half-written CSV, report or figure, and a failed write is one
 line naming the file and its free space.
 """
@@ -9,7 +9,7 @@ import contextvars
 import csv
 from pathlib import Path
 
-from s3rec.run_folder import atomic_path
+from s3rec.atomic_write import atomic_path
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -54,7 +54,7 @@ def print_table(figures: dict) -> None:
 
 def finish(figures: dict, path) -> int:
     """Add the machine, print the table, write the JSON (atomically); exit status 0."""
-    from s3rec.runlog import write_json_atomic
+    from s3rec.atomic_write import write_json_atomic
     figures["machine"] = machine()
     print_table(figures)        # first: a bad --json folder loses no figure
     Path(path).parent.mkdir(parents=True, exist_ok=True)

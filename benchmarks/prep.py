@@ -28,7 +28,7 @@ RELEASE_DATA_ENV = "S3REC_RELEASE_DATA"
 sys.path.insert(0, str(REPO))
 
 from s3rec.data.reader import Dataset, UserSequences  # noqa: E402
-from s3rec.runlog import write_json_atomic  # noqa: E402
+from s3rec.atomic_write import write_json_atomic  # noqa: E402
 
 
 def timed_child(cmd: list[str]) -> dict:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from s3rec.data.format import ID_MAPS, sha256_file, write_error, write_text_atomic
+from s3rec.atomic_write import write_atomic
+from s3rec.data.format import ID_MAPS, sha256_file, write_error
 
 
 def id_maps_text(maps: dict) -> str:
@@ -28,7 +29,7 @@ def write_id_maps(folder: Path, text: str) -> dict:
     """Writes the file into `folder`; its manifest record."""
     path = folder / ID_MAPS
     try:
-        write_text_atomic(path, text)
+        write_atomic(path, text)
     except OSError as e:
         raise write_error(path, e) from None
     return {"file": ID_MAPS, "sha256": sha256_file(path), "bytes": path.stat().st_size}

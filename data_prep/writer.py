@@ -21,6 +21,7 @@ import shutil
 import traceback
 from pathlib import Path
 
+from s3rec.atomic_write import write_atomic
 from s3rec.data.format import check_id_maps
 from s3rec.data_prep.id_maps import id_maps_text, write_id_maps
 from s3rec.data_prep.mpi import Serial
@@ -29,8 +30,7 @@ from s3rec.data_prep.source import Source
 from s3rec.data.fields import split_global
 from s3rec.data.format import (FORMAT_VERSION, MANIFEST, NUM_NEGATIVES, DatasetError, ShardWriter,
                                check_shard_file, free_bytes, read_manifest, sha256_file,
-                               shard_bounds, shard_bytes_bound, shard_name, write_error,
-                               write_text_atomic)
+                               shard_bounds, shard_bytes_bound, shard_name, write_error)
 
 
 def partial_dir(out: Path) -> Path:
@@ -185,7 +185,7 @@ def _finish(source: Source, tmp_dir: Path, out: Path, seed: int, args: dict, sou
     if maps_text:
         manifest["id_maps"] = write_id_maps(tmp_dir, maps_text)
     try:
-        write_text_atomic(tmp_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        write_atomic(tmp_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     except OSError as e:
         raise write_error(tmp_dir / MANIFEST, e) from None
     _swap_into_place(tmp_dir, out)

@@ -39,7 +39,7 @@ from s3rec.launch.cell_check import check_cells
 from s3rec.launch.grid import (STAGE_PRODUCT, Cell, Grid, GridError, check_data_exists,
                                read_run_json, stage_done)
 from s3rec.launch.job import CELL_FAILED, CHILD_SAVE_TIMEOUT_S, CellsJob, chain_spec
-from s3rec.runlog import write_atomic
+from s3rec.atomic_write import write_atomic
 
 STATES = ("pending", "running", "done", "failed")
 # A job gone from squeue but without a result file yet: allow this long for the file to appear

@@ -13,7 +13,7 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-# the run folder's names and its one atomic writer live in s3rec.run_folder (the contract)
+# the run folder's names live in s3rec.run_folder (the contract), its writer in s3rec.atomic_write
 from s3rec.run_folder import (BEST_MODEL, RESULTS_JSON, RUN_JSON, TEST_RANKS,  # noqa: F401
                               read_run_json, write_atomic, write_json_atomic, write_npy_atomic)
 

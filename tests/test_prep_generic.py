@@ -388,3 +388,15 @@ def test_a_generic_dataset_verifies_pretrains_and_finetunes(tmp_path):
     seen = {u: {i for v, i, _ in HAND + FILLER if v == u} for u in user_ids.tolist()}
     for u, row in zip(user_ids.tolist(), item_ids.tolist()):
         assert len(set(row)) == 3 and len(set(row) & seen[u]) <= 1, (u, row)
+
+
+def test_a_failed_id_maps_write_is_one_line_and_leaves_no_temporary(tmp_path):
+    from s3rec.data.format import DatasetError
+    from s3rec.data_prep.id_maps import write_id_maps
+    (tmp_path / "id_maps.json").mkdir()      # the rename onto it fails once the file is written
+    with pytest.raises(DatasetError) as e:
+        write_id_maps(tmp_path, "{}\n")
+    line = str(e.value)
+    assert line.startswith(f"{tmp_path / 'id_maps.json'}: cannot write: ") and \
+        line.endswith(" there") and "MiB free of" in line and line.count("cannot write") == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["id_maps.json"]

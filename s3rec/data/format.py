@@ -51,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
+from s3rec.atomic_write import WriteError
 from s3rec.data.fields import attr_datasets, manifest_layout
 
 FORMAT_VERSION = 2
@@ -105,21 +106,6 @@ def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
         while chunk := f.read(block):
             h.update(chunk)
     return h.hexdigest()
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write to a temporary name in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def load_json(path: Path) -> object:
@@ -187,7 +173,10 @@ def free_bytes(path: str | os.PathLike) -> int:
 
 
 def write_error(path: str | os.PathLike, e: OSError) -> DatasetError:
-    """The one line for a failed write: the file, the reason, the free space left there."""
+    """The one line for a failed write: the file, the reason, the free space left there (the
+    atomic writer's own line when it was the one that failed)."""
+    if isinstance(e, WriteError):
+        return DatasetError(str(e))
     return DatasetError(f"{path}: cannot write ({e.strerror or e}); {free_bytes(path)} bytes "
                         f"free on its file system")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from s3rec.runlog import write_atomic
+from s3rec.atomic_write import write_atomic
 
 
 def count_ops(fn) -> int:

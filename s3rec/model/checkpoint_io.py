@@ -163,7 +163,7 @@ def save_model_file(path: str | Path, model, cfg: Config, dataset_info: Mapping)
     payload = {"model": {k: v.detach().cpu() for k, v in state.items()},
                "config": cfg.to_dict(),
                "dataset": {k: dataset_info[k] for k in DATASET_KEYS}}
-    from s3rec.run_folder import atomic_path
+    from s3rec.atomic_write import atomic_path
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return path
