@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from s3rec.data_prep.records import unique_keys
+from s3rec.strict_load import DuplicateKey, unique_keys
 from s3rec.data_prep.source import MemorySource
 from s3rec.data.fields import DEFAULT_FIELD
 from s3rec.data.format import DatasetError
@@ -96,7 +96,7 @@ def unique_dict_keys(tree: ast.Expression) -> ast.Expression:
             for k in node.keys:
                 if isinstance(k, ast.Constant):
                     if k.value in seen:
-                        raise ValueError(f"key {k.value!r} twice in one record")
+                        raise DuplicateKey(k.value)
                     seen.add(k.value)
     return tree
 

@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 from s3rec.data.format import DatasetError
+from s3rec.strict_load import no_constant, unique_keys
 
 BOM = b"\xef\xbb\xbf"
 DELIMITERS = {".csv": ",", ".tsv": "\t"}
@@ -121,19 +122,6 @@ def json_rows(path: Path, text: str) -> list[tuple[int, dict]]:
                                f"got {type(obj).__name__}")
         rows.append((lineno, obj))
     return rows
-
-
-def unique_keys(pairs):
-    out = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"key {k!r} twice in one object")
-        out[k] = v
-    return out
-
-
-def no_constant(name: str):
-    raise ValueError(f"{name} is not a number (JSON has no {name})")
 
 
 def is_finite_number(v) -> bool:

@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from s3rec.strict_load import DuplicateKey, load_yaml
+
 VARIANTS = ("s3rec", "s3rec-lowrank", "finetune-only")
 HEAD_NAMES = ("aap", "mip", "map", "sp")
 OBJECTIVES = ("aap", "mip", "map", "sp")
@@ -352,7 +354,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     if raw == "":
         return key, ""
     try:
-        return key, yaml.safe_load(raw)
+        return key, load_yaml(raw)
+    except DuplicateKey as e:
+        raise ConfigError(f"override '{text}': value for '{key}': {e}") from None
     except yaml.YAMLError as e:
         why = getattr(e, "problem", None) or " ".join(str(e).split())
         raise ConfigError(f"override '{text}': value for '{key}' is not valid YAML ({why})") \
@@ -562,7 +566,9 @@ def read_yaml_file(path: str | Path, what: str = "config file"):
     parsed (also for the grid file, launch/grid.py)."""
     path = Path(path)
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return load_yaml(path.read_text(encoding="utf-8"))
+    except DuplicateKey as e:
+        raise ConfigError(f"{what} {path}: {e}") from None
     except FileNotFoundError:
         raise ConfigError(f"{what} {path} does not exist") from None
     except IsADirectoryError:

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from s3rec.config import Config, ConfigError, config_from_dict, flat_keys, load_config
-from s3rec.launch.grid import load_grid
+from s3rec.launch.grid import GridError, load_grid
 from tests.train_helpers import REPO, clean_env, tiny_data  # noqa: F401
 
 
@@ -87,6 +87,34 @@ def test_bad_yaml_key_names_file_and_key(tmp_path):
     f.write_text("model:\n  hidden: 32\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml.*model\.hidden"):
         load_config(f)
+
+
+def test_a_key_twice_in_a_config_file_is_refused_naming_its_lines(tmp_path):
+    """PyYAML keeps the last value: the first epochs, or a whole first `pretrain:` block, would
+    be dropped without a word."""
+    f = tmp_path / "twice.yaml"
+    f.write_text("pretrain:\n  epochs: 150\n  lr: 0.001\n  epochs: 30\n")
+    with pytest.raises(ConfigError, match=r"^config file .*twice\.yaml: key 'epochs' appears twice "
+                                          r"in one mapping \(lines 2 and 4\)"):
+        load_config(f)
+    f.write_text("pretrain:\n  epochs: 150\nseed: 1\npretrain:\n  lr: 0.01\n")
+    with pytest.raises(ConfigError, match=r"key 'pretrain' appears twice .*\(lines 1 and 4\)"):
+        load_config(f)
+    # a merge's keys overridden by the mapping's own are what a merge is for, not a key twice
+    f.write_text("x: &base {epochs: 5, lr: 0.01}\npretrain:\n  <<: *base\n  epochs: 7\n")
+    with pytest.raises(ConfigError, match="config key 'x'"):       # refused only as unknown
+        load_config(f)
+
+
+def test_a_key_twice_in_an_override_value_or_a_grid_file_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"override 'model.attr_fields=\{a: 1, a: 2\}': value for "
+                                          r"'model.attr_fields': key 'a' appears twice"):
+        load_config(None, ["model.attr_fields={a: 1, a: 2}"])
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"name: g\ndata: [{tmp_path}]\nseeds: [1]\nseeds: [2, 3]\n")
+    with pytest.raises(GridError, match=r"grid file .*grid\.yaml: key 'seeds' appears twice in "
+                                          r"one mapping \(lines 3 and 4\)"):
+        load_grid(grid)
 
 
 def test_yaml_value_pyyaml_cannot_build_names_the_file(tmp_path):

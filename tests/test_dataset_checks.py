@@ -113,7 +113,7 @@ def test_release_attributes_with_a_key_twice_are_refused(tmp_path, capsys):
     path.write_text('{"1": [1], ' + text[1:])       # item 1 twice: json kept the last
     assert main(["release", "--src", str(src), "--name", "Toy", "--out", str(tmp_path / "ds")]) == 1
     err = capsys.readouterr().err
-    assert f"{path}: key '1' appears twice in one object" in err and len(err.splitlines()) == 1
+    assert f"{path}: key '1' appears twice in one mapping" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "ds").exists()
 
 

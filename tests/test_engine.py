@@ -89,6 +89,13 @@ def test_file_setting_a_derived_key_differently_is_an_error(tmp_path):
         build_ds_config(load_config(None, [f"deepspeed.config_file={f}"]), "pretrain", 1, "cpu")
 
 
+def test_a_key_twice_in_the_deepspeed_file_is_refused(tmp_path):
+    f = tmp_path / "ds.json"
+    f.write_text('{"zero_optimization": {"stage": 2, "stage": 0}}')    # json keeps the last
+    with pytest.raises(ConfigError, match=r"deepspeed config .*ds\.json: key 'stage' appears twice"):
+        build_ds_config(load_config(None, [f"deepspeed.config_file={f}"]), "pretrain", 1, "cpu")
+
+
 def test_unreadable_deepspeed_file_names_the_file(tmp_path):
     folder = tmp_path / "dsdir.json"
     folder.mkdir()

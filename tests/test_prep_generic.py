@@ -256,7 +256,7 @@ JSONL = [
      "interactions.jsonl:4: 'item': expected a string or an integer id"),
     ("key twice", lambda r: edit_line(r["interactions"], 4,
                                       '{"user": "u1", "user": "u2", "item": "p", "timestamp": 5}'),
-     "interactions.jsonl:4: key 'user' twice in one object"),
+     "interactions.jsonl:4: key 'user' appears twice in one mapping"),
     ("nested feature", lambda r: edit_line(r["features"], 4, '{"item": "p9", "genre": [["a"]]}'),
      "features.jsonl:4: 'genre': expected a value or a list of values"),
     ("feature line not an object", lambda r: edit_line(r["features"], 4, '"p9"'),

@@ -51,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
+from s3rec import strict_load
 from s3rec.atomic_write import WriteError
 from s3rec.data.fields import attr_datasets, manifest_layout
 
@@ -117,19 +118,12 @@ def load_json(path: Path) -> object:
     except UnicodeDecodeError as e:
         raise DatasetError(f"{path}: not UTF-8 text (byte {e.start}): {e.reason}") from None
 
-    def unique(pairs: list[tuple[str, object]]) -> dict:
-        out: dict = {}
-        for k, v in pairs:
-            if k in out:
-                raise DatasetError(f"{path}: key {k!r} appears twice in one object (JSON would "
-                                   f"keep only the last value)")
-            out[k] = v
-        return out
-
     try:
-        return json.loads(text, object_pairs_hook=unique)
+        return strict_load.load_json(text)
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    except strict_load.DuplicateKey as e:
+        raise DatasetError(f"{path}: {e}") from None
 
 
 ID_MAPS = "id_maps.json"    # the source's own ids behind the numbers (data_prep/id_maps.py)

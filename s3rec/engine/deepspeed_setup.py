@@ -31,6 +31,7 @@ from torch import nn
 
 from s3rec.config import Config, ConfigError, validate
 from s3rec.engine.deepspeed_trims import check_deepspeed_version, trim_host_work
+from s3rec.strict_load import DuplicateKey, load_json
 
 # Not a DeepSpeed key: deepspeed.host_trims carried from build_ds_config to initialize (which
 # takes it out before DeepSpeed sees the config), so that run.json's deepspeed_config says
@@ -83,7 +84,7 @@ def micro_batch(global_batch: int, grad_accum: int, world_size: int, key: str) -
 
 def _read_file(path: str) -> dict:
     try:
-        data = json.loads(Path(path).read_text())
+        data = load_json(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"config key 'deepspeed.config_file': {path} does not exist") from None
     except OSError as e:
@@ -95,6 +96,8 @@ def _read_file(path: str) -> dict:
     except json.JSONDecodeError as e:
         raise ConfigError(f"deepspeed config {path}: not valid JSON (line {e.lineno}): {e.msg}") \
             from None
+    except DuplicateKey as e:
+        raise ConfigError(f"deepspeed config {path}: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"deepspeed config {path}: expected a JSON object")
     _check_read_keys(path, data)
