@@ -154,12 +154,17 @@ def _load_json(path: Path) -> dict:
     return data
 
 
+DAMAGED_DATA = "has a damaged record (its data fails its crc32c)"
+
+
 def events_damage(path: Path) -> tuple[int, str] | None:
-    """(offset, what) where the TFRecord framing of events file `path` breaks, or None if it
-    ends on a whole record. Walks the record headers (length, its masked crc32c) and seeks over
-    the data: a few bytes a record, so no second CRC pass over the data. TensorBoard's reader
-    stops silently at a short or damaged record (it only logs at debug level), so this is how a
-    cut-off file is noticed at all; a flipped bit inside a record's data is not seen here."""
+    """(offset, what) where the records of events file `path` break, or None if every record is
+    whole and intact. TensorBoard's reader stops silently at the first short or damaged record
+    (it logs at debug level only) and drops every record after it, so this is how a cut-off
+    file, or a flipped bit in the middle of one, is noticed at all. Each record is its length,
+    the length's masked crc32c, the data and the data's: checked with TensorBoard's own
+    crc32c, the pass its reader makes anyway (about 4 MB/s; a 30-epoch Beauty pretraining
+    writes 265 KB)."""
     size, pos = path.stat().st_size, 0
     with open(path, "rb") as f:
         while pos < size:
@@ -171,8 +176,10 @@ def events_damage(path: Path) -> tuple[int, str] | None:
                 return pos, "has a damaged record header"
             if pos + 16 + length > size:
                 return pos, "ends inside a record"
+            data, crc = f.read(length), f.read(4)
+            if struct.unpack("<I", crc)[0] != masked_crc32c(data):
+                return pos, DAMAGED_DATA
             pos += 16 + length
-            f.seek(pos)
     return None
 
 
@@ -183,17 +190,20 @@ def check_events(folder: Path, status: str) -> list[str]:
     preempted: the writer was closed) a cut-off file means lost scalars, perhaps the last
     epoch's: it is refused, naming the file and the byte where its whole records end, rather
     than reported as a shorter run (figures and tables would silently show the wrong last
-    epoch). The message says how to keep the whole records, so a report is one command away."""
+    epoch). A whole record whose data fails its crc32c is no write under way (writers append):
+    it is refused whatever the status. The message says how to keep the records before the
+    damage, so a report is one command away."""
     notes = []
     for path in sorted(folder.glob("events.out.tfevents*")):
         damage = events_damage(path)
         if damage is None:
             continue
         pos, what = damage
-        if status != "running":
+        if status != "running" or what == DAMAGED_DATA:
             raise RunFolderError(f"{path}: {what} at byte {pos} of {path.stat().st_size}, and "
-                                 f"run.json says {status}: scalars after it are lost; "
-                                 f"`truncate -s {pos} {path}` keeps the whole records")
+                                 f"run.json says {status}: TensorBoard's reader stops there, "
+                                 f"so the scalars after it are lost; `truncate -s {pos} {path}` "
+                                 f"keeps the records before it (or restore the file)")
         notes.append(f"{path.name} {what} at byte {pos} (still being written?): its whole "
                      f"records are read")
     return notes

@@ -89,3 +89,22 @@ def test_a_damaged_record_length_is_named(tiny_run, tmp_path):
     data[0] ^= 0x01                          # the first record's length, its crc now wrong
     events.write_bytes(bytes(data))
     assert events_damage(events) == (0, "has a damaged record header")
+
+
+@pytest.mark.parametrize("status", ["done", "running"])
+def test_a_flipped_bit_inside_a_records_data_is_named(tiny_run, tmp_path, status):
+    """TensorBoard's reader drops every record from the damaged one on, at debug level only: a
+    report would show a shorter run without a word."""
+    folder = cut(tiny_run, tmp_path, 0, status=status)
+    (events,) = folder.glob("events.out.tfevents*")
+    data = bytearray(events.read_bytes())
+    first = 16 + int.from_bytes(data[:8], "little")      # the second record starts here
+    data[first + 12 + 2] ^= 0x10                         # a bit of its data, its header intact
+    events.write_bytes(bytes(data))
+    assert events_damage(events) == (first, "has a damaged record (its data fails its crc32c)")
+    with pytest.raises(RunFolderError) as e:
+        read_runs(folder.parent)
+    msg = str(e.value)
+    assert msg.startswith(f"{events}: has a damaged record (its data fails its crc32c) at byte "
+                          f"{first} of {len(data)}, and run.json says {status}")
+    assert f"`truncate -s {first} {events}`" in msg
