@@ -14,8 +14,9 @@ epoch, axis values, removed objectives), each rank is set against the full heads
   holds the trained models fixed;
 - whether the rank stays within TOLERANCE (relative) of the full heads: "yes" only when the whole
   seed interval of the relative difference lies above -TOLERANCE;
-- how the relative difference moves from one pretraining epoch to the next, where the grid
-  fine-tunes from several.
+- how the relative difference moves from the first pretraining epoch fine-tuned from to the
+  last, where the grid fine-tunes from several: each seed's change, as a 95% t-interval over
+  the seeds.
 
 Every number comes from results.json, test_ranks.npy and run.json of the run folders.
 """
@@ -107,9 +108,12 @@ def comparisons(runs: list[Run]) -> list[dict]:
                 if m in f_users.values and m in l_users.values and \
                         f_users.seeds == l_users.seeds == seeds:
                     paired = paired_bootstrap(l_users.values[m], f_users.values[m])
+                base = f_iv.mean or 1.0
                 out.append({"group": group, "epoch": epoch, "rank": rank, "metric": m,
                             "seeds": seeds, "full": f_iv, "low": l_iv, "diff": diff,
                             "rel": _rel(diff, f_iv.mean) if f_iv.mean else diff,
+                            "rel_by_seed": {s: float(d) / base
+                                            for s, d in zip(seeds, lv - fv)},
                             "paired": paired,
                             "params": (_params(f_runs[0]), _params(l_runs[0]))})
     return out
@@ -159,6 +163,31 @@ def conclusion_section(runs: list[Run]) -> str:
     return "\n".join(out)
 
 
+def _gap_change(a: dict, b: dict) -> str:
+    """How the relative difference moves from pretraining epoch a to b, paired by seed: both
+    epochs' fine-tunes of a seed start from the same pretraining run, so each seed's change is
+    one value and their t-interval says whether the gap moved (comparing the two epochs'
+    intervals for overlap would hide a consistent move behind the seeds' spread)."""
+    seeds = sorted(set(a["rel_by_seed"]) & set(b["rel_by_seed"]))
+    head = f"From {_epoch_text(a['epoch'])} to {_epoch_text(b['epoch'])} the gap moves by "
+    if not seeds:
+        return head + f"{100 * (b['rel'].mean - a['rel'].mean):+.2f} percentage points (no " \
+            f"seed has both)."
+    iv = mean_interval([b["rel_by_seed"][s] - a["rel_by_seed"][s] for s in seeds])
+    said = f"{100 * iv.mean:+.2f} percentage points"
+    if iv.n < 2:
+        return head + said + " (one seed: no interval)."
+    said += (f" [{100 * iv.lo:+.2f}, {100 * iv.hi:+.2f}], paired by seed "
+             f"({','.join(map(str, seeds))})")
+    if iv.hi < 0:
+        return head + said + ": the whole interval is below 0, so the low-rank heads lose " \
+            "ground with longer pretraining."
+    if iv.lo > 0:
+        return head + said + ": the whole interval is above 0, so the low-rank heads gain " \
+            "ground with longer pretraining."
+    return head + said + ": the interval includes 0, so no change is shown."
+
+
 def _sentences(g: list[dict]) -> str:
     lines = []
     ranks = sorted({r["rank"] for r in g})
@@ -176,12 +205,5 @@ def _sentences(g: list[dict]) -> str:
                      f"{100 * TOLERANCE:.0f}%: {_verdict(r['rel'])}" for r in mm]
             lines.append(f"- **r = {rank}, {m}** relative to full heads: " + "; ".join(parts) + ".")
             if len(mm) >= 2:
-                a, b = mm[0], mm[-1]
-                moved = 100 * (b["rel"].mean - a["rel"].mean)
-                overlap = a["rel"].n >= 2 and b["rel"].n >= 2 and \
-                    a["rel"].lo <= b["rel"].hi and b["rel"].lo <= a["rel"].hi
-                lines.append(f"  From {_epoch_text(a['epoch'])} to {_epoch_text(b['epoch'])} the "
-                             f"gap moves by {moved:+.2f} points"
-                             + ("; the two intervals overlap, so the change is within the "
-                                "seeds' spread." if overlap else "."))
+                lines.append("  " + _gap_change(mm[0], mm[-1]))
     return "\n".join(lines) + "\n"

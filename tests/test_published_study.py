@@ -125,26 +125,63 @@ def test_conclusion_numbers_come_from_the_runs(study):
         fv = np.array([_test(f_arm[s])[m] for s in seeds])
         lv = np.array([_test(l_arm[s])[m] for s in seeds])
         assert (full, low, diff) == (_interval(fv), _interval(lv), _interval(lv - fv))
-        d = lv - fv
-        half = stats.t.ppf(0.975, d.size - 1) * d.std(ddof=1) / np.sqrt(d.size)
-        base = fv.mean()
-        assert rel == (f"{100 * d.mean() / base:+.2f}% [{100 * (d.mean() - half) / base:+.2f}, "
-                       f"{100 * (d.mean() + half) / base:+.2f}]")
+        d, base = lv - fv, fv.mean()
+        if d.size < 2:
+            assert rel == f"{100 * d.mean() / base:+.2f}%"
+        else:
+            half = stats.t.ppf(0.975, d.size - 1) * d.std(ddof=1) / np.sqrt(d.size)
+            assert rel == (f"{100 * d.mean() / base:+.2f}% [{100 * (d.mean() - half) / base:+.2f}"
+                           f", {100 * (d.mean() + half) / base:+.2f}]")
         users = [np.mean([_user_metric(np.load(a[s] / "test_ranks.npy"), m) for s in seeds], 0)
                  for a in (l_arm, f_arm)]
         p = paired_bootstrap(*users)
         assert boot == f"{p.diff:+.4f} [{p.lo:+.4f}, {p.hi:+.4f}], p {p.fmt_p()}"
-    # parameters: the pretraining run.json of a cell of each arm
+    # the gap's move from the first pretraining epoch to the last, each seed's own change
     for rank in sorted({int(r[0]) for r in rows}):
-        f_pre = json.loads((next(iter(arms["s3rec"].values())).parent / "pretrain" /
-                            "run.json").read_text())["params"]
-        l_pre = json.loads((next(iter(arms[f"s3rec-lowrank r={rank}"].values())).parent /
-                            "pretrain" / "run.json").read_text())["params"]
+        for m in ("HR@10", "NDCG@10"):
+            epochs = sorted({int(r[1].split()[1]) for r in rows if r[0] == str(rank) and
+                             r[2] == m and r[1].startswith("epoch")})
+            if len(epochs) < 2:
+                continue
+            rel = {}
+            for e in (epochs[0], epochs[-1]):
+                f_arm, l_arm = arms[f"s3rec @e{e}"], arms[f"s3rec-lowrank r={rank} @e{e}"]
+                seeds = sorted(set(f_arm) & set(l_arm))
+                base = np.mean([_test(f_arm[s])[m] for s in seeds])
+                rel[e] = {s: (_test(l_arm[s])[m] - _test(f_arm[s])[m]) / base for s in seeds}
+            seeds = sorted(set(rel[epochs[0]]) & set(rel[epochs[-1]]))
+            change = 100 * np.array([rel[epochs[-1]][s] - rel[epochs[0]][s] for s in seeds])
+            said = re.search(rf"\*\*r = {rank}, {m}\*\* .*\n  From epoch {epochs[0]} to epoch "
+                             rf"{epochs[-1]} the gap moves by (.*?) percentage points( \[.*?\])?",
+                             conclusion)
+            assert said, (rank, m)
+            assert said.group(1) == f"{change.mean():+.2f}"
+            if change.size >= 2:
+                half = stats.t.ppf(0.975, change.size - 1) * change.std(ddof=1) / \
+                    np.sqrt(change.size)
+                assert said.group(2) == f" [{change.mean() - half:+.2f}, " \
+                                        f"{change.mean() + half:+.2f}]"
+    # parameters: the pretraining run.json of a cell of each arm
+    def pretrain_params(arm: str) -> dict:
+        # the arm fine-tuned from any pretraining epoch: one pretraining run.json per cell
+        seeds = next(v for k, v in arms.items() if k.split(" @")[0] == arm)
+        return json.loads((next(iter(seeds.values())).parent / "pretrain" /
+                           "run.json").read_text())["params"]
+
+    for rank in sorted({int(r[0]) for r in rows}):
+        f_pre, l_pre = pretrain_params("s3rec"), pretrain_params(f"s3rec-lowrank r={rank}")
         f_total, l_total = int(f_pre["total"]), int(l_pre["total"])
         said = re.search(rf"\*\*r = {rank}, parameters:\*\* ([\d,]+) against ([\d,]+) for full "
                          rf"heads: ([\d,]+) fewer", conclusion)
         assert said and [int(g.replace(",", "")) for g in said.groups()] == \
             [l_total, f_total, f_total - l_total]
+        # the four pretraining heads (AAP, MIP, MAP, SP), each named <objective>_norm
+        f_heads, l_heads = (sum(int(p[f"{o}_norm"]) for o in ("aap", "mip", "map", "sp"))
+                            for p in (f_pre, l_pre))
+        assert f"r = {rank}, parameters:** {l_total:,} against {f_total:,} for full heads: " \
+               f"{f_total - l_total:,} fewer ({100 * (f_total - l_total) / f_total:.2f}% of the " \
+               f"model); in the heads {l_heads:,} against {f_heads:,} " \
+               f"({100 * (f_heads - l_heads) / f_heads:.1f}% of the heads)." in conclusion
 
 
 def test_the_stated_command_makes_the_same_report_again(study, tmp_path):

@@ -135,3 +135,33 @@ def test_report_made_again_is_the_same_bytes_apart_from_its_time(tmp_path):
             x, y = (re.sub(rb"Generated \S+", b"Generated T", v) for v in (x, y))
             assert f"Regenerate it with `{cmd}`.".encode() in x
         assert x == y, f"{f} differs between two reports of the same runs"
+
+
+def test_a_consistent_move_of_the_gap_is_shown_though_the_epochs_intervals_overlap(tmp_path):
+    """Seeds far apart (each low-rank seed a different distance behind), each moving the same
+    way by a little from epoch 10 to 30: the two epochs' intervals overlap widely, yet every
+    seed lost ground. The change is paired by seed (both fine-tunes of a seed start from one
+    pretraining run), its t-interval from scipy here."""
+    runs = []
+    for epoch, extra in ((10, 0), (30, 1)):
+        for seed, shift in ((1, 0), (2, 4), (3, 8)):
+            runs.append(_run(tmp_path, "s3rec", "full", seed, epoch, 0))
+            runs.append(_run(tmp_path, "s3rec-lowrank", "4", seed, epoch, shift + extra))
+    rows = [r for r in lowrank_study.comparisons(runs) if r["metric"] == "HR@10"]
+    a, b = sorted(rows, key=lambda r: r["epoch"])
+    assert a["rel"].lo <= b["rel"].hi and b["rel"].lo <= a["rel"].hi      # they overlap
+    rel = {}
+    for epoch in (10, 30):
+        full = {r.seed: _hr10(np.load(r.path / "test_ranks.npy")) for r in runs
+                if r.variant == "s3rec" and r.pretrain_from == epoch}
+        low = {r.seed: _hr10(np.load(r.path / "test_ranks.npy")) for r in runs
+               if r.variant != "s3rec" and r.pretrain_from == epoch}
+        base = np.mean(list(full.values()))
+        rel[epoch] = np.array([(low[s] - full[s]) / base for s in (1, 2, 3)])
+    m, lo, hi = (100 * v for v in _t_interval(rel[30] - rel[10]))
+    assert hi < 0
+    text = lowrank_study.conclusion_section(runs)
+    said = re.search(r"r = 4, HR@10\*\* .*\n  (From epoch 10 to epoch 30 .*)", text).group(1)
+    assert said == (f"From epoch 10 to epoch 30 the gap moves by {m:+.2f} percentage points "
+                    f"[{lo:+.2f}, {hi:+.2f}], paired by seed (1,2,3): the whole interval is "
+                    f"below 0, so the low-rank heads lose ground with longer pretraining.")
