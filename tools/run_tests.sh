@@ -17,4 +17,5 @@ if [ -x slurm/local-cluster.sh ]; then
 fi
 cleanup() { if [ "$started_cluster" = 1 ]; then slurm/local-cluster.sh stop || true; fi; }
 trap cleanup EXIT
-python3 -m pytest -q -rs "$@"
+# --durations: the slowest tests named at the end of every run, where CI time is won back
+python3 -m pytest -q -rs --durations=30 "$@"
