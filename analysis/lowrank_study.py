@@ -59,22 +59,77 @@ def _pct(iv: Interval) -> str:
     return f"{100 * iv.mean:+.2f}% [{100 * iv.lo:+.2f}, {100 * iv.hi:+.2f}]"
 
 
+def _category(rel: Interval) -> str:
+    """Where a relative difference stands against the TOLERANCE line: "yes" (the whole interval
+    above it), "not shown" (the mean above, the interval reaching below, or one seed), "no"
+    (the whole interval below) or "no by the mean" (the mean below, the interval reaching
+    above, or one seed: nothing settled)."""
+    if rel.n >= 2 and rel.lo >= -TOLERANCE:
+        return "yes"
+    if rel.mean >= -TOLERANCE:
+        return "not shown"
+    if rel.n >= 2 and rel.hi < -TOLERANCE:
+        return "no"
+    return "no by the mean"
+
+
 def _verdict(rel: Interval) -> str:
     """Within TOLERANCE? yes / not shown (the mean is) / no (the mean is not), and a "no" says
     whether the interval rules the line out too or still reaches it."""
     tol = 100 * TOLERANCE
-    if rel.n >= 2 and rel.lo >= -TOLERANCE:
+    cat = _category(rel)
+    if cat == "yes":
         return f"yes (the whole interval is above -{tol:.0f}%)"
-    if rel.mean >= -TOLERANCE:
+    if cat == "not shown":
         lo = f"; the interval reaches {100 * rel.lo:+.2f}%" if rel.n >= 2 else \
             " (one seed: no interval)"
         return f"not shown (the mean is within {tol:.0f}%{lo})"
     if rel.n < 2:
         return f"no ({100 * rel.mean:+.2f}%; one seed: no interval)"
-    if rel.hi < -TOLERANCE:
+    if cat == "no":
         return f"no ({100 * rel.mean:+.2f}%; the whole interval is below -{tol:.0f}%)"
     return (f"no by the mean ({100 * rel.mean:+.2f}%), but the interval reaches "
             f"{100 * rel.hi:+.2f}%: a gap within {tol:.0f}% is not ruled out")
+
+
+def _in_short(rank: int, rr: list[dict]) -> str:
+    """One line answering "does rank `rank` keep the full heads' accuracy?" over every
+    pretraining epoch and metric of the grid: yes only where every verdict is yes, no where any
+    is a settled no, and otherwise not shown, naming the cells behind the answer."""
+    tol = f"{100 * TOLERANCE:.0f}%"
+    by: dict[str, list[dict]] = defaultdict(list)
+    for r in sorted(rr, key=lambda r: (_epoch_sort(r["epoch"]), METRICS.index(r["metric"]))):
+        by[_category(r["rel"])].append(r)
+
+    def where(rows: list[dict]) -> str:
+        return ", ".join(f"{r['metric']} at {_epoch_text(r['epoch'])} ({100 * r['rel'].mean:+.2f}%)"
+                         for r in rows)
+
+    def unsettled(rows: list[dict], why: str) -> str:
+        return "with one seed, no interval" if all(r["rel"].n < 2 for r in rows) else why
+
+    if len(by) == 1 and "yes" in by:
+        return (f"- **In short, r = {rank} keeps the full heads' accuracy:** within {tol} on "
+                f"{where(by['yes'])}, each seed interval above the line.")
+    if by["no"]:
+        line = (f"- **In short, r = {rank} does not keep the full heads' accuracy:** more than "
+                f"{tol} behind, the whole seed interval too, on {where(by['no'])}")
+    else:
+        line = f"- **In short, r = {rank} is not shown to keep the full heads' accuracy:** "
+        line += "; ".join(x for x in (
+            f"within {tol} by the mean on {where(by['not shown'])}, "
+            + unsettled(by["not shown"], "but not by the whole interval")
+            if by["not shown"] else "",
+            f"more than {tol} behind by the mean on {where(by['no by the mean'])}, "
+            + unsettled(by["no by the mean"], "the interval reaching the line")
+            if by["no by the mean"] else "") if x)
+        return line + "; more seeds would settle it."
+    rest = [x for x in (
+        f"within {tol} on {where(by['yes'])}" if by["yes"] else "",
+        f"not settled (the interval reaches across the line) on "
+        f"{where(by['not shown'] + by['no by the mean'])}"
+        if by["not shown"] or by["no by the mean"] else "") if x]
+    return line + ("; " + "; ".join(rest) if rest else "") + "."
 
 
 def comparisons(runs: list[Run]) -> list[dict]:
@@ -196,9 +251,11 @@ def _sentences(g: list[dict]) -> str:
         (f_total, f_heads), (l_total, l_heads) = rr[0]["params"]
         if None not in (f_total, l_total, f_heads, l_heads) and f_total and f_heads:
             lines.append(f"- **r = {rank}, parameters:** {l_total:,} against {f_total:,} for "
-                         f"full heads: {f_total - l_total:,} fewer ({100 * (f_total - l_total) / f_total:.2f}% "
-                         f"of the model); in the heads {l_heads:,} against {f_heads:,} "
+                         f"full heads: {f_total - l_total:,} fewer "
+                         f"({100 * (f_total - l_total) / f_total:.2f}% of the model); in the "
+                         f"heads {l_heads:,} against {f_heads:,} "
                          f"({100 * (f_heads - l_heads) / f_heads:.1f}% of the heads).")
+        lines.append(_in_short(rank, rr))
         for m in METRICS:
             mm = sorted((r for r in rr if r["metric"] == m), key=lambda r: _epoch_sort(r["epoch"]))
             parts = [f"{_epoch_text(r['epoch'])}: {_pct(r['rel'])}, within "

@@ -132,6 +132,10 @@ def test_conclusion_numbers_come_from_the_runs(study):
             half = stats.t.ppf(0.975, d.size - 1) * d.std(ddof=1) / np.sqrt(d.size)
             assert rel == (f"{100 * d.mean() / base:+.2f}% [{100 * (d.mean() - half) / base:+.2f}"
                            f", {100 * (d.mean() + half) / base:+.2f}]")
+        # the same relative mean wherever the short answer names this rank, metric and epoch
+        for short in re.findall(rf"^- \*\*In short, r = {rank} .*$", conclusion, re.M):
+            for said in re.findall(rf"{re.escape(m)} at {epoch} \(([-+]\d+\.\d+)%\)", short):
+                assert said == f"{100 * d.mean() / base:+.2f}", (rank, m, epoch, short)
         users = [np.mean([_user_metric(np.load(a[s] / "test_ranks.npy"), m) for s in seeds], 0)
                  for a in (l_arm, f_arm)]
         p = paired_bootstrap(*users)

@@ -165,3 +165,41 @@ def test_a_consistent_move_of_the_gap_is_shown_though_the_epochs_intervals_overl
     assert said == (f"From epoch 10 to epoch 30 the gap moves by {m:+.2f} percentage points "
                     f"[{lo:+.2f}, {hi:+.2f}], paired by seed (1,2,3): the whole interval is "
                     f"below 0, so the low-rank heads lose ground with longer pretraining.")
+
+
+def _row(epoch, metric, mean, lo, hi, n=3) -> dict:
+    from s3rec.analysis.stats import Interval
+    return {"epoch": epoch, "metric": metric, "rel": Interval(mean, lo, hi, n)}
+
+
+def test_in_short_answers_yes_only_when_every_interval_clears_the_line():
+    rows = [_row(10, "HR@10", -0.002, -0.008, 0.004), _row(10, "NDCG@10", 0.001, -0.005, 0.007)]
+    assert lowrank_study._in_short(16, rows) == (
+        "- **In short, r = 16 keeps the full heads' accuracy:** within 1% on HR@10 at epoch 10 "
+        "(-0.20%), NDCG@10 at epoch 10 (+0.10%), each seed interval above the line.")
+    # one interval reaching below the line: no longer a yes, not a no either
+    rows[1] = _row(10, "NDCG@10", -0.004, -0.02, 0.012)
+    assert lowrank_study._in_short(16, rows) == (
+        "- **In short, r = 16 is not shown to keep the full heads' accuracy:** within 1% by the "
+        "mean on NDCG@10 at epoch 10 (-0.40%), but not by the whole interval; more seeds would "
+        "settle it.")
+
+
+def test_in_short_says_no_where_a_whole_interval_is_beyond_the_line_and_names_the_rest():
+    rows = [_row(10, "HR@10", -0.0345, -0.0616, -0.0073),
+            _row(10, "NDCG@10", -0.025, -0.035, -0.016),
+            _row(30, "HR@10", -0.05, -0.067, -0.034), _row(30, "NDCG@10", 0.0, -0.004, 0.004)]
+    assert lowrank_study._in_short(4, rows) == (
+        "- **In short, r = 4 does not keep the full heads' accuracy:** more than 1% behind, the "
+        "whole seed interval too, on NDCG@10 at epoch 10 (-2.50%), HR@10 at epoch 30 (-5.00%); "
+        "within 1% on NDCG@10 at epoch 30 (+0.00%); not settled (the interval reaches across "
+        "the line) on HR@10 at epoch 10 (-3.45%).")
+
+
+def test_in_short_with_one_seed_settles_nothing():
+    rows = [_row(10, "HR@10", -0.004, -0.004, -0.004, 1), _row(30, "HR@10", -0.03, -0.03, -0.03, 1)]
+    assert lowrank_study._in_short(16, rows) == (
+        "- **In short, r = 16 is not shown to keep the full heads' accuracy:** within 1% by the "
+        "mean on HR@10 at epoch 10 (-0.40%), with one seed, no interval; more than 1% behind by "
+        "the mean on HR@10 at epoch 30 (-3.00%), with one seed, no interval; more seeds would "
+        "settle it.")
