@@ -117,6 +117,7 @@ def _in_short(rank: int, rr: list[dict]) -> str:
     else:
         line = f"- **In short, r = {rank} is not shown to keep the full heads' accuracy:** "
         line += "; ".join(x for x in (
+            f"within {tol}, the whole interval too, on {where(by['yes'])}" if by["yes"] else "",
             f"within {tol} by the mean on {where(by['not shown'])}, "
             + unsettled(by["not shown"], "but not by the whole interval")
             if by["not shown"] else "",
