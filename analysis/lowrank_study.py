@@ -164,10 +164,10 @@ def comparisons(runs: list[Run]) -> list[dict]:
                 if m in f_users.values and m in l_users.values and \
                         f_users.seeds == l_users.seeds == seeds:
                     paired = paired_bootstrap(l_users.values[m], f_users.values[m])
-                base = f_iv.mean or 1.0
+                base = f_iv.mean or 1.0        # a zero mean: the differences as they are
                 out.append({"group": group, "epoch": epoch, "rank": rank, "metric": m,
                             "seeds": seeds, "full": f_iv, "low": l_iv, "diff": diff,
-                            "rel": _rel(diff, f_iv.mean) if f_iv.mean else diff,
+                            "rel": _rel(diff, base),
                             "rel_by_seed": {s: float(d) / base
                                             for s, d in zip(seeds, lv - fv)},
                             "paired": paired,

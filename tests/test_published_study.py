@@ -65,12 +65,17 @@ def _finetunes(runs: Path) -> dict[str, dict[int, Path]]:
     return arms
 
 
+def _half(v: np.ndarray) -> float:
+    """Half the width of a 95% Student-t interval of the mean of v."""
+    return stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size)
+
+
 def _interval(values) -> str:
     """mean [lo, hi] as the report prints it: a 95% Student-t interval over seeds."""
     v = np.asarray(values, dtype=np.float64)
     if v.size < 2:
         return f"{v.mean():.4f}"
-    half = stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size)
+    half = _half(v)
     return f"{v.mean():.4f} [{v.mean() - half:.4f}, {v.mean() + half:.4f}]"
 
 
@@ -129,7 +134,7 @@ def test_conclusion_numbers_come_from_the_runs(study):
         if d.size < 2:
             assert rel == f"{100 * d.mean() / base:+.2f}%"
         else:
-            half = stats.t.ppf(0.975, d.size - 1) * d.std(ddof=1) / np.sqrt(d.size)
+            half = _half(d)
             assert rel == (f"{100 * d.mean() / base:+.2f}% [{100 * (d.mean() - half) / base:+.2f}"
                            f", {100 * (d.mean() + half) / base:+.2f}]")
         # the same relative mean wherever the short answer names this rank, metric and epoch
@@ -161,8 +166,7 @@ def test_conclusion_numbers_come_from_the_runs(study):
             assert said, (rank, m)
             assert said.group(1) == f"{change.mean():+.2f}"
             if change.size >= 2:
-                half = stats.t.ppf(0.975, change.size - 1) * change.std(ddof=1) / \
-                    np.sqrt(change.size)
+                half = _half(change)
                 assert said.group(2) == f" [{change.mean() - half:+.2f}, " \
                                         f"{change.mean() + half:+.2f}]"
     # parameters: the pretraining run.json of a cell of each arm
